@@ -1,0 +1,80 @@
+"""Where the tokens of one flattened engine step live in the paged KV cache.
+
+Every attention implementation (the torch reference, the Triton kernels) reads
+the same description, so the engine builds it once per step and the model passes
+it through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """Layout of a step: B sequences, T new tokens packed back to back.
+
+    query_start:  [B+1] int32, prefix sums of new tokens per sequence.
+    context_lens: [B] int32, cached + new tokens of each sequence after this step.
+    block_tables: [B, max_blocks] int32, physical block ids (-1 = unused).
+    slot_mapping: [T] int64, flat cache slot (block * block_size + offset) of each
+                  new token; a negative slot means "do not write" (padding).
+    """
+
+    query_start: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+    max_query_len: int
+    max_context_len: int
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.context_lens.shape[0])
+
+    @property
+    def is_decode_only(self) -> bool:
+        """True when every sequence brings exactly one new token (the decode step)."""
+        return self.max_query_len == 1
+
+    def to(self, device: torch.device | str) -> PagedBatch:
+        return PagedBatch(
+            query_start=self.query_start.to(device, non_blocking=True),
+            context_lens=self.context_lens.to(device, non_blocking=True),
+            block_tables=self.block_tables.to(device, non_blocking=True),
+            slot_mapping=self.slot_mapping.to(device, non_blocking=True),
+            max_query_len=self.max_query_len,
+            max_context_len=self.max_context_len,
+            block_size=self.block_size,
+        )
+
+
+def contiguous_batch(
+    query_lens: list[int], context_lens: list[int], block_size: int, first_block: int = 0
+) -> PagedBatch:
+    """A batch whose sequences own consecutive blocks: handy for tests and one-off generation."""
+    blocks_per_seq = [-(-c // block_size) for c in context_lens]
+    width = max(blocks_per_seq) if blocks_per_seq else 1
+    tables = torch.full((len(context_lens), max(width, 1)), -1, dtype=torch.int32)
+    slots: list[int] = []
+    start = first_block
+    for i, (q, c) in enumerate(zip(query_lens, context_lens)):
+        n = blocks_per_seq[i]
+        tables[i, :n] = torch.arange(start, start + n, dtype=torch.int32)
+        for pos in range(c - q, c):
+            slots.append((start + pos // block_size) * block_size + pos % block_size)
+        start += n
+    qs = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    qs[1:] = torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0)
+    return PagedBatch(
+        query_start=qs,
+        context_lens=torch.tensor(context_lens, dtype=torch.int32),
+        block_tables=tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        max_query_len=max(query_lens),
+        max_context_len=max(context_lens),
+        block_size=block_size,
+    )

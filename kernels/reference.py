@@ -1,0 +1,206 @@
+"""Plain-torch versions of every kernel: the CPU serving path and the tests' oracle.
+
+Each function here states the exact math its Triton twin must reproduce. The
+deferred-norm contract (DESIGN.md section 2): a producer may emit per-row
+*partial* sums of squares of the rows it writes, shaped [T, P] in fp32; a
+consumer given such `row_stats` multiplies its output rows by
+rsqrt(sum(row_stats, -1) / K + eps) before adding bias/residual. The reference
+uses P = 1; Triton producers use one column per output tile.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.batch import PagedBatch
+
+
+def row_sumsq(x: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of squares in fp32, as one partial: [T, 1]."""
+    xf = x.float()
+    return (xf * xf).sum(-1, keepdim=True)
+
+
+def row_rsqrt(row_stats: torch.Tensor, k: int, eps: float) -> torch.Tensor:
+    """The deferred RMSNorm scale 1/rms(x) for each row, from the producer's partials: [T, 1] fp32."""
+    return torch.rsqrt(row_stats.sum(-1, keepdim=True) / k + eps)
+
+
+def rmsnorm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The explicit norm of the 'off' path; gains are normally folded into the next weight (weight=None)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def embedding(
+    ids: torch.Tensor, table: torch.Tensor, want_stats: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gather rows; layer 0's norm statistic comes out of the gather itself when fused."""
+    x = F.embedding(ids, table)
+    return x, (row_sumsq(x) if want_stats else None)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    row_stats: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    want_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y = [rsqrt-scale] * (x @ W^T) + bias + residual, with optional sum-of-squares partials of y.
+
+    Weight layout is [N, K] as in checkpoints. Accumulates in fp32 and rounds
+    once, like a GEMM epilogue. Stats are taken from the rounded y, i.e. from
+    exactly what the next norm would read.
+    """
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        acc = x @ weight.t()
+    else:
+        acc = x.float() @ weight.float().t()
+    if row_stats is not None:
+        acc = acc * row_rsqrt(row_stats, x.shape[-1], eps)
+    if bias is not None:
+        acc = acc + bias.float()
+    if residual is not None:
+        acc = acc + residual.float()
+    y = acc.to(x.dtype)
+    return y, (row_sumsq(y) if want_stats else None)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for a [T, 2I] tensor holding gate then up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return (F.silu(gate.float()) * up.float()).to(gate_up.dtype)
+
+
+def gate_up_silu(
+    x: torch.Tensor, w_gate_up: torch.Tensor, row_stats: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
+    """The MLP's input half: (deferred-)normed x → gate/up GEMM → silu(gate)*up."""
+    gu, _ = linear(x, w_gate_up, row_stats=row_stats, eps=eps)
+    return silu_mul(gu)
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding in HF's half-split layout.
+
+    q [T, Hq, D], k [T, Hk, D]; cos_sin [max_pos, D] fp32 holding cos in the
+    first D/2 columns and sin in the last D/2.
+    """
+    half = q.shape[-1] // 2
+    cs = cos_sin[positions.long()]
+    cos = cs[:, None, :half]
+    sin = cs[:, None, half:]
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        tf = t.float()
+        a, b = tf[..., :half], tf[..., half:]
+        return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1).to(t.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter new keys/values into paged caches [num_blocks, block_size, Hk, D]; negative slots are skipped."""
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    flat_k.index_copy_(0, slots, k.to(k_cache.dtype))
+    flat_v.index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def attn_input(
+    x: torch.Tensor,
+    row_stats: torch.Tensor | None,
+    w_qkv: torch.Tensor,
+    b_qkv: torch.Tensor | None,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> torch.Tensor:
+    """The attention's input half: qkv GEMM (deferred norm) → RoPE → KV-cache write; returns q [T, Hq, D]."""
+    qkv, _ = linear(x, w_qkv, bias=b_qkv, row_stats=row_stats, eps=eps)
+    nq, nk = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :nq].view(-1, num_heads, head_dim)
+    k = qkv[:, nq : nq + nk].view(-1, num_kv_heads, head_dim)
+    v = qkv[:, nq + nk :].view(-1, num_kv_heads, head_dim)
+    q, k = rope(q, k, positions, cos_sin)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def _gather_context(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached rows of one sequence: [length, Hk, D]."""
+    bs = cache.shape[1]
+    n_blocks = -(-length // bs)
+    return cache[table[:n_blocks].long()].reshape(-1, *cache.shape[2:])[:length]
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch, scale: float
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole cached context.
+
+    q [T, Hq, D] → o [T, Hq, D]. Query j of a sequence with n new tokens and
+    context length L sits at position L - n + j and sees keys 0..L-n+j. GQA:
+    query head h reads kv head h // (Hq // Hk). Softmax in fp32.
+    """
+    out = torch.empty_like(q)
+    hq, hk = q.shape[1], k_cache.shape[2]
+    qs = batch.query_start.tolist()
+    lens = batch.context_lens.tolist()
+    if batch.is_decode_only and len(lens) > 1:
+        return _decode_attention_batched(q, k_cache, v_cache, batch, scale)
+    for i, length in enumerate(lens):
+        a, b = qs[i], qs[i + 1]
+        if b == a:
+            continue
+        n = b - a
+        keys = _gather_context(k_cache, batch.block_tables[i], length).float()
+        vals = _gather_context(v_cache, batch.block_tables[i], length).float()
+        qi = q[a:b].float().transpose(0, 1)  # [Hq, n, D]
+        ki = keys.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
+        vi = vals.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
+        qpos = torch.arange(length - n, length)[:, None]
+        mask = torch.arange(length)[None, :] <= qpos  # [n, L]
+        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        out[a:b] = oi.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def _decode_attention_batched(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch, scale: float
+) -> torch.Tensor:
+    """All-decode step: pad every context to the longest and mask, one SDPA call for the batch."""
+    bsz, hq, hk = q.shape[0], q.shape[1], k_cache.shape[2]
+    bs = k_cache.shape[1]
+    n_blocks = -(-batch.max_context_len // bs)
+    table = batch.block_tables[:, :n_blocks].long().clamp_min(0)
+    keys = k_cache[table].reshape(bsz, n_blocks * bs, hk, -1).float().transpose(1, 2)
+    vals = v_cache[table].reshape(bsz, n_blocks * bs, hk, -1).float().transpose(1, 2)
+    keys = keys.repeat_interleave(hq // hk, dim=1)
+    vals = vals.repeat_interleave(hq // hk, dim=1)
+    mask = torch.arange(n_blocks * bs)[None, :] < batch.context_lens.long()[:, None]
+    o = F.scaled_dot_product_attention(
+        q.float()[:, :, None, :], keys, vals, attn_mask=mask[:, None, None, :], scale=scale
+    )
+    return o[:, :, 0, :].to(q.dtype)

@@ -1,0 +1,148 @@
+"""Our decoder: a Llama-family transformer whose norms can be deferred.
+
+Two norm paths, chosen per forward call (so the engine can A/B them step by step):
+- fusion off: h → rmsnorm (writes normalized x) → GEMM on folded W'.
+- fusion on:  h's per-row Σh² comes out of whatever produced h (embedding
+  gather, o_proj/down_proj residual epilogue); the next GEMM runs on raw h and
+  scales its rows by rsqrt(Σh²/K + ε). The final norm is deferred into the LM head.
+All compute goes through one `Backend` object (kernels/backend.py), so the same
+model code runs the torch reference on CPU and Triton kernels on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels.backend import Backend, select_backend
+from kernels.batch import PagedBatch
+from models.config import ModelConfig
+from models.loader import ModelWeights, load_weights
+
+# timer(layer, part) → context manager around that part; parts are "attn" and "mlp".
+LayerTimer = Callable[[int, str], AbstractContextManager]
+
+
+@dataclass
+class KVCache:
+    """Paged K/V storage, one [num_blocks, block_size, Hk, D] pair per layer."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    block_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.k[0].shape[0])
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+
+
+@dataclass
+class Hidden:
+    """The residual stream after the last block, with its norm partials when fused."""
+
+    h: torch.Tensor
+    stats: torch.Tensor | None
+
+    def rows(self, index: torch.Tensor) -> Hidden:
+        return Hidden(self.h[index], self.stats[index] if self.stats is not None else None)
+
+
+class Decoder:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: ModelWeights,
+        backend: Backend,
+        max_model_len: int | None = None,
+    ):
+        self.config = config
+        self.weights = weights
+        self.backend = backend
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        self.max_model_len = min(
+            max_model_len or config.max_position_embeddings, config.max_position_embeddings
+        )
+        if config.sliding_window:
+            # We do not implement sliding-window masking; within the window it is plain causal attention.
+            self.max_model_len = min(self.max_model_len, config.sliding_window)
+        self.cos_sin = config.rope_table(self.max_model_len).to(self.device)
+        self.scale = config.head_dim**-0.5
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        backend: str = "auto",
+        max_model_len: int | None = None,
+        progress: bool = True,
+    ) -> Decoder:
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        config, weights = load_weights(model_dir, dtype=dtype, device=device, progress=progress)
+        return cls(config, weights, select_backend(device, backend), max_model_len)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
+        cfg = self.config
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        make = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        return KVCache(
+            k=[make() for _ in range(cfg.num_layers)], v=[make() for _ in range(cfg.num_layers)],
+            block_size=block_size,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: PagedBatch,
+        kv: KVCache,
+        fusion: bool = True,
+        timer: LayerTimer | None = None,
+    ) -> Hidden:
+        """Run all blocks over T packed new tokens; writes their K/V into `kv`."""
+        cfg, be, w = self.config, self.backend, self.weights
+        eps = cfg.rms_norm_eps
+        h, stats = be.embedding(ids, w.embed, fusion)
+        for i, layer in enumerate(w.layers):
+            with timer(i, "attn") if timer else nullcontext():
+                x, st = (h, stats) if fusion else (be.rmsnorm(h, eps), None)
+                q = be.attn_input(
+                    x, st, layer.w_qkv, layer.b_qkv, positions, self.cos_sin, kv.k[i], kv.v[i],
+                    batch.slot_mapping, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, eps,
+                )  # fmt: skip
+                o = be.attention(q, kv.k[i], kv.v[i], batch, self.scale)
+                h, stats = be.linear(o.reshape(o.shape[0], -1), layer.w_o, residual=h, want_stats=fusion)
+            with timer(i, "mlp") if timer else nullcontext():
+                x, st = (h, stats) if fusion else (be.rmsnorm(h, eps), None)
+                act = be.mlp_input(x, st, layer.w_gate_up, eps)
+                h, stats = be.linear(act, layer.w_down, residual=h, want_stats=fusion)
+        return Hidden(h, stats)
+
+    @torch.inference_mode()
+    def logits(self, hidden: Hidden, scaled: bool = True) -> torch.Tensor:
+        """LM head with the final norm: deferred (row scale in the epilogue) when the hidden carries stats.
+
+        `scaled=False` skips the positive per-row scale entirely, which greedy
+        argmax does not need (only valid on the fused path).
+        """
+        be, eps = self.backend, self.config.rms_norm_eps
+        if hidden.stats is not None:
+            stats = hidden.stats if scaled else None
+            out, _ = be.linear(hidden.h, self.weights.lm_head, row_stats=stats, eps=eps)
+        else:
+            out, _ = be.linear(be.rmsnorm(hidden.h, eps), self.weights.lm_head)
+        return out

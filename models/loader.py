@@ -1,0 +1,158 @@
+"""safetensors checkpoints (single file or sharded) → folded weights for our decoder.
+
+FlashNorm: every RMSNorm gain is folded into the weight that consumes the
+normalized activations, once, in fp32, then cast once to the serving dtype.
+After that the decoder only ever needs 1/rms(x) per row, which is what lets the
+norm be deferred into the next GEMM's epilogue.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from models.config import ModelConfig, load_config
+from models.errors import CheckpointError
+
+
+@dataclass
+class LayerWeights:
+    w_qkv: torch.Tensor  # [(Hq + 2 Hk) D, H], input_layernorm gain folded in
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor  # [H, Hq D]
+    w_gate_up: torch.Tensor  # [2 I, H], post_attention_layernorm gain folded in
+    w_down: torch.Tensor  # [H, I]
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # [V, H], never scaled (it is also the residual stream's source)
+    layers: list[LayerWeights]
+    lm_head: torch.Tensor  # [V, H], final norm gain folded in (a copy when embeddings are tied)
+
+
+class _TensorSource:
+    """Name → tensor over one or many safetensors files, with errors that name the file."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self._handles: dict[Path, object] = {}
+        index = model_dir / "model.safetensors.index.json"
+        single = model_dir / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"invalid shard index: {exc!r}", file=index) from exc
+            self.files = {name: model_dir / shard for name, shard in weight_map.items()}
+        elif single.is_file():
+            self.files = {}
+            self._open(single)
+            self.files = {name: single for name in self._handles[single].keys()}
+        else:
+            raise CheckpointError("no model.safetensors or model.safetensors.index.json", file=model_dir)
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            if not path.is_file():
+                raise CheckpointError("checkpoint shard is missing", file=path)
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"corrupt or unreadable safetensors file: {exc}", file=path) from exc
+        return self._handles[path]
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        path = self.files.get(name)
+        if path is None:
+            raise CheckpointError("tensor missing from checkpoint", file=self.model_dir, tensor=name)
+        handle = self._open(path)
+        try:
+            tensor = handle.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read tensor: {exc}", file=path, tensor=name) from exc
+        if tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(
+                f"wrong shape {tuple(tensor.shape)}, expected {tuple(shape)}", file=path, tensor=name
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(
+                f"expected a floating-point tensor, got {tensor.dtype}", file=path, tensor=name
+            )
+        return tensor
+
+
+def _fold(weight: torch.Tensor, gain: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W' = W · diag(γ) in fp32, cast once."""
+    return (weight.float() * gain.float()[None, :]).to(dtype).contiguous()
+
+
+def load_weights(
+    model_dir: str | Path,
+    config: ModelConfig | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[ModelConfig, ModelWeights]:
+    """Read, validate, fold and place every tensor; raises CheckpointError on any defect."""
+    model_dir = Path(model_dir)
+    cfg = config or load_config(model_dir)
+    dtype = dtype or cfg.dtype
+    src = _TensorSource(model_dir)
+    h, d, hq, hk, inter = (
+        cfg.hidden_size,
+        cfg.head_dim,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.intermediate_size,
+    )
+
+    def put(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    embed = src.get("model.embed_tokens.weight", (cfg.vocab_size, h))
+    layers: list[LayerWeights] = []
+    for i in tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=not progress):
+        p = f"model.layers.{i}."
+        q = src.get(p + "self_attn.q_proj.weight", (hq * d, h))
+        k = src.get(p + "self_attn.k_proj.weight", (hk * d, h))
+        v = src.get(p + "self_attn.v_proj.weight", (hk * d, h))
+        gain_in = src.get(p + "input_layernorm.weight", (h,))
+        bias = None
+        if cfg.attention_bias:
+            bias = torch.cat(
+                [
+                    src.get(p + "self_attn.q_proj.bias", (hq * d,)),
+                    src.get(p + "self_attn.k_proj.bias", (hk * d,)),
+                    src.get(p + "self_attn.v_proj.bias", (hk * d,)),
+                ]
+            )
+        gate = src.get(p + "mlp.gate_proj.weight", (inter, h))
+        up = src.get(p + "mlp.up_proj.weight", (inter, h))
+        gain_post = src.get(p + "post_attention_layernorm.weight", (h,))
+        layers.append(
+            LayerWeights(
+                w_qkv=put(_fold(torch.cat([q, k, v]), gain_in, dtype)),
+                b_qkv=put(bias) if bias is not None else None,
+                w_o=put(src.get(p + "self_attn.o_proj.weight", (h, hq * d))),
+                w_gate_up=put(_fold(torch.cat([gate, up]), gain_post, dtype)),
+                w_down=put(src.get(p + "mlp.down_proj.weight", (h, inter))),
+            )
+        )
+    final_gain = src.get("model.norm.weight", (h,))
+    if cfg.tie_word_embeddings or not src.has("lm_head.weight"):
+        if not cfg.tie_word_embeddings:
+            src.get("lm_head.weight", (cfg.vocab_size, h))  # raises the clear "missing" error
+        head = embed
+    else:
+        head = src.get("lm_head.weight", (cfg.vocab_size, h))
+    weights = ModelWeights(embed=put(embed), layers=layers, lm_head=put(_fold(head, final_gain, dtype)))
+    return cfg, weights
