@@ -1,0 +1,64 @@
+"""Tiny random HF checkpoints written on the fly, so tests never download weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ARCH_KWARGS = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+}
+
+
+def make_tiny_checkpoint(
+    out_dir: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    tie: bool = False,
+    rope_scaling: dict | None = None,
+    num_layers: int = 2,
+) -> Path:
+    """Save a small random model (fp32 safetensors) with transformers and return its folder."""
+    import transformers
+
+    cls_cfg = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+    }
+    cls_model = {
+        "llama": transformers.LlamaForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+    }
+    kwargs = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        **ARCH_KWARGS[arch],
+    )  # fmt: skip
+    if rope_scaling is not None:
+        kwargs["rope_scaling"] = rope_scaling
+        kwargs["rope_theta"] = 500000.0
+    config = cls_cfg[arch](**kwargs)
+    torch.manual_seed(seed)
+    model = cls_model[arch](config).to(torch.float32).eval()
+    with torch.no_grad():  # non-trivial norm gains and biases so folding is really exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
+    save_kwargs = {"safe_serialization": True}
+    if max_shard_size:
+        save_kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out_dir, **save_kwargs)
+    return Path(out_dir)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "NaN/inf in output"
+    return float((a - b).norm() / b.norm())
