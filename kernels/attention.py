@@ -1,0 +1,427 @@
+"""Paged attention: decode (GQA, split over the context for long sequences) and varlen causal prefill.
+
+Both read K/V from the paged cache [num_blocks, block_size, Hk, D] through the block tables, keep
+an online softmax (running max and denominator in fp32, exp2 with log2(e) folded into the scale)
+and divide once at the end. Semantics are reference.paged_attention's: query j of a sequence with
+n new tokens and context length L sits at position L - n + j and sees keys 0 .. L - n + j.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # no GPU here: Triton can only run its interpreter
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kernels.batch import PagedBatch  # noqa: E402
+from kernels.norm_linear import mma  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+LOG2E = 1.4426950408889634
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@triton.jit
+def _load_kv(
+    k_ptr, v_ptr, bt_row, toks, valid, head_off, d, d_mask, stride_blk, stride_tok, PAGE: tl.constexpr
+):
+    """Gather BLOCK_N cached tokens (rows of D) of one kv head through the block table."""
+    blk = tl.load(bt_row + toks // PAGE, mask=valid, other=0).to(tl.int64)
+    off = blk * stride_blk + (toks % PAGE).to(tl.int64) * stride_tok + head_off
+    mask = valid[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + off[:, None] + d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + off[:, None] + d[None, :], mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    ctx_ptr,
+    o_ptr,
+    po_ptr,
+    pml_ptr,
+    HQ,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_blk,
+    stride_tok,
+    stride_kh,
+    qk_scale,
+    split_len,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    ctx = tl.load(ctx_ptr + b)
+    start = sp * split_len
+    end = tl.minimum(ctx, start + split_len)
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < GROUP
+    heads = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    q = tl.load(
+        q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    head_off = kvh.to(tl.int64) * stride_kh
+    for n0 in range(start, end, BLOCK_N):
+        toks = n0 + tl.arange(0, BLOCK_N)
+        valid = toks < end
+        k, v = _load_kv(k_ptr, v_ptr, bt_row, toks, valid, head_off, d, d_mask, stride_blk, stride_tok, PAGE)
+        s = mma(tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32), q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = mma(acc * alpha[:, None], p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if SPLIT:
+        row = (b * HQ + heads) * n_splits + sp
+        tl.store(po_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
+        tl.store(pml_ptr + row * 2, m_i, mask=g_mask)
+        tl.store(pml_ptr + row * 2 + 1, l_i, mask=g_mask)
+    else:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            o_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            o.to(o_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    po_ptr,
+    pml_ptr,
+    o_ptr,
+    HQ,
+    n_splits,
+    stride_ot,
+    stride_oh,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    s_mask = s < n_splits
+    row = (b * HQ + h) * n_splits + s
+    m = tl.load(pml_ptr + row * 2, mask=s_mask, other=float("-inf"))
+    li = tl.load(pml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max)
+    denom = tl.sum(w * li, 0)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.load(
+        po_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None] & (d[None, :] < D), other=0.0
+    )
+    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(o_ptr + b * stride_ot + h * stride_oh + d, o.to(o_ptr.dtype.element_ty), mask=d < D)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+    scale: float,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One new query per sequence: q [B, Hq, D] over its cached context → o [B, Hq, D].
+
+    The context is split over `num_splits` programs per (sequence, kv head) when there are too few
+    of those to fill the GPU; a second tiny kernel merges the partial (max, denominator, sum) triples.
+    """
+    bsz, hq, d = q.shape
+    hk, page = k_cache.shape[2], k_cache.shape[1]
+    assert hq % hk == 0 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
+    o = out if out is not None else torch.empty_like(q)
+    if bsz == 0:
+        return o
+    group = hq // hk
+    block_n = 16 if INTERPRET else 64
+    n_chunks = max(1, triton.cdiv(max_context_len, block_n))
+    if num_splits is None:
+        want = 2 * _sm_count(q.device)
+        num_splits = min(n_chunks, max(1, triton.cdiv(want, bsz * hk)), 128)
+    split_len = triton.cdiv(n_chunks, max(1, num_splits)) * block_n
+    num_splits = max(1, triton.cdiv(max(max_context_len, 1), split_len))
+    block_d = _next_pow2(d)
+    split = num_splits > 1
+    if split:
+        po = torch.empty((bsz * hq * num_splits, block_d), device=q.device, dtype=torch.float32)
+        pml = torch.empty((bsz * hq * num_splits, 2), device=q.device, dtype=torch.float32)
+    else:
+        po = pml = o
+    _decode_kernel[(bsz, hk, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        o,
+        po,
+        pml,
+        hq,
+        q.stride(0),
+        q.stride(1),
+        o.stride(0),
+        o.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        scale * LOG2E,
+        split_len,
+        GROUP=group,
+        D=d,
+        BLOCK_G=max(16, _next_pow2(group)),
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        PAGE=page,
+        SPLIT=split,
+        UPCAST=INTERPRET,
+        IEEE=q.dtype == torch.float32,
+        num_warps=1 if INTERPRET else 4,
+        num_stages=1 if INTERPRET else 3,
+    )
+    if split:
+        _decode_reduce_kernel[(bsz, hq)](
+            po,
+            pml,
+            o,
+            hq,
+            num_splits,
+            o.stride(0),
+            o.stride(1),
+            D=d,
+            BLOCK_D=block_d,
+            BLOCK_S=max(2, _next_pow2(num_splits)),
+            num_warps=1 if INTERPRET else 4,
+        )
+    return o
+
+
+@triton.jit
+def _prefill_block(
+    acc,
+    l_i,
+    m_i,
+    q,
+    qpos,
+    k_ptr,
+    v_ptr,
+    bt_row,
+    head_off,
+    d,
+    d_mask,
+    stride_blk,
+    stride_tok,
+    qk_scale,
+    lo,
+    hi,
+    ctx,
+    MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    for n0 in range(lo, hi, BLOCK_N):
+        toks = n0 + tl.arange(0, BLOCK_N)
+        valid = toks < ctx
+        k, v = _load_kv(k_ptr, v_ptr, bt_row, toks, valid, head_off, d, d_mask, stride_blk, stride_tok, PAGE)
+        s = mma(tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        if MASKED:
+            s = tl.where((toks[None, :] <= qpos[:, None]) & valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = mma(acc * alpha[:, None], p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    qs_ptr,
+    ctx_ptr,
+    o_ptr,
+    n_m_blocks,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_blk,
+    stride_tok,
+    stride_kh,
+    qk_scale,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    h = tl.program_id(0)
+    mb = n_m_blocks - 1 - tl.program_id(1)  # the longest (most causal work) blocks first
+    b = tl.program_id(2)
+    q_start = tl.load(qs_ptr + b)
+    n = tl.load(qs_ptr + b + 1) - q_start
+    if mb * BLOCK_M < n:
+        ctx = tl.load(ctx_ptr + b)
+        prefix = ctx - n
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        r_mask = rows < n
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        tok_rows = (q_start + rows).to(tl.int64)
+        q = tl.load(
+            q_ptr + tok_rows[:, None] * stride_qt + h * stride_qh + d[None, :],
+            mask=r_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        qpos = prefix + rows
+        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+        head_off = (h // GROUP).to(tl.int64) * stride_kh
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        first = prefix + mb * BLOCK_M  # keys below this are visible to every row of the block
+        full_end = (first // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(ctx, prefix + (mb + 1) * BLOCK_M)
+        acc, l_i, m_i = _prefill_block(
+            acc, l_i, m_i, q, qpos, k_ptr, v_ptr, bt_row, head_off, d, d_mask, stride_blk, stride_tok,
+            qk_scale, 0, full_end, ctx, False, BLOCK_N, PAGE, UPCAST, IEEE,
+        )  # fmt: skip
+        acc, l_i, m_i = _prefill_block(
+            acc, l_i, m_i, q, qpos, k_ptr, v_ptr, bt_row, head_off, d, d_mask, stride_blk, stride_tok,
+            qk_scale, full_end, hi, ctx, True, BLOCK_N, PAGE, UPCAST, IEEE,
+        )  # fmt: skip
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            o_ptr + tok_rows[:, None] * stride_ot + h * stride_oh + d[None, :],
+            o.to(o_ptr.dtype.element_ty),
+            mask=r_mask[:, None] & d_mask[None, :],
+        )
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: PagedBatch,
+    scale: float,
+    out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed new queries q [T, Hq, D] over each sequence's paged context."""
+    t, hq, d = q.shape
+    hk, page = k_cache.shape[2], k_cache.shape[1]
+    assert hq % hk == 0 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
+    o = out if out is not None else torch.empty_like(q)
+    if t == 0 or batch.num_seqs == 0:
+        return o
+    block_d = _next_pow2(d)
+    if config is None:
+        if INTERPRET:
+            config = (16, 16, 1, 1)
+        elif block_d <= 64:
+            config = (128, 64, 4, 3)
+        else:
+            config = (128, 64, 8, 3)
+    bm, bn, warps, stages = config
+    n_m = triton.cdiv(max(batch.max_query_len, 1), bm)
+    _prefill_kernel[(hq, n_m, batch.num_seqs)](
+        q,
+        k_cache,
+        v_cache,
+        batch.block_tables,
+        batch.query_start,
+        batch.context_lens,
+        o,
+        n_m,
+        q.stride(0),
+        q.stride(1),
+        o.stride(0),
+        o.stride(1),
+        batch.block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        scale * LOG2E,
+        GROUP=hq // hk,
+        D=d,
+        BLOCK_D=block_d,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        PAGE=page,
+        UPCAST=INTERPRET,
+        IEEE=q.dtype == torch.float32,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return o
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch, scale: float
+) -> torch.Tensor:
+    """reference.paged_attention: the decode kernel for all-decode steps, the prefill kernel otherwise."""
+    if batch.is_decode_only and q.shape[0] == batch.num_seqs:
+        return decode_attention(
+            q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.max_context_len, scale
+        )
+    return prefill_attention(q, k_cache, v_cache, batch, scale)

@@ -1,0 +1,570 @@
+"""Deferred-norm GEMMs for decode (small M): the producer epilogue emits Σh² partials, the consumer scales.
+
+One Triton kernel, specialised by constexpr flags, covers every decode GEMM of a block:
+
+    y[m, n] = r_m * (x @ W^T)[m, n] (+ bias[n]) (+ residual[m, n])
+    r_m     = rsqrt(sum(row_stats[m, :]) / K + eps)              (RMSNorm, deferred)
+    y[m, n] = r_m * ((x @ W^T)[m, n] - mu_m * c[n]) + b'[n]       (LayerNorm, deferred: mean correction)
+
+with optional per-row partial sums of squares (and sums, for LayerNorm) of the rounded output tile
+written to a [M, n_tiles] fp32 buffer: exactly what the next norm would read. The gate/up variant
+computes the gate and up tiles of one column block together and stores silu(gate) * up.
+
+Weights are [N, K] as in checkpoints (gains already folded in). Large M (prefill) stays on cuBLAS:
+`silu_mul` and `row_epilogue` are the elementwise consumers that apply the deferred scale there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # no GPU here: Triton can only run its interpreter
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@triton.jit
+def mma(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc += a @ b in fp32. UPCAST works around the interpreter's broken bf16 dot; IEEE keeps fp32 exact."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def silu(g):
+    """g * sigmoid(g) without overflow: exp of a non-positive argument only."""
+    e = tl.exp(-tl.abs(g))
+    return g * tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _row_scale(
+    stats_ptr,
+    sums_ptr,
+    offs_m,
+    m_mask,
+    stride_s,
+    stride_u,
+    P,
+    inv_k,
+    eps,
+    LN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Per-row deferred norm (scale, mean) from the producer's partials."""
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    su = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pm = m_mask[:, None] & (offs_p[None, :] < P)
+        s = tl.load(stats_ptr + offs_m[:, None] * stride_s + offs_p[None, :], mask=pm, other=0.0)
+        ss += tl.sum(s, 1)
+        if LN:
+            u = tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0)
+            su += tl.sum(u, 1)
+    if LN:
+        mean = su * inv_k
+        var = tl.maximum(ss * inv_k - mean * mean, 0.0)
+        return tl.math.rsqrt(var + eps), mean
+    else:
+        return tl.math.rsqrt(ss * inv_k + eps), su
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    bias_ptr,
+    res_ptr,
+    stats_ptr,
+    sums_ptr,
+    colsum_ptr,
+    stats_out_ptr,
+    sums_out_ptr,
+    M,
+    N,
+    K,
+    P,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    stride_rm,
+    stride_s,
+    stride_u,
+    stride_so,
+    inv_k,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    LN: tl.constexpr,
+    WANT_STATS: tl.constexpr,
+    WANT_SUMS: tl.constexpr,
+    GATE_UP: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    # Clamp instead of masking in the K loop: out-of-range rows/cols load valid memory, never stored.
+    offs_mc = tl.where(m_mask, offs_m, M - 1)
+    offs_nc = tl.where(n_mask, offs_n, N - 1)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # The deferred norm's statistics: tiny L2 reads issued before the K loop so their latency hides.
+    if HAS_SCALE:
+        r, mean = _row_scale(
+            stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, inv_k, eps, LN, BLOCK_M, BLOCK_P
+        )
+
+    x_ptrs = x_ptr + offs_mc[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_nc[:, None] * stride_wn + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATE_UP:
+        u_ptrs = w_ptrs + N * stride_wn
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            k_mask = (k0 + offs_k) < K
+            xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+        acc = mma(acc, xt, tl.trans(wt), UPCAST, IEEE)
+        if GATE_UP:
+            if EVEN_K:
+                ut = tl.load(u_ptrs)
+            else:
+                ut = tl.load(u_ptrs, mask=k_mask[None, :], other=0.0)
+            acc_u = mma(acc_u, xt, tl.trans(ut), UPCAST, IEEE)
+            u_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if HAS_SCALE:
+        if LN:
+            c = tl.load(colsum_ptr + offs_nc).to(tl.float32)
+            acc = acc - mean[:, None] * c[None, :]
+        acc = acc * r[:, None]
+        if GATE_UP:
+            acc_u = acc_u * r[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_nc).to(tl.float32)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    if GATE_UP:
+        acc = silu(acc) * acc_u
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
+    if WANT_STATS:
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        tl.store(stats_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf * yf, 1), mask=m_mask)
+        if WANT_SUMS:
+            tl.store(sums_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf, 1), mask=m_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tile configs. Decode GEMMs are weight-bandwidth bound: pick BLOCK_N so the grid covers the SMs
+# several times over, BLOCK_K and stages so enough weight bytes are in flight per SM.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+Config = tuple[int, int, int, int, int]
+
+# Measured winners per (N, K, M bucket, gate_up) on H100 (bench/kernels.py --sweep); heuristic otherwise.
+TUNED: dict[tuple[int, int, int, bool], Config] = {}
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def m_bucket(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def pick_config(m: int, n: int, k: int, device: torch.device, gate_up: bool = False) -> Config:
+    if INTERPRET or device.type != "cuda":
+        return (16, 16, 32, 1, 1)
+    bm = m_bucket(m)
+    hit = TUNED.get((n, k, bm, gate_up))
+    if hit is not None:
+        return hit
+    sms = _sm_count(device)
+    m_tiles = -(-m // bm)
+    bn = 16
+    for cand in (128, 64, 32):
+        eff = cand * (2 if gate_up else 1)
+        if -(-n // cand) * m_tiles >= 2 * sms and eff <= 128:
+            bn = cand
+            break
+    bk = 256 if bm <= 16 else 128
+    if k < bk:
+        bk = max(32, _next_pow2(k) // 2)
+    return (bm, bn, bk, 4, 4)
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    n: int,
+    *,
+    bias=None,
+    residual=None,
+    row_stats=None,
+    row_sums=None,
+    col_sums=None,
+    eps: float = 1e-6,
+    want_stats: bool = False,
+    want_sums: bool = False,
+    gate_up: bool = False,
+    config: Config | None = None,
+    out: torch.Tensor | None = None,
+):
+    assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    m, k = x.shape
+    bm, bn, bk, warps, stages = config or pick_config(m, n, k, x.device, gate_up)
+    n_tiles = triton.cdiv(n, bn)
+    y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
+    stats = sums = None
+    if want_stats or want_sums:
+        stats = torch.empty((m, n_tiles), device=x.device, dtype=torch.float32)
+    if want_sums:
+        sums = torch.empty((m, n_tiles), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return y, stats, sums
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    ln = row_sums is not None
+    if ln:
+        assert row_stats is not None and col_sums is not None
+        row_sums = row_sums.float()
+    if row_stats is not None:
+        row_stats = row_stats.float()
+        if row_stats.stride(1) != 1:
+            row_stats = row_stats.contiguous()
+    p = row_stats.shape[1] if row_stats is not None else 1
+    dummy = y
+    grid = (n_tiles, triton.cdiv(m, bm))
+    _linear_kernel[grid](
+        x,
+        weight,
+        y,
+        bias if bias is not None else dummy,
+        residual if residual is not None else dummy,
+        row_stats if row_stats is not None else dummy,
+        row_sums if ln else dummy,
+        col_sums if ln else dummy,
+        stats if stats is not None else dummy,
+        sums if sums is not None else dummy,
+        m,
+        n,
+        k,
+        p,
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        row_stats.stride(0) if row_stats is not None else 0,
+        row_sums.stride(0) if ln else 0,
+        stats.stride(0) if stats is not None else 0,
+        1.0 / k,
+        eps,
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        HAS_SCALE=row_stats is not None,
+        LN=ln,
+        WANT_STATS=stats is not None,
+        WANT_SUMS=sums is not None,
+        GATE_UP=gate_up,
+        EVEN_K=k % bk == 0,
+        UPCAST=INTERPRET,
+        IEEE=x.dtype == torch.float32,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        BLOCK_P=min(128, _next_pow2(p)),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return y, stats, sums
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    row_stats: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    want_stats: bool = False,
+    config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """reference.linear as one Triton GEMM: returns (y [M, N], Σy² partials [M, n_tiles] or None)."""
+    y, stats, _ = _launch(
+        x,
+        weight,
+        weight.shape[0],
+        bias=bias,
+        residual=residual,
+        row_stats=row_stats,
+        eps=eps,
+        want_stats=want_stats,
+        config=config,
+    )
+    return y, stats
+
+
+def gate_up_silu(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    row_stats: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """reference.gate_up_silu in one kernel: silu(r * x Wg^T) * (r * x Wu^T), W = [gate; up] of [2I, K]."""
+    assert w_gate_up.shape[0] % 2 == 0
+    y, _, _ = _launch(
+        x, w_gate_up, w_gate_up.shape[0] // 2, row_stats=row_stats, eps=eps, gate_up=True, config=config
+    )
+    return y
+
+
+def linear_layernorm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    col_sums: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    row_stats: torch.Tensor | None = None,
+    row_sums: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    want_stats: bool = False,
+    config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Deferred LayerNorm: y = rsqrt(var + eps) * (x W'^T - mean * c) + b' (+ residual).
+
+    W' = W diag(gamma), c = W' 1 (`col_sums`, fp32 [N]) and b' = W beta + b (`bias`) are precomputed at
+    load; row_stats / row_sums are the producer's Σx² and Σx partials. Returns (y, Σy² partials,
+    Σy partials) when want_stats, for a following LayerNorm.
+    """
+    if row_stats is not None:
+        assert row_sums is not None and col_sums is not None
+    y, stats, sums = _launch(
+        x,
+        weight,
+        weight.shape[0],
+        bias=bias,
+        residual=residual,
+        row_stats=row_stats,
+        row_sums=row_sums,
+        col_sums=col_sums.float() if col_sums is not None else None,
+        eps=eps,
+        want_sums=want_stats,
+        config=config,
+    )
+    return y, stats, sums
+
+
+# ----------------------------------------------------------------------------------------------------
+# Large-M consumers (cuBLAS did the GEMM on raw x; these elementwise kernels run anyway).
+
+
+@triton.jit
+def _silu_mul_kernel(
+    gu_ptr,
+    out_ptr,
+    stats_ptr,
+    I,
+    P,
+    stride_g,
+    stride_o,
+    stride_s,
+    inv_k,
+    eps,
+    HAS_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < I
+    g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_g + I + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        ss = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            ss += tl.load(stats_ptr + row * stride_s + offs_p, mask=offs_p < P, other=0.0)
+        r = tl.math.rsqrt(tl.sum(ss, 0) * inv_k + eps)
+        g = g * r
+        u = u * r
+    y = silu(g) * u
+    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(
+    gate_up: torch.Tensor, row_stats: torch.Tensor | None = None, k: int = 1, eps: float = 1e-6
+) -> torch.Tensor:
+    """silu(r*gate) * (r*up) of a [T, 2I] GEMM output; r = rsqrt(Σ row_stats / k + eps) when given."""
+    t, two_i = gate_up.shape
+    i = two_i // 2
+    if gate_up.stride(1) != 1:
+        gate_up = gate_up.contiguous()
+    out = torch.empty((t, i), device=gate_up.device, dtype=gate_up.dtype)
+    if t == 0:
+        return out
+    p = row_stats.shape[1] if row_stats is not None else 1
+    if row_stats is not None:
+        row_stats = row_stats.float().contiguous()
+    block = min(1024 if not INTERPRET else 256, _next_pow2(i))
+    _silu_mul_kernel[(t, triton.cdiv(i, block))](
+        gate_up,
+        out,
+        row_stats if row_stats is not None else out,
+        i,
+        p,
+        gate_up.stride(0),
+        out.stride(0),
+        row_stats.stride(0) if row_stats is not None else 0,
+        1.0 / k,
+        eps,
+        HAS_SCALE=row_stats is not None,
+        BLOCK=block,
+        BLOCK_P=min(128, _next_pow2(p)),
+        num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _row_epilogue_kernel(
+    y_ptr,
+    out_ptr,
+    bias_ptr,
+    res_ptr,
+    stats_ptr,
+    stats_out_ptr,
+    N,
+    P,
+    stride_y,
+    stride_o,
+    stride_r,
+    stride_s,
+    inv_k,
+    eps,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    WANT_STATS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0)
+    if HAS_SCALE:
+        ss = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            ss += tl.load(stats_ptr + row * stride_s + offs_p, mask=offs_p < P, other=0.0)
+        r = tl.math.rsqrt(tl.sum(ss, 0) * inv_k + eps)
+    acc_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        mask = offs < N
+        v = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            v = v * r
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            v += tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        o = v.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * stride_o + offs, o, mask=mask)
+        if WANT_STATS:
+            of = tl.where(mask, o.to(tl.float32), 0.0)
+            acc_sq += of * of
+    if WANT_STATS:
+        tl.store(stats_out_ptr + row, tl.sum(acc_sq, 0))
+
+
+def row_epilogue(
+    y: torch.Tensor,
+    k: int,
+    row_stats: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    want_stats: bool = False,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The GEMM epilogue as one row-wise pass for cuBLAS outputs: r*y + bias + residual, Σ² → [T, 1]."""
+    t, n = y.shape
+    out = out if out is not None else torch.empty_like(y)
+    stats = torch.empty((t, 1), device=y.device, dtype=torch.float32) if want_stats else None
+    if t == 0:
+        return out, stats
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    p = row_stats.shape[1] if row_stats is not None else 1
+    if row_stats is not None:
+        row_stats = row_stats.float().contiguous()
+    _row_epilogue_kernel[(t,)](
+        y,
+        out,
+        bias if bias is not None else y,
+        residual if residual is not None else y,
+        row_stats if row_stats is not None else y,
+        stats if stats is not None else y,
+        n,
+        p,
+        y.stride(0),
+        out.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        row_stats.stride(0) if row_stats is not None else 0,
+        1.0 / k,
+        eps,
+        HAS_SCALE=row_stats is not None,
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        WANT_STATS=want_stats,
+        BLOCK=min(1024 if not INTERPRET else 256, _next_pow2(n)),
+        BLOCK_P=min(128, _next_pow2(p)),
+        num_warps=4,
+    )
+    return out, stats

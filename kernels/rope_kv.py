@@ -1,0 +1,249 @@
+"""RoPE (HF half-split layout) + paged KV-cache write, in one pass over the qkv GEMM output.
+
+At large M this is the consumer that applies the deferred norm: it reads the raw cuBLAS qkv rows,
+multiplies each by rsqrt(Σ row_stats / K + eps), adds the qkv bias (which must come after the
+scale), rotates q and k, writes q out and k, v into the paged cache. Negative slots are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # no GPU here: Triton can only run its interpreter
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def rope_cos_sin(
+    max_pos: int,
+    head_dim: int,
+    theta: float = 10000.0,
+    scaling: dict | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The cos_sin table [max_pos, D] fp32 (cos in the first D/2 columns, sin in the last).
+
+    `scaling` is HF's rope_scaling dict; rope_type "llama3" (Llama 3.1) rescales the inverse
+    frequencies by wavelength band; "linear" divides positions by `factor`; others are ignored.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    pos_div = 1.0
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "linear":
+        pos_div = float(scaling["factor"])
+    freqs = torch.arange(max_pos, dtype=torch.float64)[:, None] / pos_div * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).float().to(device)
+
+
+@triton.jit
+def _rotate_store(
+    src,
+    dst,
+    cos,
+    sin,
+    r,
+    bias_ptr,
+    n_heads,
+    head_mask_extra,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Rotate n_heads heads at src (head stride D) and store them at dst (head stride D)."""
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_HALF)
+    mask = (h[:, None] < n_heads) & (d[None, :] < HALF) & head_mask_extra
+    off = h[:, None] * D + d[None, :]
+    a = tl.load(src + off, mask=mask, other=0.0).to(tl.float32) * r
+    b = tl.load(src + off + HALF, mask=mask, other=0.0).to(tl.float32) * r
+    if HAS_BIAS:
+        a += tl.load(bias_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        b += tl.load(bias_ptr + off + HALF, mask=mask, other=0.0).to(tl.float32)
+    ty = dst.dtype.element_ty
+    tl.store(dst + off, (a * cos[None, :] - b * sin[None, :]).to(ty), mask=mask)
+    tl.store(dst + off + HALF, (b * cos[None, :] + a * sin[None, :]).to(ty), mask=mask)
+
+
+@triton.jit
+def _rope_kv_kernel(
+    qkv_ptr,
+    q_out_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    pos_ptr,
+    cs_ptr,
+    stats_ptr,
+    bias_ptr,
+    HQ,
+    HK,
+    P,
+    stride_t,
+    stride_qo,
+    stride_slot,
+    stride_cs,
+    stride_s,
+    inv_k,
+    eps,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    t = tl.program_id(0)
+    r = 1.0
+    if HAS_SCALE:
+        ss = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            ss += tl.load(stats_ptr + t * stride_s + offs_p, mask=offs_p < P, other=0.0)
+        r = tl.math.rsqrt(tl.sum(ss, 0) * inv_k + eps)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    cos = tl.load(cs_ptr + pos * stride_cs + d, mask=d < HALF, other=0.0)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + d, mask=d < HALF, other=0.0)
+    row = qkv_ptr + t * stride_t
+    _rotate_store(
+        row,
+        q_out_ptr + t * stride_qo,
+        cos,
+        sin,
+        r,
+        bias_ptr,
+        HQ,
+        True,
+        D,
+        HALF,
+        HAS_BIAS,
+        BLOCK_HQ,
+        BLOCK_HALF,
+    )
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    keep = slot >= 0
+    slot_c = tl.where(keep, slot, 0)
+    _rotate_store(
+        row + HQ * D,
+        k_cache_ptr + slot_c * stride_slot,
+        cos,
+        sin,
+        r,
+        bias_ptr + HQ * D,
+        HK,
+        keep,
+        D,
+        HALF,
+        HAS_BIAS,
+        BLOCK_HK,
+        BLOCK_HALF,
+    )
+    h = tl.arange(0, BLOCK_HK)
+    dd = tl.arange(0, BLOCK_D)
+    vmask = (h[:, None] < HK) & (dd[None, :] < D) & keep
+    off = h[:, None] * D + dd[None, :]
+    v = tl.load(row + (HQ + HK) * D + off, mask=vmask, other=0.0).to(tl.float32) * r
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + (HQ + HK) * D + off, mask=vmask, other=0.0).to(tl.float32)
+    tl.store(v_cache_ptr + slot_c * stride_slot + off, v.to(v_cache_ptr.dtype.element_ty), mask=vmask)
+
+
+def rope_kv_write(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    row_stats: torch.Tensor | None = None,
+    k: int = 1,
+    eps: float = 1e-6,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """qkv [T, (Hq + 2 Hk) D] → q [T, Hq, D] rotated; k rotated and v into caches [blocks, bs, Hk, D].
+
+    With row_stats ([T, P] Σx² partials of the GEMM input, K = k) each row is first scaled by
+    rsqrt(Σ/k + eps); `bias` ([(Hq + 2 Hk) D]) is added after the scale.
+    """
+    t = qkv.shape[0]
+    assert qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim and head_dim % 2 == 0
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+    assert k_cache.shape[2] == num_kv_heads and k_cache.shape[3] == head_dim
+    if qkv.stride(1) != 1:
+        qkv = qkv.contiguous()
+    q = torch.empty((t, num_heads, head_dim), device=qkv.device, dtype=qkv.dtype)
+    if t == 0:
+        return q
+    cos_sin = cos_sin.float()
+    if cos_sin.stride(1) != 1:
+        cos_sin = cos_sin.contiguous()
+    p = row_stats.shape[1] if row_stats is not None else 1
+    if row_stats is not None:
+        row_stats = row_stats.float().contiguous()
+    half = head_dim // 2
+    block_half = _next_pow2(half)
+    block_hq = _next_pow2(num_heads)
+    warps = 1 if INTERPRET else max(1, min(8, block_hq * block_half // 512))
+    _rope_kv_kernel[(t,)](
+        qkv,
+        q,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        positions,
+        cos_sin,
+        row_stats if row_stats is not None else cos_sin,
+        bias if bias is not None else qkv,
+        num_heads,
+        num_kv_heads,
+        p,
+        qkv.stride(0),
+        q.stride(0),
+        k_cache.stride(1),
+        cos_sin.stride(0),
+        row_stats.stride(0) if row_stats is not None else 0,
+        1.0 / k,
+        eps,
+        D=head_dim,
+        HALF=half,
+        HAS_SCALE=row_stats is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_HQ=block_hq,
+        BLOCK_HK=_next_pow2(num_kv_heads),
+        BLOCK_HALF=block_half,
+        BLOCK_D=_next_pow2(head_dim),
+        BLOCK_P=min(128, _next_pow2(p)),
+        num_warps=warps,
+    )
+    return q

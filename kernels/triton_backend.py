@@ -1,0 +1,114 @@
+"""The Triton backend: every Backend operation on the fused deferred-norm kernels.
+
+Decode / small M (M <= small_m_max): Triton GEMMs whose epilogues carry the norm: producers (o_proj,
+down_proj with the residual add) emit Σh² partials per output tile, consumers (qkv, gate_up, LM head)
+scale their rows by rsqrt(Σ/K + eps). Prefill / large M: cuBLAS on raw x (the residual add fused as
+torch.addmm), a per-row Σh² pass, and the deferred scale (and bias, which must follow it) applied by
+the elementwise consumer that runs anyway: RoPE + KV write for q/k/v, silu*mul for gate/up.
+
+On CPU tensors this works only under TRITON_INTERPRET=1 (the tests); select_backend picks the torch
+backend for CPU devices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import attention as _attn
+from kernels import embedding as _emb
+from kernels import norm_linear as _nl
+from kernels import rmsnorm as _norm
+from kernels import rope_kv as _rope
+from kernels.batch import PagedBatch
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, small_m_max: int = 64):
+        self.small_m_max = small_m_max
+
+    def _small(self, x: torch.Tensor) -> bool:
+        return x.shape[0] <= self.small_m_max
+
+    def embedding(
+        self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _emb.embedding(ids, table, want_stats)
+
+    def rmsnorm(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        return _norm.rmsnorm(x, eps)
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        row_stats: torch.Tensor | None = None,
+        eps: float = 1e-6,
+        want_stats: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._small(x):
+            return _nl.linear(x, weight, bias, residual, row_stats, eps, want_stats)
+        k = x.shape[-1]
+        if row_stats is None and (bias is None or residual is None):
+            # Raw cuBLAS with its own epilogue; the producer statistic is one row pass over h.
+            if residual is not None:
+                y = torch.addmm(residual, x, weight.t())
+            else:
+                y = F.linear(x, weight, bias)
+            return y, (_norm.row_stats(y) if want_stats else None)
+        y = F.linear(x, weight)
+        return _nl.row_epilogue(y, k, row_stats, bias, residual, eps, want_stats, out=y)
+
+    def attn_input(
+        self,
+        x: torch.Tensor,
+        row_stats: torch.Tensor | None,
+        w_qkv: torch.Tensor,
+        b_qkv: torch.Tensor | None,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        eps: float,
+    ) -> torch.Tensor:
+        if self._small(x):
+            qkv, _ = _nl.linear(x, w_qkv, bias=b_qkv, row_stats=row_stats, eps=eps)
+            scale_stats, bias = None, None
+        else:
+            qkv = F.linear(x, w_qkv)
+            scale_stats, bias = row_stats, b_qkv
+        return _rope.rope_kv_write(
+            qkv,
+            positions,
+            cos_sin,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            row_stats=scale_stats,
+            k=x.shape[-1],
+            eps=eps,
+            bias=bias,
+        )
+
+    def attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch, scale: float
+    ) -> torch.Tensor:
+        return _attn.paged_attention(q, k_cache, v_cache, batch, scale)
+
+    def mlp_input(
+        self, x: torch.Tensor, row_stats: torch.Tensor | None, w_gate_up: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        if self._small(x):
+            return _nl.gate_up_silu(x, w_gate_up, row_stats, eps)
+        return _nl.silu_mul(F.linear(x, w_gate_up), row_stats, x.shape[-1], eps)

@@ -1,0 +1,139 @@
+"""Decode GEMMs with deferred-norm epilogues, and the large-M (cuBLAS + consumer) paths, vs float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import norm_linear as nl
+from kernels import reference as ref
+from kernels.triton_backend import TritonBackend
+from tests.test_kernels_common import DTYPES, M_VALUES, TOL, check, poison_outputs, rand  # noqa: F401
+
+N, K = 37, 45  # odd: no multiple of any block size
+EPS = 1e-5
+
+
+def ref_linear64(x, w, bias=None, residual=None, row_stats=None, eps=EPS, dtype=None):
+    """The float64 oracle: the epilogue math of reference.linear without any rounding."""
+    acc = x.double() @ w.double().t()
+    if row_stats is not None:
+        acc = acc * torch.rsqrt(row_stats.double().sum(-1, keepdim=True) / x.shape[-1] + eps)
+    if bias is not None:
+        acc = acc + bias.double()
+    if residual is not None:
+        acc = acc + residual.double()
+    return acc
+
+
+def producer_stats(m, k=K):
+    """Σx² partials as a producer would emit them: several columns of a plausible magnitude."""
+    return (torch.rand(m, 3, dtype=torch.float64) * k / 3 + 0.1).float().to(rand(1).device)
+
+
+CASES = {
+    "plain": dict(),
+    "bias_scale": dict(bias=True, scale=True),
+    "res_stats": dict(residual=True, want_stats=True),
+    "all": dict(bias=True, residual=True, scale=True, want_stats=True),
+}
+
+
+def _args(m, dtype, case):
+    x = rand(m, K, dtype=dtype)
+    w = rand(N, K, dtype=dtype, scale=K**-0.5)
+    bias = rand(N, dtype=dtype) if case.get("bias") else None
+    residual = rand(m, N, dtype=dtype) if case.get("residual") else None
+    stats = producer_stats(m) if case.get("scale") else None
+    return x, w, bias, residual, stats
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_linear(dtype, m, case):
+    c = CASES[case]
+    x, w, bias, residual, stats = _args(m, dtype, c)
+    y, st = nl.linear(x, w, bias, residual, stats, EPS, c.get("want_stats", False))
+    want = ref_linear64(x, w, bias, residual, stats)
+    check(y, want, dtype)
+    assert y.dtype == dtype and y.shape == (m, N)
+    if c.get("want_stats"):
+        assert st.dtype == torch.float32 and st.shape[0] == m and st.shape[1] > 1
+        check(st.sum(-1), ref.row_sumsq(y.double()).squeeze(-1), torch.float32)  # from the rounded y
+        check(st.sum(-1), (want * want).sum(-1), dtype)
+    else:
+        assert st is None
+
+
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gate_up_silu(dtype, m):
+    x = rand(m, K, dtype=dtype)
+    w = rand(2 * N, K, dtype=dtype, scale=K**-0.5)
+    for stats in (None, producer_stats(m)):
+        out = nl.gate_up_silu(x, w, stats, EPS)
+        g = ref_linear64(x, w, row_stats=stats)
+        want = torch.nn.functional.silu(g[:, :N]) * g[:, N:]
+        check(out, want, dtype)
+
+
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm_linear(dtype, m):
+    """Deferred LayerNorm: producer Σx, Σx² partials; consumer applies 1/σ and the mean correction."""
+    h = rand(m, K, dtype=dtype, scale=2.0) + 0.5
+    gamma, beta = rand(K, scale=0.5) + 1.0, rand(K, scale=0.1)
+    w, b = rand(N, K, dtype=dtype, scale=K**-0.5), rand(N)
+    w_folded = (w.double() * gamma.double()).to(dtype)  # W' = W diag(γ), folded once
+    col_sums = w_folded.double().sum(-1).float()  # c = W' 1
+    b_folded = (w.double() @ beta.double() + b.double()).float()  # b' = W β + b
+    # the producer: some GEMM whose epilogue writes h and its Σ/Σ² partials
+    w_p = rand(K, 7, dtype=dtype, scale=7**-0.5)
+    a = rand(m, 7, dtype=dtype)
+    h_out, sq, su = nl.linear_layernorm(a, w_p, residual=h, want_stats=True)
+    check(h_out, a.double() @ w_p.double().t() + h.double(), dtype)
+    check(su.sum(-1), h_out.double().sum(-1), torch.float32)
+    check(sq.sum(-1), (h_out.double() ** 2).sum(-1), torch.float32)
+    y, _, _ = nl.linear_layernorm(h_out, w_folded, col_sums, b_folded, sq, su, EPS)
+    hn = torch.nn.functional.layer_norm(h_out.double(), (K,), gamma.double(), beta.double(), EPS)
+    check(y, hn @ w.double().t() + b.double(), dtype)
+
+
+@pytest.mark.parametrize("m", [3, 17])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_m_paths(dtype, m):
+    """small_m_max=2 sends M = 3, 17 down the prefill path: cuBLAS + row pass / consumer kernels."""
+    be = TritonBackend(small_m_max=2)
+    for case in CASES.values():
+        x, w, bias, residual, stats = _args(m, dtype, case)
+        y, st = be.linear(x, w, bias, residual, stats, EPS, case.get("want_stats", False))
+        want = ref_linear64(x, w, bias, residual, stats)
+        check(y, want, dtype)
+        if case.get("want_stats"):
+            check(st.sum(-1), ref.row_sumsq(y.double()).squeeze(-1), torch.float32)
+    x, w2 = rand(m, K, dtype=dtype), rand(2 * N, K, dtype=dtype, scale=K**-0.5)
+    stats = producer_stats(m)
+    g = ref_linear64(x, w2, row_stats=stats)
+    check(be.mlp_input(x, stats, w2, EPS), torch.nn.functional.silu(g[:, :N]) * g[:, N:], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_consumers(dtype):
+    m = 5
+    gu = rand(m, 2 * N, dtype=dtype)
+    stats = producer_stats(m)
+    r = torch.rsqrt(stats.double().sum(-1, keepdim=True) / K + EPS)
+    want = torch.nn.functional.silu(gu.double()[:, :N] * r) * gu.double()[:, N:] * r
+    check(nl.silu_mul(gu, stats, K, EPS), want, dtype)
+    check(nl.silu_mul(gu), ref.silu_mul(gu.double()), dtype)
+    y, bias, res = rand(m, N, dtype=dtype), rand(N, dtype=dtype), rand(m, N, dtype=dtype)
+    out, st = nl.row_epilogue(y, K, stats, bias, res, EPS, want_stats=True)
+    check(out, y.double() * r + bias.double() + res.double(), dtype)
+    check(st.sum(-1), (out.double() ** 2).sum(-1), torch.float32)
+
+
+def test_config_tables_are_valid():
+    for (n, k, bm, _), cfg in nl.TUNED.items():
+        assert cfg[0] == bm and cfg[1] in (16, 32, 64, 128) and cfg[2] >= 32, (n, k, cfg)
+    assert TOL[torch.float32] == 1e-4
