@@ -1,0 +1,252 @@
+"""`fusionserve serve`: options, engine construction and a real uvicorn server.
+
+Every option has a ``FUSIONSERVE_*`` environment variable as its default (containers and
+Kubernetes configure through the environment). Shutdown follows DESIGN.md section 5:
+the first SIGTERM/SIGINT stops admitting work (503) while in-flight requests finish
+within ``--shutdown-timeout``; then the process exits with status 0. Plain uvicorn
+re-raises the signal after its graceful shutdown (exit 143), so :class:`GracefulServer`
+replaces its signal handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger("fusionserve")
+
+
+def _env(name: str, default: Any) -> Any:
+    """The FUSIONSERVE_<NAME> value if set (argparse applies the option's type to it)."""
+    return os.environ.get("FUSIONSERVE_" + name, default)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    v = os.environ.get("FUSIONSERVE_" + name)
+    return default if v is None else v.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The `serve` options; each defaults to its FUSIONSERVE_* environment variable."""
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model", default=_env("MODEL", None), help="model folder or .gguf (default: SmolLM2-135M)"
+    )
+    g.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None), help="model id in the API")
+    g.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
+    g.add_argument(
+        "--dtype", default=_env("DTYPE", "auto"), choices=("auto", "float32", "bfloat16", "float16")
+    )
+    g.add_argument("--backend", default=_env("BACKEND", "auto"), choices=("auto", "torch", "triton"))
+    g.add_argument(
+        "--fusion", default=_env("FUSION", "on"), choices=("on", "off", "ab"), help="deferred-norm path"
+    )
+    g.add_argument(
+        "--layer-timing-every", type=int, default=_env("LAYER_TIMING_EVERY", 50), help="sample per-layer timing every N steps (0: off)"
+    )  # fmt: skip
+    e = p.add_argument_group("engine limits")
+    e.add_argument("--max-model-len", type=int, default=_env("MAX_MODEL_LEN", None))
+    e.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", 64))
+    e.add_argument("--max-num-batched-tokens", type=int, default=_env("MAX_NUM_BATCHED_TOKENS", 2048))
+    e.add_argument(
+        "--max-queue", type=int, default=_env("MAX_QUEUE", 256), help="waiting requests before 503"
+    )
+    e.add_argument("--kv-cache-gb", type=float, default=_env("KV_CACHE_GB", 1.0), help="KV cache size on CPU")
+    e.add_argument("--gpu-memory-utilization", type=float, default=_env("GPU_MEMORY_UTILIZATION", 0.9))
+    e.add_argument("--no-cuda-graphs", action="store_true", default=not _env_flag("CUDA_GRAPHS", True))
+    e.add_argument("--no-prefix-caching", action="store_true", default=not _env_flag("PREFIX_CACHING", True))
+    h = p.add_argument_group("http")
+    h.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    h.add_argument("--port", type=int, default=_env("PORT", 8000))
+    h.add_argument(
+        "--api-key", default=_env("API_KEY", None), help="require 'Authorization: Bearer KEY' on /v1/*"
+    )
+    h.add_argument("--admin-key", default=_env("ADMIN_KEY", None), help="enables /admin/fusion with this key")
+    h.add_argument("--max-body-bytes", type=int, default=_env("MAX_BODY_BYTES", 8 * 1024 * 1024))
+    h.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=_env("SHUTDOWN_TIMEOUT", 30.0),
+        help="seconds to finish in-flight requests",
+    )
+    h.add_argument(
+        "--log-level", default=_env("LOG_LEVEL", "info"), choices=("critical", "error", "warning", "info", "debug")
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ShutdownPlan:
+    """What the first signal does: stop admitting, then wait (bounded) for in-flight work."""
+
+    begin_drain: Callable[[], None]
+    wait_idle: Callable[[float], Awaitable[bool]]
+    timeout_s: float
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn.Server that drains before exiting and does not re-raise the signal (exit 0).
+
+    First SIGTERM/SIGINT: ``begin_drain`` (the app answers 503, the engine admits nothing),
+    wait until the engine is idle or the timeout passes, then let uvicorn close connections.
+    A second signal forces the exit.
+    """
+
+    def __init__(self, config: uvicorn.Config, plan: ShutdownPlan, ready_message: str) -> None:
+        super().__init__(config)
+        self.plan = plan
+        self.ready_message = ready_message
+        self.draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Future[None] | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            log.info(self.ready_message)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Deliberately not appending to self._captured_signals: uvicorn would re-raise it.
+        if self.draining or self._loop is None:
+            log.warning("second signal %s: exiting now", sig)
+            self.should_exit = True
+            self.force_exit = True
+            return
+        self.draining = True
+        log.info("signal %s: draining (new requests get 503), up to %.0fs", sig, self.plan.timeout_s)
+        self.plan.begin_drain()
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        t0 = time.monotonic()
+        try:
+            idle = await self.plan.wait_idle(self.plan.timeout_s)
+            if idle:
+                log.info("in-flight requests finished in %.1fs", time.monotonic() - t0)
+            else:
+                log.warning("shutdown timeout: aborting requests still running")
+        except Exception:
+            log.exception("drain failed")
+        finally:
+            self.should_exit = True
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fusionserve")
+    except Exception:
+        return "0.1.0"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Build the engine, serve until a signal, drain, exit 0 (2 on bad configuration)."""
+    _setup_logging(args.log_level)
+    from models.registry import resolve_model
+    from server.app import ServerSettings, create_app
+    from server.engine import AsyncEngine, EngineConfig
+    from server.metrics import ServerMetrics
+
+    try:
+        model_dir = resolve_model(args.model)
+    except (FileNotFoundError, OSError) as exc:
+        log.error("cannot load model: %s", exc)
+        return 2
+    name = args.served_model_name or model_dir.name
+    log.info("loading %s from %s", name, model_dir)
+    metrics = ServerMetrics(model_name=name, fusion_mode=args.fusion)
+    config = EngineConfig(
+        model_dir=str(model_dir),
+        served_model_name=name,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_gb=args.kv_cache_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_queue=args.max_queue,
+        enable_prefix_caching=not args.no_prefix_caching,
+        fusion=args.fusion,
+        layer_timing_every=args.layer_timing_every,
+        cuda_graphs=not args.no_cuda_graphs,
+    )
+    try:
+        engine = AsyncEngine(config, metrics=metrics)
+    except (ValueError, FileNotFoundError) as exc:
+        log.error("cannot start the engine: %s", exc)
+        return 2
+    engine.start()
+    settings = ServerSettings(
+        api_key=args.api_key or None,
+        admin_key=args.admin_key or None,
+        max_body_bytes=args.max_body_bytes,
+        version=_version(),
+    )
+    app = create_app(engine, settings, metrics=metrics)
+
+    def begin_drain() -> None:
+        app.state.drain.draining = True
+        engine.begin_drain()
+
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        lifespan="off",
+        timeout_graceful_shutdown=5,  # the drain above already waited for in-flight work
+        timeout_keep_alive=5,
+    )
+    url = f"http://{args.host}:{args.port}"
+    ready = f"fusionserve ready: {url}/v1 (model {engine.model_name}, fusion {args.fusion}, max_model_len {engine.max_model_len})"
+    server = GracefulServer(
+        uv_config, ShutdownPlan(begin_drain, engine.wait_idle, args.shutdown_timeout), ready
+    )
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits when it cannot bind the port
+        code = exc.code if isinstance(exc.code, int) else 1
+        return code or 0
+    finally:
+        engine.shutdown()
+    if not server.started:
+        return 1
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fusionserve serve")
+    add_serve_args(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
