@@ -658,3 +658,11 @@ def test_service_servicemonitor_hpa_fit_together():
     (m,) = hpa["spec"]["metrics"]
     assert m["type"] == "Pods" and m["pods"]["metric"]["name"] in METRIC_NAMES
     assert "prometheus-adapter" in (K8S / "hpa.yaml").read_text(encoding="utf-8")
+
+
+def test_dashboard_preview_picture():
+    png = ROOT / "docs" / "dashboard.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) < 300 * 1024
+    assert "PREVIEW" in (DEPLOY / "render_dashboard_preview.py").read_text(encoding="utf-8")
