@@ -45,6 +45,8 @@ class Job:
     prompt_ids: list[int]
     prompt_text: str
     params: Any
+    static: bool = False  # max_tokens=0 without logprobs: answered without the engine
+    discard: bool = False  # max_tokens=0 with echo logprobs: generate 1 token for prompt logprobs, drop it
 
 
 @dataclass
@@ -129,6 +131,33 @@ async def _merge(primed: Primed) -> AsyncIterator[tuple[int, Any]]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@dataclass
+class _StaticOutput:
+    """A RequestOutput-shaped answer for a request that generates nothing."""
+
+    request_id: str
+    index: int
+    prompt_tokens: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] | None = None
+    prompt_logprobs: list[Any] | None = None
+    finished: bool = True
+    finish_reason: str = "length"
+    completion_tokens: int = 0
+
+
+async def _static_outputs(job: Job) -> AsyncIterator[Any]:
+    for i in range(job.params.n):
+        yield _StaticOutput(job.request_id, i, len(job.prompt_ids))
+
+
+def _discarded(out: Any) -> Any:
+    """The throw-away token of a max_tokens=0 echo+logprobs request: keep only prompt logprobs."""
+    return _StaticOutput(out.request_id, out.index, out.prompt_tokens, prompt_logprobs=out.prompt_logprobs,
+                         finished=out.finished)  # fmt: skip
+
+
 class TokenText:
     """Token id → display string (for logprobs), cached: the same ids recur constantly."""
 
@@ -194,14 +223,20 @@ class Serving:
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         kw = sampling_kwargs(req, self.limits)
         echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-        params = self.params_cls(max_tokens=max_tokens, logprobs=req.logprobs, prompt_logprobs=echo_lp, **kw)
+        # The engine needs max_tokens >= 1. max_tokens=0 (scoring a prompt with echo) either needs
+        # no model at all, or one throw-away token to get the prompt logprobs computed.
+        static = max_tokens == 0 and echo_lp is None
+        discard = max_tokens == 0 and echo_lp is not None
+        params = self.params_cls(
+            max_tokens=1 if discard else max_tokens, logprobs=req.logprobs, prompt_logprobs=echo_lp, **kw
+        )
         jobs = []
         for text, ids in prompts:
             if text is None:
                 check_token_ids(ids, self.limits, "prompt")
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            self._check_length(len(ids), max_tokens, "prompt")
-            jobs.append(Job(new_id("cmpl"), ids, text, params))
+            self._check_length(len(ids), max(max_tokens, 1 if discard else 0), "prompt")
+            jobs.append(Job(new_id("cmpl"), ids, text, params, static=static, discard=discard))
         return jobs
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
@@ -234,7 +269,10 @@ class Serving:
 
     async def prime(self, jobs: Sequence[Job]) -> Primed:
         """Start every job and wait for its first output; on any error abort them all."""
-        gens = [self.engine.generate(j.request_id, j.prompt_ids, j.params) for j in jobs]
+        gens = [
+            _static_outputs(j) if j.static else self.engine.generate(j.request_id, j.prompt_ids, j.params)
+            for j in jobs
+        ]
         primed = Primed(list(jobs), [], gens)
         try:
             primed.firsts = list(await asyncio.gather(*(_first(g) for g in gens)))
@@ -303,6 +341,8 @@ class Serving:
         lp_objs: dict[int, dict[str, Any] | None] = {}
         prompt_tokens = [len(j.prompt_ids) for j in primed.jobs]
         async for ji, out in _merge(primed):
+            if primed.jobs[ji].discard:
+                out = _discarded(out)
             idx = ji * n + out.index
             st = states.setdefault(idx, ChoiceState())
             if idx not in lp_objs:
@@ -371,6 +411,8 @@ class Serving:
 
         try:
             async for ji, out in _merge(primed):
+                if primed.jobs[ji].discard:
+                    out = _discarded(out)
                 idx = ji * n + out.index
                 first = idx not in states
                 st = states.setdefault(idx, ChoiceState())
