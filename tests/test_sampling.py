@@ -1,0 +1,148 @@
+"""Sampler on synthetic logits: each parameter per row, seeds independent of the batch, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from server.sampling import Sampler, SampleRow, SamplingParams
+
+V = 32
+
+
+def logits_rows(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def row(params: SamplingParams, tokens=(5, 6), num_prompt=1, gen=None) -> SampleRow:
+    return SampleRow(params, list(tokens), num_prompt, gen)
+
+
+def test_greedy_and_top_k_one_are_argmax():
+    z = logits_rows(3)
+    ids, lps = Sampler(seed=0).sample(
+        z.clone(),
+        [
+            row(SamplingParams(temperature=0)),
+            row(SamplingParams(top_k=1)),
+            row(SamplingParams(temperature=0)),
+        ],
+    )
+    assert ids == z.argmax(-1).tolist()
+    assert lps == [None, None, None]
+
+
+def test_top_k_top_p_min_p_restrict_support():
+    z = torch.tensor([[4.0, 3.0, 2.0, 1.0] + [-10.0] * (V - 4)])
+    s = Sampler(seed=0)
+    cases = {
+        SamplingParams(temperature=1.0, top_k=2): {0, 1},
+        SamplingParams(temperature=1.0, top_p=0.5): {0},  # p(top) ≈ 0.64 ≥ 0.5
+        SamplingParams(temperature=1.0, top_p=0.9): {0, 1, 2},  # 0.64 + 0.24 < 0.9
+        SamplingParams(temperature=1.0, min_p=0.3): {0, 1},  # e^-1 ≈ 0.37 ≥ 0.3, e^-2 < 0.3
+    }
+    for params, allowed in cases.items():
+        seen = set()
+        for _ in range(200):
+            ids, _ = s.sample(z.clone(), [row(params)])
+            seen.add(ids[0])
+        assert seen == allowed, params
+
+
+def test_gumbel_max_matches_softmax_distribution():
+    z = torch.tensor([[1.0, 0.0, -1.0, 0.5] + [-30.0] * (V - 4)])
+    s = Sampler(seed=1)
+    params = SamplingParams(temperature=0.7)
+    draws = 4000
+    batch = z.repeat(draws, 1)
+    ids, _ = s.sample(batch, [row(params)] * draws)
+    freq = torch.bincount(torch.tensor(ids), minlength=V)[:4].float() / draws
+    expected = torch.softmax(z[0] / 0.7, -1)[:4]
+    assert torch.allclose(freq, expected, atol=0.03)
+
+
+def test_seeded_row_ignores_batch_composition():
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=42)
+    z = logits_rows(5, seed=3)
+    s = Sampler(seed=0)
+
+    def draw_sequence(make_batch) -> list[int]:
+        g = s.make_generator(42)
+        out = []
+        for step in range(20):
+            zs, rows, at = make_batch(step, g)
+            out.append(s.sample(zs, rows)[0][at])
+        return out
+
+    alone = draw_sequence(lambda step, g: (z[2:3].clone(), [row(params, gen=g)], 0))
+    crowd = draw_sequence(
+        lambda step, g: (
+            z.clone(),
+            [row(SamplingParams(temperature=1.0))] * 2
+            + [row(params, gen=g)]
+            + [row(SamplingParams(seed=7))] * 2,
+            2,
+        )
+    )
+    assert alone == crowd
+    assert len(set(alone)) > 1
+
+
+def test_logit_bias_and_penalties():
+    z = torch.zeros(1, V)
+    z[0, 3] = 2.0
+    s = Sampler(seed=0)
+    ids, _ = s.sample(z.clone(), [row(SamplingParams(temperature=0, logit_bias=((9, 5.0),)))])
+    assert ids == [9]
+    # token 3 appeared in the output: frequency/presence push it below 0; repetition divides it
+    for params in (
+        SamplingParams(temperature=0, frequency_penalty=1.5),
+        SamplingParams(temperature=0, presence_penalty=2.5),
+        SamplingParams(temperature=0, repetition_penalty=100.0),
+    ):
+        zz = z.clone()
+        zz[0, 4] = 0.5
+        ids, _ = s.sample(zz, [row(params, tokens=(1, 3, 3), num_prompt=1)])
+        assert ids == [4], params
+    # presence/frequency only look at generated tokens; repetition also at the prompt
+    ids, _ = s.sample(
+        z.clone(), [row(SamplingParams(temperature=0, frequency_penalty=5.0), tokens=(3,), num_prompt=1)]
+    )
+    assert ids == [3]
+
+
+def test_logprobs_only_when_asked_and_exact():
+    z = logits_rows(2, seed=5)
+    ids, lps = Sampler(seed=0).sample(
+        z.clone(), [row(SamplingParams(temperature=0, logprobs=3)), row(SamplingParams(temperature=0))]
+    )
+    ref = torch.log_softmax(z[0], -1)
+    assert lps[1] is None
+    lp = lps[0]
+    assert lp.token_id == ids[0] and math.isclose(lp.logprob, float(ref[ids[0]]), abs_tol=1e-5)
+    top = ref.topk(3)
+    assert [t for t, _ in lp.top] == top.indices.tolist()
+    assert all(math.isclose(a, float(b), abs_tol=1e-5) for (_, a), b in zip(lp.top, top.values))
+
+
+def test_can_skip_scale_only_for_plain_greedy():
+    assert Sampler.can_skip_scale([row(SamplingParams(temperature=0))])
+    for p in (
+        SamplingParams(temperature=0.5),
+        SamplingParams(temperature=0, logprobs=0),
+        SamplingParams(temperature=0, repetition_penalty=1.2),
+        SamplingParams(temperature=0, logit_bias=((1, 1.0),)),
+    ):
+        assert not Sampler.can_skip_scale([row(SamplingParams(temperature=0)), row(p)])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(n=0), dict(min_p=2), dict(temperature=math.nan),
+     dict(logit_bias=((V + 5, 1.0),))],
+)  # fmt: skip
+def test_validate_rejects(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad).validate(V)
