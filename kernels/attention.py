@@ -19,7 +19,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from kernels.batch import PagedBatch  # noqa: E402
-from kernels.norm_linear import mma  # noqa: E402
+from kernels.norm_linear import cast, mma  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634
@@ -105,7 +105,7 @@ def _decode_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = mma(acc * alpha[:, None], p.to(v.dtype), v, UPCAST, IEEE)
+        acc = mma(acc * alpha[:, None], cast(p, v.dtype), v, UPCAST, IEEE)
         m_i = m_new
     out_mask = g_mask[:, None] & d_mask[None, :]
     if SPLIT:
@@ -117,7 +117,7 @@ def _decode_kernel(
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(
             o_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
-            o.to(o_ptr.dtype.element_ty),
+            cast(o, o_ptr.dtype.element_ty),
             mask=out_mask,
         )
 
@@ -151,7 +151,7 @@ def _decode_reduce_kernel(
         po_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None] & (d[None, :] < D), other=0.0
     )
     o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(o_ptr + b * stride_ot + h * stride_oh + d, o.to(o_ptr.dtype.element_ty), mask=d < D)
+    tl.store(o_ptr + b * stride_ot + h * stride_oh + d, cast(o, o_ptr.dtype.element_ty), mask=d < D)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -282,7 +282,7 @@ def _prefill_block(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = mma(acc * alpha[:, None], p.to(v.dtype), v, UPCAST, IEEE)
+        acc = mma(acc * alpha[:, None], cast(p, v.dtype), v, UPCAST, IEEE)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -353,7 +353,7 @@ def _prefill_kernel(
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(
             o_ptr + tok_rows[:, None] * stride_ot + h * stride_oh + d[None, :],
-            o.to(o_ptr.dtype.element_ty),
+            cast(o, o_ptr.dtype.element_ty),
             mask=r_mask[:, None] & d_mask[None, :],
         )
 

@@ -33,6 +33,19 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+_ROUND_FIX = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast(x, ty: tl.constexpr):
+    """x.to(ty), rounding to nearest even also in the interpreter (whose fp32 -> bf16 cast truncates)."""
+    if _ROUND_FIX and ty == tl.bfloat16:
+        b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(ty)
+
+
 @triton.jit
 def mma(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """acc += a @ b in fp32. UPCAST works around the interpreter's broken bf16 dot; IEEE keeps fp32 exact."""
@@ -183,7 +196,7 @@ def _linear_kernel(
         acc += res.to(tl.float32)
     if GATE_UP:
         acc = silu(acc) * acc_u
-    y = acc.to(y_ptr.dtype.element_ty)
+    y = cast(acc, y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
     if WANT_STATS:
         yf = tl.where(mask, y.to(tl.float32), 0.0)
@@ -411,7 +424,7 @@ def _silu_mul_kernel(
     gu_ptr,
     out_ptr,
     stats_ptr,
-    I,
+    n_half,
     P,
     stride_g,
     stride_o,
@@ -424,9 +437,9 @@ def _silu_mul_kernel(
 ):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < I
+    mask = offs < n_half
     g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * stride_g + I + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_g + n_half + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         ss = tl.zeros([BLOCK_P], dtype=tl.float32)
         for p0 in range(0, P, BLOCK_P):
@@ -436,7 +449,7 @@ def _silu_mul_kernel(
         g = g * r
         u = u * r
     y = silu(g) * u
-    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_o + offs, cast(y, out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_mul(
@@ -514,7 +527,7 @@ def _row_epilogue_kernel(
             v += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             v += tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        o = v.to(out_ptr.dtype.element_ty)
+        o = cast(v, out_ptr.dtype.element_ty)
         tl.store(out_ptr + row * stride_o + offs, o, mask=mask)
         if WANT_STATS:
             of = tl.where(mask, o.to(tl.float32), 0.0)

@@ -16,6 +16,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from kernels.norm_linear import cast  # noqa: E402
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -54,9 +56,8 @@ def _norm_kernel(
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RES:
-        x = (
-            x.to(tl.float32) + tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        ).to(h_ptr.dtype.element_ty)
+        res = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = cast(x.to(tl.float32) + res.to(tl.float32), h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * stride_h + offs, x, mask=mask)
     xf = x.to(tl.float32)
     if LAYER:
@@ -68,7 +69,7 @@ def _norm_kernel(
         y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_B:
         y = y + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * stride_y + offs, cast(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 def _norm(x, residual, weight, bias, eps, layer):

@@ -18,6 +18,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from kernels.norm_linear import cast  # noqa: E402
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -67,7 +69,6 @@ def _rotate_store(
     r,
     bias_ptr,
     n_heads,
-    head_mask_extra,
     D: tl.constexpr,
     HALF: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -77,7 +78,7 @@ def _rotate_store(
     """Rotate n_heads heads at src (head stride D) and store them at dst (head stride D)."""
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
-    mask = (h[:, None] < n_heads) & (d[None, :] < HALF) & head_mask_extra
+    mask = (h[:, None] < n_heads) & (d[None, :] < HALF)
     off = h[:, None] * D + d[None, :]
     a = tl.load(src + off, mask=mask, other=0.0).to(tl.float32) * r
     b = tl.load(src + off + HALF, mask=mask, other=0.0).to(tl.float32) * r
@@ -85,8 +86,8 @@ def _rotate_store(
         a += tl.load(bias_ptr + off, mask=mask, other=0.0).to(tl.float32)
         b += tl.load(bias_ptr + off + HALF, mask=mask, other=0.0).to(tl.float32)
     ty = dst.dtype.element_ty
-    tl.store(dst + off, (a * cos[None, :] - b * sin[None, :]).to(ty), mask=mask)
-    tl.store(dst + off + HALF, (b * cos[None, :] + a * sin[None, :]).to(ty), mask=mask)
+    tl.store(dst + off, cast(a * cos[None, :] - b * sin[None, :], ty), mask=mask)
+    tl.store(dst + off + HALF, cast(b * cos[None, :] + a * sin[None, :], ty), mask=mask)
 
 
 @triton.jit
@@ -141,7 +142,6 @@ def _rope_kv_kernel(
         r,
         bias_ptr,
         HQ,
-        True,
         D,
         HALF,
         HAS_BIAS,
@@ -158,8 +158,7 @@ def _rope_kv_kernel(
         sin,
         r,
         bias_ptr + HQ * D,
-        HK,
-        keep,
+        tl.where(keep, HK, 0),  # a negative slot writes nothing
         D,
         HALF,
         HAS_BIAS,
@@ -168,12 +167,12 @@ def _rope_kv_kernel(
     )
     h = tl.arange(0, BLOCK_HK)
     dd = tl.arange(0, BLOCK_D)
-    vmask = (h[:, None] < HK) & (dd[None, :] < D) & keep
+    vmask = (h[:, None] < tl.where(keep, HK, 0)) & (dd[None, :] < D)
     off = h[:, None] * D + dd[None, :]
     v = tl.load(row + (HQ + HK) * D + off, mask=vmask, other=0.0).to(tl.float32) * r
     if HAS_BIAS:
         v += tl.load(bias_ptr + (HQ + HK) * D + off, mask=vmask, other=0.0).to(tl.float32)
-    tl.store(v_cache_ptr + slot_c * stride_slot + off, v.to(v_cache_ptr.dtype.element_ty), mask=vmask)
+    tl.store(v_cache_ptr + slot_c * stride_slot + off, cast(v, v_cache_ptr.dtype.element_ty), mask=vmask)
 
 
 def rope_kv_write(

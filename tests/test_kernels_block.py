@@ -1,0 +1,133 @@
+"""Whole decoder blocks through the Backend seam: Triton fused vs Triton off vs the torch reference.
+
+One layer (a whole block), embedding → blocks → final norm → LM head, for a prefill step (ragged prompts, one with
+a cached prefix) followed by a decode step, on the decode (Triton GEMM) and prefill (cuBLAS +
+consumer kernels) paths alike.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.backend import TorchBackend
+from kernels.rope_kv import rope_cos_sin
+from kernels.triton_backend import TritonBackend
+from tests.test_kernels_attention import random_batch
+from tests.test_kernels_common import DEVICE, DTYPES, check, poison_outputs, rand  # noqa: F401
+
+HQ, HK, D, HIDDEN, INTER, VOCAB, LAYERS, EPS = 4, 2, 12, 48, 72, 50, 1, 1e-5
+BS, NB = 16, 24
+
+
+def make_weights(dtype):
+    def w(n, k):
+        return rand(n, k, dtype=dtype, scale=k**-0.5)
+
+    layers = [
+        dict(
+            qkv=w((HQ + 2 * HK) * D, HIDDEN),
+            b_qkv=rand((HQ + 2 * HK) * D, dtype=dtype, scale=0.1),
+            o=w(HIDDEN, HQ * D),
+            gate_up=w(2 * INTER, HIDDEN),
+            down=w(HIDDEN, INTER),
+        )
+        for _ in range(LAYERS)
+    ]
+    return dict(embed=rand(VOCAB, HIDDEN, dtype=dtype), layers=layers, lm_head=w(VOCAB, HIDDEN))
+
+
+def forward(be, weights, ids, positions, batch, caches, cos_sin, fused):
+    """models/decoder.py's block structure, written out against the Backend protocol."""
+    h, stats = be.embedding(ids, weights["embed"], fused)
+    for i, layer in enumerate(weights["layers"]):
+        k_cache, v_cache = caches[i]
+        x, st = (h, stats) if fused else (be.rmsnorm(h, EPS), None)
+        q = be.attn_input(x, st, layer["qkv"], layer["b_qkv"], positions, cos_sin, k_cache, v_cache,
+                          batch.slot_mapping, HQ, HK, D, EPS)  # fmt: skip
+        o = be.attention(q, k_cache, v_cache, batch, D**-0.5)
+        h, stats = be.linear(o.reshape(o.shape[0], -1), layer["o"], residual=h, want_stats=fused)
+        x, st = (h, stats) if fused else (be.rmsnorm(h, EPS), None)
+        act = be.mlp_input(x, st, layer["gate_up"], EPS)
+        h, stats = be.linear(act, layer["down"], residual=h, want_stats=fused)
+    if fused:
+        return be.linear(h, weights["lm_head"], row_stats=stats, eps=EPS)[0]
+    return be.linear(be.rmsnorm(h, EPS), weights["lm_head"])[0]
+
+
+def steps(seed_lens):
+    """A prefill step (prompts of given lengths; the last one after 7 cached tokens) then a decode step."""
+    q_lens = list(seed_lens)
+    ctx = list(seed_lens)
+    ctx[-1] += 7
+    prefill = random_batch(q_lens, ctx, NB, spare=1)
+    decode = _next_decode(prefill)
+    return prefill, decode
+
+
+def _next_decode(prev):
+    """The step after `prev`: one new token per sequence, same blocks (prefixes fit the tables)."""
+    from kernels.batch import PagedBatch
+
+    ctx = prev.context_lens + 1
+    slots = []
+    for i, c in enumerate(ctx.tolist()):
+        pos = c - 1
+        slots.append(int(prev.block_tables[i, pos // BS]) * BS + pos % BS)
+    n = len(slots)
+    return PagedBatch(
+        query_start=torch.arange(n + 1, dtype=torch.int32),
+        context_lens=ctx.to(torch.int32),
+        block_tables=prev.block_tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        max_query_len=1,
+        max_context_len=int(ctx.max()),
+        block_size=BS,
+    )
+
+
+def positions_of(batch):
+    out = []
+    qs, ctx = batch.query_start.tolist(), batch.context_lens.tolist()
+    for i, c in enumerate(ctx):
+        n = qs[i + 1] - qs[i]
+        out += list(range(c - n, c))
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def run(be, weights, dtype, fused, prefill, decode, prefix_cache, cos_sin, ids, dev):
+    caches = [(k.clone(), v.clone()) for k, v in prefix_cache]
+    outs = []
+    for batch, tok in ((prefill, ids[0]), (decode, ids[1])):
+        b = batch.to(dev)
+        outs.append(forward(be, weights, tok.to(dev), positions_of(batch).to(dev), b, caches, cos_sin, fused))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("small_m_max", [64, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_fused_vs_off_vs_reference(dtype, small_m_max):
+    prefill, decode = steps([5, 1, 9])
+    ids = (torch.randint(0, VOCAB, (int(prefill.query_start[-1]),)), torch.randint(0, VOCAB, (3,)))
+    weights = make_weights(dtype)
+    cos_sin = rope_cos_sin(64, D, 10000.0, device=DEVICE)
+    prefix_cache = [
+        (rand(NB, BS, HK, D, dtype=dtype), rand(NB, BS, HK, D, dtype=dtype)) for _ in range(LAYERS)
+    ]
+
+    def cpu64(t):
+        return t.detach().cpu().double()
+
+    w64 = {
+        "embed": cpu64(weights["embed"]),
+        "lm_head": cpu64(weights["lm_head"]),
+        "layers": [{k: cpu64(v) for k, v in layer.items()} for layer in weights["layers"]],
+    }
+    want = run(TorchBackend(), w64, torch.float64, False, prefill, decode,
+               [(cpu64(k), cpu64(v)) for k, v in prefix_cache], cos_sin.cpu(), ids, "cpu")  # fmt: skip
+    be = TritonBackend(small_m_max=small_m_max)
+    fused = run(be, weights, dtype, True, prefill, decode, prefix_cache, cos_sin, ids, DEVICE)
+    off = run(be, weights, dtype, False, prefill, decode, prefix_cache, cos_sin, ids, DEVICE)
+    check(fused, want, dtype)
+    check(off, want, dtype)
+    check(fused, off, dtype)
