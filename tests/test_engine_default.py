@@ -1,0 +1,117 @@
+"""The engine on the default model (SmolLM2-135M, real tokenizer): invariance, fusion switching, stop strings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.decoder import Decoder
+from models.tokenizer import Tokenizer
+from server.engine import EngineConfig, LLMEngine, SamplingParams
+
+TEXTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "1, 2, 3, 4,",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village at the edge of a dark forest, there lived",
+    "Q: What is the boiling point of water?\nA:",
+    "Hello",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "List three colors:",
+    "In 1969, the first humans",
+    "Translate to French: good morning",
+    "import numpy as np\nx = np.",
+    "My favourite food is",
+    "The theory of relativity, developed by Albert Einstein in the early twentieth century, says that",
+    "Rain",
+    "Step 1: preheat the oven. Step 2:",
+]
+
+
+@pytest.fixture(scope="module")
+def default(default_model_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steadier than 2 threads on a shared 2-core runner
+    yield (
+        default_model_dir,
+        Decoder.from_pretrained(default_model_dir, progress=False),
+        Tokenizer(default_model_dir),
+    )
+    torch.set_num_threads(threads)
+
+
+def engine(default, **kw) -> LLMEngine:
+    path, dec, tok = default
+    kw.setdefault("num_kv_blocks", 256)
+    kw.setdefault("layer_timing_every", 0)
+    return LLMEngine(EngineConfig(model_dir=str(path), **kw), decoder=dec, tokenizer=tok)
+
+
+def encode(default, texts):
+    tok = default[2]
+    return [tok.encode(t) for t in texts]
+
+
+def test_batch_invariance_16_greedy_default(default):
+    ps = encode(default, TEXTS)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    eng = engine(default, enable_prefix_caching=False)
+    together = [o[0].token_ids for o in eng.generate(ps, params)]
+    alone = [eng.generate([p], params)[0][0].token_ids for p in ps]
+    assert together == alone
+
+
+def test_fusion_switch_mid_generation_keeps_greedy_text(default):
+    ps = encode(default, TEXTS[:4])
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    reference = [o[0].token_ids for o in engine(default, fusion="on").generate(ps, params)]
+    eng = engine(default, fusion="on", layer_timing_every=3)
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), p, params)
+    got: dict[str, list[int]] = {str(i): [] for i in range(len(ps))}
+    modes = ["off", "ab", "on", "ab", "off"]
+    while eng.has_unfinished():
+        for out in eng.step():
+            got[out.request_id] += out.token_ids
+        if eng.num_steps % 2 == 0 and modes:
+            eng.fusion.set_mode(modes.pop(0))
+    assert [got[str(i)] for i in range(len(ps))] == reference
+    summary = eng.fusion.summary()
+    assert {"on", "off"} <= set(summary["steps"])
+
+
+def test_stop_strings_across_token_boundaries(default):
+    _, _, tok = default
+    prompt = encode(
+        default, ["Once upon a time, in a small village at the edge of a dark forest, there lived"]
+    )[0]
+    plain = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    eng = engine(default)
+    full = eng.generate([prompt], plain)[0][0]
+    pieces = [tok.decode([t]) for t in full.token_ids]
+    assert "".join(pieces) == full.text
+    k = next(i for i in range(len(pieces) - 2) if len(pieces[i].strip()) >= 2 and len(pieces[i + 1]) >= 2)
+    stop = pieces[k][-2:] + pieces[k + 1] + pieces[k + 2][:1]  # spans three tokens
+    expected = full.text[: full.text.find(stop)]
+
+    eng.add_request("s", prompt, SamplingParams(**{**plain.__dict__, "stop": ("never-there", stop)}))
+    deltas = []
+    while eng.has_unfinished():
+        deltas += eng.step()
+    text = "".join(d.text for d in deltas)
+    assert text == expected and stop not in text
+    assert deltas[-1].finished and deltas[-1].finish_reason == "stop"
+    assert sum(len(d.token_ids) for d in deltas) < len(full.token_ids)
+    assert eng.blocks.check_all_free()
+
+
+def test_eos_ends_generation(default):
+    _, _, tok = default
+    chat = tok.apply_chat_template([{"role": "user", "content": "Say hi."}])
+    out = engine(default).generate(
+        [tok.encode(chat, add_special_tokens=False)], SamplingParams(max_tokens=64, temperature=0)
+    )
+    choice = out[0][0]
+    assert choice.finish_reason == "stop" and choice.token_ids[-1] in tok.eos_token_ids
+    assert choice.text and "<|im_end|>" not in choice.text
