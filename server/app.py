@@ -514,6 +514,7 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
+        refresh_gauges()
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
@@ -530,6 +531,17 @@ def create_app(
         metrics.set_fusion_mode(req.mode)
         log.info("fusion mode set to %s", req.mode)
         return fusion_state()
+
+    def refresh_gauges() -> None:
+        """Queue and KV gauges read at scrape time: the engine sets them after each step, but an
+        abort that leaves the engine idle has no step after it, and a stale 'running 1' would page
+        someone. stats() only reads counters, so calling it from this thread is safe."""
+        try:
+            st = engine.stats()
+            metrics.set_queue(st.running, st.waiting)
+            metrics.set_kv_usage(st.kv_usage)
+        except Exception:  # a scrape must never fail because of the engine
+            log.debug("engine.stats() failed", exc_info=True)
 
     def fusion_state() -> dict[str, Any]:
         return {"mode": engine.fusion.mode, "summary": engine.fusion.summary()}

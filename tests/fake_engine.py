@@ -135,6 +135,11 @@ class FakeEngine:
     def begin_drain(self) -> None:
         self.draining = True
 
+    def stats(self) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(running=len(self.running), waiting=0, kv_usage=len(self.running) / 100)
+
     async def wait_idle(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout

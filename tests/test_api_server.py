@@ -291,6 +291,28 @@ def test_32_streams_half_disconnect(srv: Server, http: httpx.Client) -> None:
     assert vals[("fusionserve_aborts_total", ())] >= 16
 
 
+def test_non_streaming_disconnect_aborts(srv: Server, http: httpx.Client) -> None:
+    """A non-streaming client that gives up must free the engine long before max_tokens is reached."""
+    aborts0 = metric_values(http.get("/metrics").text)[("fusionserve_aborts_total", ())]
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/completions", json=body, timeout=1.5)
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        vals = metric_values(http.get("/metrics").text)
+        if (
+            vals[("fusionserve_requests_running", ())] == 0
+            and vals[("fusionserve_aborts_total", ())] > aborts0
+        ):
+            break
+        time.sleep(0.1)
+    assert vals[("fusionserve_requests_running", ())] == 0
+    assert vals[("fusionserve_kv_cache_usage_ratio", ())] == 0
+    assert vals[("fusionserve_aborts_total", ())] == aborts0 + 1
+    reqs = vals[("fusionserve_requests_total", (("endpoint", "/v1/completions"), ("status", "499")))]
+    assert reqs >= 1
+
+
 def test_metrics_scrape_has_both_fusion_paths(http: httpx.Client) -> None:
     text = http.get("/metrics").text
     fams = {f.name: f for f in text_string_to_metric_families(text)}
