@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -65,9 +65,18 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=None)
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+def _json_number(v: Any) -> Any:
+    """Numbers must be JSON numbers: pydantic's lax mode would take true or "0.5" as floats."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError("must be a number")
+    return v
+
+
+Number = Annotated[float, BeforeValidator(_json_number)]
+Temperature = Annotated[Number, Field(ge=0.0, le=2.0)]
+TopP = Annotated[Number, Field(gt=0.0, le=1.0)]
+Penalty = Annotated[Number, Field(ge=-2.0, le=2.0)]
 Count = Annotated[StrictInt, Field(ge=1, le=MAX_N)]
 Seed = Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)]
 
@@ -93,7 +102,7 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     presence_penalty: Penalty | None = 0.0
     frequency_penalty: Penalty | None = 0.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: dict[str, Annotated[Number, Field(ge=-100.0, le=100.0)]] | None = None
     seed: Seed | None = None
     user: str | None = None
     # Declared by OpenAI, harmless to ignore for a single-tenant text server.
@@ -102,8 +111,8 @@ class _SamplingFields(BaseModel):
     service_tier: str | None = None
     # vLLM extras.
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
+    min_p: Annotated[Number, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0.0, le=100.0)] | None = None
     ignore_eos: StrictBool | None = False
     min_tokens: Annotated[StrictInt, Field(ge=0, le=0)] | None = None  # only 0 (the default) is supported
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None

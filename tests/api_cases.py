@@ -45,6 +45,8 @@ def bad_cases(model: str, vocab_size: int, max_model_len: int, max_body_bytes: i
         BadCase("-Infinity penalty", c, raw=json.dumps(cp()).encode()[:-1] + b', "presence_penalty": -Infinity}'),
         BadCase("temperature < 0", c, cp(temperature=-0.5)),
         BadCase("temperature > 2", ch, chp(temperature=2.5)),
+        BadCase("temperature string", c, cp(temperature="0.5")),
+        BadCase("temperature bool", ch, chp(temperature=True)),
         BadCase("top_p = 0", c, cp(top_p=0)),
         BadCase("top_p > 1", ch, chp(top_p=1.5)),
         BadCase("n = 0", c, cp(n=0)),
