@@ -374,9 +374,8 @@ class LLMEngine:
         phase = "decode" if plan.is_decode else "prefill"
         t0 = time.perf_counter()
 
-        want_prompt = [
-            s.data.request.prompt_lps is not None and s.num_computed < s.num_prompt for s, _ in plan.items
-        ]
+        want_prompt = [self._wants_prompt_rows(s) for s, _ in plan.items]
+        starts = [s.num_computed for s, _ in plan.items]
         inputs = self.runner.prepare(plan.items, want_prompt)
         hidden = self.runner.forward(inputs, fused, timer)
         self.scheduler.advance(plan)
@@ -398,9 +397,9 @@ class LLMEngine:
         scaled = not fused or any(want_prompt) or not Sampler.can_skip_scale(sample_rows)
         logits = self.runner.logits(hidden, scaled=scaled)
         token_ids, lps = self.sampler.sample(logits[src], sample_rows) if rows else ([], [])
-        for (seq, _), span in zip(plan.items, inputs.prompt_index):
+        for (seq, _), span, start in zip(plan.items, inputs.prompt_index, starts):
             if span is not None:
-                self._add_prompt_logprobs(seq, logits[span[0] : span[0] + span[1]], span[1])
+                self._add_prompt_logprobs(seq, logits[span[0] : span[0] + span[1]], start)
         self.runner.synchronize()
         elapsed = time.perf_counter() - t0
         self._observe_step(fused, phase, elapsed, timer)
@@ -439,13 +438,26 @@ class LLMEngine:
         leader.pending_forks = 0
         return children
 
-    def _add_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, count: int) -> None:
+    @staticmethod
+    def _wants_prompt_rows(seq: Sequence) -> bool:
+        """The leader of a prompt_logprobs request whose prompt rows are not all scored yet."""
         req: _Request = seq.data.request
-        if seq is not req.seqs[0] or req.prompt_lps is None or len(req.prompt_lps) >= seq.num_prompt:
+        return (
+            req.prompt_lps is not None
+            and seq is req.seqs[0]
+            and seq.num_computed < seq.num_prompt - 1
+            and len(req.prompt_lps) < seq.num_prompt
+        )
+
+    def _add_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
+        """Rows at positions start.. predict prompt tokens start+1..; keep those not scored yet
+        (a sequence recomputed after preemption scores its prompt again)."""
+        lps: list = seq.data.request.prompt_lps
+        skip = len(lps) - (start + 1)
+        if skip < 0 or skip >= logits.shape[0]:
             return
-        start = len(req.prompt_lps)  # rows predict prompt tokens start .. start+count-1
-        next_ids = seq.tokens[start : start + count]
-        req.prompt_lps.extend(prompt_logprobs(logits, next_ids, req.params.prompt_logprobs or 0))
+        next_ids = seq.tokens[len(lps) : start + 1 + logits.shape[0]]
+        lps.extend(prompt_logprobs(logits[skip:], next_ids, seq.data.request.params.prompt_logprobs or 0))
 
     def _on_token(self, seq: Sequence, tok: int, lp: TokenLogprob | None, now: float) -> None:
         """Account one new token: metrics, stop conditions, detokenized text."""

@@ -68,6 +68,20 @@ def test_preemption_gives_roomy_outputs(tiny):
     assert tight.blocks.check_all_free()
 
 
+def test_prompt_logprobs_survive_preemption(tiny):
+    ps = prompts(6, lo=20, hi=40, seed=11)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    roomy = engine(tiny).generate(ps, params)
+    tight_engine = engine(tiny, num_kv_blocks=6, max_num_batched_tokens=16)
+    tight = tight_engine.generate(ps, params)
+    assert tight_engine.stats().preemptions > 0
+    for (a,), (b,), p in zip(roomy, tight, ps):
+        assert a.token_ids == b.token_ids
+        assert len(a.prompt_logprobs) == len(b.prompt_logprobs) == len(p)
+        for x, y, tok in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], p[1:]):
+            assert x.token_id == y.token_id == tok and abs(x.logprob - y.logprob) < 1e-4
+
+
 def test_random_submit_abort_interleavings_free_everything(tiny):
     rng = random.Random(2)
     eng = engine(tiny, num_kv_blocks=16, max_num_seqs=8, max_num_batched_tokens=32)
