@@ -1,0 +1,401 @@
+"""Per-token decode latency on the GPU: fusionserve fused vs off vs gpt-fast vs HF transformers vs the roofline.
+
+Random bf16 weights of the real shapes are generated on the device (no
+download). Our step is the product's own CUDA-graph replay (server/cuda_graphs.py)
+of forward + LM head; every sequence in the batch sits at the same context
+length, its KV cache filled with random values. gpt-fast's model.py (brought
+with the search tool's `fetch`, never committed) runs compiled with
+mode="reduce-overhead" on the same shapes; transformers runs eager with a
+DynamicCache kept at the same length.
+
+    python bench/decode.py --models 8b,135m --batches 1,8,32,64 --contexts 512,4096 \
+        [--gptfast .gptfast/gptfast_model.py] [--hf] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import environment, markdown_table, write_results  # noqa: E402
+from kernels.backend import select_backend  # noqa: E402
+from kernels.batch import PagedBatch  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from models.decoder import Decoder  # noqa: E402
+from models.loader import LayerWeights, ModelWeights  # noqa: E402
+from server.cuda_graphs import DecodeGraphs  # noqa: E402
+
+LLAMA31_ROPE = {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}  # fmt: skip
+ARCHS = {
+    "8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE,
+        max_position_embeddings=131072,
+    ),
+    "135m": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+GPTFAST_ARGS = {
+    "8b": dict(block_size=131072, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336,
+               vocab_size=128256, rope_base=500000, rope_scaling=dict(factor=8.0, low_freq_factor=1.0,
+               high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "135m": dict(block_size=8192, n_layer=30, n_head=9, n_local_heads=3, dim=576, intermediate_size=1536,
+                 vocab_size=49152, rope_base=100000),
+}  # fmt: skip
+
+
+def config_of(name: str) -> ModelConfig:
+    return ModelConfig(architecture="LlamaForCausalLM", dtype=torch.bfloat16, **ARCHS[name])
+
+
+def random_weights(cfg: ModelConfig, device: str = "cuda") -> ModelWeights:
+    """Weights with the real shapes and a realistic scale (so activations stay O(1))."""
+    h, d, i_ = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+
+    def w(n: int, k: int) -> torch.Tensor:
+        return torch.randn(n, k, device=device, dtype=torch.bfloat16) * k**-0.5
+
+    layers = [
+        LayerWeights(
+            w_qkv=w(qkv, h), b_qkv=None, w_o=w(h, cfg.num_heads * d), w_gate_up=w(2 * i_, h), w_down=w(h, i_)
+        )
+        for _ in range(cfg.num_layers)
+    ]
+    return ModelWeights(embed=w(cfg.vocab_size, h), layers=layers, lm_head=w(cfg.vocab_size, h))
+
+
+def weight_bytes(cfg: ModelConfig) -> int:
+    h, d, i_ = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    per_layer = (cfg.num_heads + 2 * cfg.num_kv_heads) * d * h + h * cfg.num_heads * d + 3 * i_ * h
+    return 2 * (cfg.num_layers * per_layer + cfg.vocab_size * h)
+
+
+def kv_bytes(cfg: ModelConfig, batch: int, ctx: int) -> int:
+    return 2 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * batch * ctx
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device bandwidth, bytes read + written per second."""
+    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * 2 * 1024**3 / statistics.median(times[2:])
+
+
+def time_fn(fn, inner: int = 20, outer: int = 15) -> float:
+    """Median over `outer` samples of the mean time of `inner` back-to-back calls (seconds)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(outer):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(inner):
+            fn()
+        e.record()
+        e.synchronize()
+        samples.append(s.elapsed_time(e) / 1e3 / inner)
+    return statistics.median(samples)
+
+
+def decode_batch(batch: int, ctx: int, block_size: int) -> tuple[PagedBatch, torch.Tensor, torch.Tensor]:
+    """B sequences at context `ctx`, each with its own consecutive blocks, adding token number ctx."""
+    per_seq = -(-(ctx + 1) // block_size)
+    tables = torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq)
+    slots = (tables[:, ctx // block_size].long() * block_size + ctx % block_size).contiguous()
+    pb = PagedBatch(
+        query_start=torch.arange(batch + 1, dtype=torch.int32), context_lens=torch.full((batch,), ctx + 1, dtype=torch.int32),
+        block_tables=tables, slot_mapping=slots, max_query_len=1, max_context_len=ctx + 1, block_size=block_size,
+    )  # fmt: skip
+    return (
+        pb.to("cuda"),
+        torch.randint(0, 1000, (batch,), device="cuda"),
+        torch.full((batch,), ctx, device="cuda"),
+    )
+
+
+def bench_ours(name: str, batches: list[int], contexts: list[int], results: list[dict], bw: float) -> Decoder:
+    cfg = config_of(name)
+    max_len = max(contexts) + 16
+    model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=max_len)
+    for ctx in contexts:
+        for b in batches:
+            blocks = b * -(-(ctx + 1) // 16)
+            try:
+                kv = model.allocate_kv_cache(blocks, 16)
+            except torch.OutOfMemoryError:
+                results.append(dict(model=name, batch=b, ctx=ctx, engine="fusionserve", note="OOM"))
+                continue
+            for t in kv.k + kv.v:
+                t.normal_()
+            pb, ids, pos = decode_batch(b, ctx, 16)
+            graphs = DecodeGraphs(model, kv, max_batch=b, batch_sizes=(b,))
+            graphs.capture()
+            row = dict(model=name, batch=b, ctx=ctx)
+            for fused in (True, False, True, False):  # interleaved twice; keep the best of each
+                t = time_fn(lambda f=fused, g=graphs, i=ids, q=pos, bb=pb: g.run(i, q, bb, f))
+                key = "fused_ms" if fused else "off_ms"
+                row[key] = min(row.get(key, 1e9), t * 1e3)
+            roof = (weight_bytes(cfg) + kv_bytes(cfg, b, ctx)) / bw
+            row["roofline_ms"] = roof * 1e3
+            row["fused_gain_pct"] = 100 * (row["off_ms"] / row["fused_ms"] - 1)
+            row["fused_pct_of_roofline"] = 100 * row["roofline_ms"] / row["fused_ms"]
+            results.append(row)
+            print(row, flush=True)
+            graphs = kv = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    return model
+
+
+def profile_step(model: Decoder, name: str, fused: bool) -> dict:
+    """Eager batch-1 step under the torch profiler: kernels per step and time by category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kv = model.allocate_kv_cache(-(-513 // 16), 16)
+    pb, ids, pos = decode_batch(1, 512, 16)
+    graphs = DecodeGraphs(model, kv, max_batch=1, batch_sizes=(1,))
+    graphs.capture()
+    for _ in range(3):
+        graphs.run(ids, pos, pb, fused)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            graphs.run(ids, pos, pb, fused)
+        torch.cuda.synchronize()
+    cats = {"gemm": 0.0, "attention": 0.0, "norm": 0.0, "elementwise/other": 0.0}
+    kernels: dict[str, float] = {}
+    count = 0
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        count += 1
+        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        kernels[ev.name] = kernels.get(ev.name, 0.0) + us / 10
+        low = ev.name.lower()
+        if any(k in low for k in ("gemm", "gemv", "linear", "matmul", "sm90", "cutlass", "nvjet")):
+            cat = "gemm"
+        elif "attn" in low or "attention" in low:
+            cat = "attention"
+        elif "norm" in low or "stats" in low:
+            cat = "norm"
+        else:
+            cat = "elementwise/other"
+        cats[cat] += us / 10
+    top = sorted(kernels.items(), key=lambda kv_: -kv_[1])[:8]
+    graphs = kv = None
+    return dict(model=name, fused=fused, kernels_per_step=count / 10, category_us=cats, top_kernels_us=top)
+
+
+def bench_gptfast(path: str, name: str, batches: list[int], contexts: list[int], results: list[dict]) -> None:
+    spec = importlib.util.spec_from_file_location("gptfast_model", path)
+    gf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gf)
+    import torch._inductor.config as ind
+
+    ind.coordinate_descent_tuning = True
+    ind.triton.unique_kernel_names = True
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = gf.Transformer(gf.ModelArgs(**GPTFAST_ARGS[name])).eval()
+    torch.set_default_dtype(torch.float32)
+    for p in model.parameters():
+        p.data.normal_(0, p.shape[-1] ** -0.5)
+        if p.ndim == 1:
+            p.data.fill_(1.0)
+
+    def step(x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(model(x, input_pos)[:, -1], dim=-1)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for ctx in contexts:
+        for b in batches:
+            with torch.device("cuda"):
+                model.max_seq_length = -1
+                model.setup_caches(max_batch_size=b, max_seq_length=ctx + 8)
+            x = torch.randint(0, 1000, (b, 1), device="cuda")
+            input_pos = torch.tensor([ctx], device="cuda")
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for _ in range(3):
+                    compiled(x, input_pos)
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - t0
+                t = time_fn(lambda c=compiled, a=x, ip=input_pos: c(a, ip))
+            row = dict(
+                model=name, batch=b, ctx=ctx, engine="gpt-fast", gptfast_ms=t * 1e3, compile_s=compile_s
+            )
+            results.append(row)
+            print(row, flush=True)
+    model = compiled = None
+    torch._dynamo.reset()
+
+
+def bench_hf(name: str, cases: list[tuple[int, int]], results: list[dict]) -> None:
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    a = ARCHS[name]
+    cfg = LlamaConfig(
+        vocab_size=a["vocab_size"], hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
+        num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"], num_key_value_heads=a["num_kv_heads"],
+        head_dim=a["head_dim"], rope_theta=a["rope_theta"], max_position_embeddings=a["max_position_embeddings"],
+        tie_word_embeddings=a.get("tie_word_embeddings", False), rope_scaling=a.get("rope_scaling"),
+    )  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    for b, ctx in cases:
+        with torch.no_grad():
+            cache = DynamicCache(config=cfg)
+            model(
+                torch.randint(0, 1000, (b, ctx), device="cuda"),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            x = torch.randint(0, 1000, (b, 1), device="cuda")
+
+            def step(m=model, a=x, c=cache, n=ctx) -> None:
+                m(a, past_key_values=c, use_cache=True)
+                c.crop(n)
+
+            t = time_fn(step, inner=5, outer=7)
+        row = dict(model=name, batch=b, ctx=ctx, engine="hf-eager", hf_ms=t * 1e3)
+        results.append(row)
+        print(row, flush=True)
+        cache = None
+        torch.cuda.empty_cache()
+    model = None
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="135m,8b")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--contexts", default="512,4096")
+    ap.add_argument("--gptfast", default=None, help="path of gpt-fast's model.py")
+    ap.add_argument("--gptfast-batches", default="1")
+    ap.add_argument("--hf", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+    batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    results: list[dict] = []
+    profiles: list[dict] = []
+    for name in tqdm(args.models.split(","), desc="models"):
+        model = bench_ours(name, batches, contexts, results, bw)
+        if args.profile:
+            profiles += [profile_step(model, name, fused) for fused in (True, False)]
+            for p in profiles[-2:]:
+                print(p, flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        if args.gptfast:
+            try:
+                bench_gptfast(
+                    args.gptfast, name, [int(x) for x in args.gptfast_batches.split(",")], contexts, results
+                )
+            except Exception as exc:  # a peer failing must not lose our numbers
+                print(f"gpt-fast failed: {exc!r}", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        if args.hf:
+            cases = [(1, c) for c in contexts] + [(8, contexts[0])]
+            try:
+                bench_hf(name, cases, results)
+            except Exception as exc:
+                print(f"hf failed: {exc!r}", flush=True)
+    rows = []
+    for r in results:
+        if "fused_ms" not in r:
+            continue
+        peers = {k: v for x in results if x.get("model") == r["model"] and x.get("batch") == r["batch"] and x.get("ctx") == r["ctx"]
+                 for k, v in x.items() if k in ("gptfast_ms", "hf_ms")}  # fmt: skip
+        gf = peers.get("gptfast_ms")
+        rows.append([
+            r["model"], r["batch"], r["ctx"], r["fused_ms"], r["off_ms"], f"{r['fused_gain_pct']:+.1f}%",
+            gf if gf else "-", f"{gf / r['fused_ms']:.2f}x" if gf else "-", peers.get("hf_ms", "-"),
+            r["roofline_ms"], f"{r['fused_pct_of_roofline']:.0f}%",
+        ])  # fmt: skip
+    env = environment()
+    table = (
+        f"Decode latency per step (ms), {env.get('gpu')}, torch {env['torch']}, triton {env.get('triton')}, "
+        f"{env['date']}; copy bandwidth {bw / 1e12:.2f} TB/s; CUDA graphs; medians\n\n"
+        + markdown_table(
+            [
+                "model",
+                "batch",
+                "ctx",
+                "fused",
+                "off",
+                "fused gain",
+                "gpt-fast",
+                "vs gpt-fast",
+                "HF eager",
+                "roofline",
+                "% roofline",
+            ],
+            rows,
+        )  # fmt: skip
+    )
+    if profiles:
+        prow = [[p["model"], "on" if p["fused"] else "off", p["kernels_per_step"],
+                 *[round(p["category_us"][c], 1) for c in ("gemm", "attention", "norm", "elementwise/other")]]
+                for p in profiles]  # fmt: skip
+        table += (
+            "\n\nBatch-1 decode step profile (ctx 512, µs per step by kernel category)\n\n"
+            + markdown_table(
+                ["model", "fusion", "kernels/step", "gemm", "attention", "norm", "elementwise/other"], prow
+            )
+        )
+    payload = {"env": env, "copy_bandwidth": bw, "results": results, "profiles": profiles}
+    gpu = (env.get("gpu") or "gpu").split()[-1].lower()
+    write_results(f"decode_{gpu}", payload, table)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_results_to = Path(args.out)
+        (write_results_to / f"decode_{gpu}.md").write_text(table + "\n")
+        import json
+
+        (write_results_to / f"decode_{gpu}.json").write_text(json.dumps(payload, indent=2, default=str))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
