@@ -100,30 +100,26 @@ def _row_scale(
 
 
 @triton.jit
-def _linear_kernel(
-    x_ptr,
-    w_ptr,
+def _epilogue(
+    acc,
+    acc_u,
+    r,
+    mean,
+    offs_m,
+    offs_n,
+    offs_nc,
+    m_mask,
+    n_mask,
+    pid_n,
     y_ptr,
     bias_ptr,
     res_ptr,
-    stats_ptr,
-    sums_ptr,
     colsum_ptr,
     stats_out_ptr,
     sums_out_ptr,
-    M,
-    N,
-    K,
-    P,
-    stride_xm,
-    stride_wn,
     stride_ym,
     stride_rm,
-    stride_s,
-    stride_u,
     stride_so,
-    inv_k,
-    eps,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -131,56 +127,8 @@ def _linear_kernel(
     WANT_STATS: tl.constexpr,
     WANT_SUMS: tl.constexpr,
     GATE_UP: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_P: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    # Clamp instead of masking in the K loop: out-of-range rows/cols load valid memory, never stored.
-    offs_mc = tl.where(m_mask, offs_m, M - 1)
-    offs_nc = tl.where(n_mask, offs_n, N - 1)
-    offs_k = tl.arange(0, BLOCK_K)
-
-    # The deferred norm's statistics: tiny L2 reads issued before the K loop so their latency hides.
-    if HAS_SCALE:
-        r, mean = _row_scale(
-            stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, inv_k, eps, LN, BLOCK_M, BLOCK_P
-        )
-
-    x_ptrs = x_ptr + offs_mc[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_nc[:, None] * stride_wn + offs_k[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if GATE_UP:
-        u_ptrs = w_ptrs + N * stride_wn
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            xt = tl.load(x_ptrs)
-            wt = tl.load(w_ptrs)
-        else:
-            k_mask = (k0 + offs_k) < K
-            xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-        acc = mma(acc, xt, tl.trans(wt), UPCAST, IEEE)
-        if GATE_UP:
-            if EVEN_K:
-                ut = tl.load(u_ptrs)
-            else:
-                ut = tl.load(u_ptrs, mask=k_mask[None, :], other=0.0)
-            acc_u = mma(acc_u, xt, tl.trans(ut), UPCAST, IEEE)
-            u_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-
+    """scale (+ mean correction) → bias → residual → [silu(gate) * up] → round → store → Σ², Σ partials."""
     if HAS_SCALE:
         if LN:
             c = tl.load(colsum_ptr + offs_nc).to(tl.float32)
@@ -205,16 +153,146 @@ def _linear_kernel(
             tl.store(sums_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf, 1), mask=m_mask)
 
 
+@triton.jit
+def _linear_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    bias_ptr,
+    res_ptr,
+    stats_ptr,
+    sums_ptr,
+    colsum_ptr,
+    stats_out_ptr,
+    sums_out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    P,
+    k_per_split,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    stride_rm,
+    stride_s,
+    stride_u,
+    stride_so,
+    inv_k,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    LN: tl.constexpr,
+    WANT_STATS: tl.constexpr,
+    WANT_SUMS: tl.constexpr,
+    GATE_UP: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    # Weight rows past N are clamped (valid memory, never stored) so the hot loop needs no N mask;
+    # activation rows past M are masked: zero-filled without memory traffic.
+    offs_nc = tl.where(n_mask, offs_n, N - 1)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # The deferred norm's statistics: tiny L2 reads issued before the K loop so their latency hides.
+    r = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SCALE:
+        r, mean = _row_scale(
+            stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, inv_k, eps, LN, BLOCK_M, BLOCK_P
+        )
+
+    k_lo = 0
+    k_hi = K
+    if SPLIT_K > 1:
+        k_lo = tl.program_id(2) * k_per_split * BLOCK_K  # k_per_split counts BLOCK_K blocks
+        k_hi = tl.minimum(K, k_lo + k_per_split * BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
+    w_ptrs = w_ptr + offs_nc[:, None] * stride_wn + (k_lo + offs_k)[None, :]
+    u_ptrs = w_ptrs + N * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for it in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
+        k0 = k_lo + it * BLOCK_K
+        if EVEN_K:
+            xt = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            wt = tl.load(w_ptrs)
+        else:
+            k_mask = (k0 + offs_k) < K
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+        acc = mma(acc, xt, tl.trans(wt), UPCAST, IEEE)
+        if GATE_UP:
+            if EVEN_K:
+                ut = tl.load(u_ptrs)
+            else:
+                ut = tl.load(u_ptrs, mask=k_mask[None, :], other=0.0)
+            acc_u = mma(acc_u, xt, tl.trans(ut), UPCAST, IEEE)
+            u_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if SPLIT_K == 1:
+        _epilogue(
+            acc, acc_u, r, mean, offs_m, offs_n, offs_nc, m_mask, n_mask, pid_n, y_ptr, bias_ptr, res_ptr,
+            colsum_ptr, stats_out_ptr, sums_out_ptr, stride_ym, stride_rm, stride_so,
+            HAS_BIAS, HAS_RES, HAS_SCALE, LN, WANT_STATS, WANT_SUMS, GATE_UP,
+        )  # fmt: skip
+    else:
+        # Split-K without a second launch: every split parks its fp32 tile in the workspace and bumps
+        # the tile's counter; the last to arrive sums the tiles in split order (deterministic), runs
+        # the epilogue and re-arms the counter (so CUDA-graph replays start from zero).
+        tile = pid_m * tl.num_programs(0) + pid_n
+        TILE: tl.constexpr = BLOCK_M * BLOCK_N * (2 if GATE_UP else 1)
+        idx = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        base = ws_ptr + tile.to(tl.int64) * (SPLIT_K * TILE)
+        mine = base + tl.program_id(2) * TILE
+        tl.store(mine + idx, acc)
+        if GATE_UP:
+            tl.store(mine + BLOCK_M * BLOCK_N + idx, acc_u)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            tl.debug_barrier()
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(base + s * TILE + idx, cache_modifier=".cg")
+                if GATE_UP:
+                    acc_u += tl.load(base + s * TILE + BLOCK_M * BLOCK_N + idx, cache_modifier=".cg")
+            tl.store(cnt_ptr + tile, 0)
+            _epilogue(
+                acc, acc_u, r, mean, offs_m, offs_n, offs_nc, m_mask, n_mask, pid_n, y_ptr, bias_ptr, res_ptr,
+                colsum_ptr, stats_out_ptr, sums_out_ptr, stride_ym, stride_rm, stride_so,
+                HAS_BIAS, HAS_RES, HAS_SCALE, LN, WANT_STATS, WANT_SUMS, GATE_UP,
+            )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tile configs. Decode GEMMs are weight-bandwidth bound: pick BLOCK_N so the grid covers the SMs
 # several times over, BLOCK_K and stages so enough weight bytes are in flight per SM.
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-Config = tuple[int, int, int, int, int]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)
+Config = tuple[int, int, int, int, int, int]
 
 # Measured winners per (N, K, M bucket, gate_up) on H100 (bench/kernels.py --sweep); heuristic otherwise.
 TUNED: dict[tuple[int, int, int, bool], Config] = {}
 
 _SM_COUNT: dict[int, int] = {}
+_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -224,29 +302,65 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed per-tile arrival counters of split-K; each kernel leaves them zero again."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def m_bucket(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def pick_config(m: int, n: int, k: int, device: torch.device, gate_up: bool = False) -> Config:
+def _norm_cfg(cfg) -> Config:
+    return tuple(cfg) + (1,) * (6 - len(cfg))  # type: ignore[return-value]
+
+
+def smem_bytes(cfg, elt: int, gate_up: bool) -> int:
+    bm, bn, bk, _, stages, _ = _norm_cfg(cfg)
+    return max(1, stages - 1) * (bm + bn * (2 if gate_up else 1)) * bk * elt
+
+
+def _fit(cfg, elt: int, gate_up: bool, limit: int = 160 * 1024) -> Config:
+    """Shrink stages, then BLOCK_K, until the pipelined tiles fit in shared memory."""
+    bm, bn, bk, warps, stages, split = _norm_cfg(cfg)
+    while smem_bytes((bm, bn, bk, warps, stages), elt, gate_up) > limit:
+        if stages > 2:
+            stages -= 1
+        elif bk > 32:
+            bk //= 2
+        else:
+            break
+    return (bm, bn, bk, warps, stages, split)
+
+
+def pick_config(m: int, n: int, k: int, device: torch.device, gate_up: bool = False, elt: int = 2) -> Config:
+    """n = output columns (I for gate/up). Tuned table first, else: enough CTAs to cover the SMs twice."""
     if INTERPRET or device.type != "cuda":
-        return (16, 16, 32, 1, 1)
+        return (16, 16, 32, 1, 1, 1)
     bm = m_bucket(m)
     hit = TUNED.get((n, k, bm, gate_up))
     if hit is not None:
-        return hit
+        return _fit(hit, elt, gate_up)
     sms = _sm_count(device)
     m_tiles = -(-m // bm)
     bn = 16
-    for cand in (128, 64, 32):
-        eff = cand * (2 if gate_up else 1)
-        if -(-n // cand) * m_tiles >= 2 * sms and eff <= 128:
+    for cand in (64, 32):
+        if -(-n // cand) * m_tiles >= 2 * sms and cand * (2 if gate_up else 1) <= 128:
             bn = cand
             break
     bk = 256 if bm <= 16 else 128
     if k < bk:
         bk = max(32, _next_pow2(k) // 2)
-    return (bm, bn, bk, 4, 4)
+    ctas = -(-n // bn) * m_tiles
+    split = 1
+    while ctas * split < sms and k // (bk * split * 2) >= 2:
+        split *= 2
+    return _fit((bm, bn, bk, 4, 4, split), elt, gate_up)
 
 
 def _launch(
@@ -263,7 +377,7 @@ def _launch(
     want_stats: bool = False,
     want_sums: bool = False,
     gate_up: bool = False,
-    config: Config | None = None,
+    config=None,
     out: torch.Tensor | None = None,
 ):
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]
@@ -272,8 +386,12 @@ def _launch(
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     m, k = x.shape
-    bm, bn, bk, warps, stages = config or pick_config(m, n, k, x.device, gate_up)
+    cfg = (
+        _norm_cfg(config) if config is not None else pick_config(m, n, k, x.device, gate_up, x.element_size())
+    )
+    bm, bn, bk, warps, stages, split = cfg
     n_tiles = triton.cdiv(n, bn)
+    m_tiles = triton.cdiv(m, bm)
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
     stats = sums = None
     if want_stats or want_sums:
@@ -293,9 +411,17 @@ def _launch(
         if row_stats.stride(1) != 1:
             row_stats = row_stats.contiguous()
     p = row_stats.shape[1] if row_stats is not None else 1
+    k_per_split = triton.cdiv(triton.cdiv(k, bk), split)  # in BLOCK_K blocks
+    split = triton.cdiv(k, k_per_split * bk)
     dummy = y
-    grid = (n_tiles, triton.cdiv(m, bm))
-    _linear_kernel[grid](
+    if split > 1:
+        ws = torch.empty(
+            n_tiles * m_tiles * split * bm * bn * (2 if gate_up else 1), device=x.device, dtype=torch.float32
+        )
+        cnt = _counters(x.device, n_tiles * m_tiles)
+    else:
+        ws = cnt = dummy
+    _linear_kernel[(n_tiles, m_tiles, split)](
         x,
         weight,
         y,
@@ -306,10 +432,13 @@ def _launch(
         col_sums if ln else dummy,
         stats if stats is not None else dummy,
         sums if sums is not None else dummy,
+        ws,
+        cnt,
         m,
         n,
         k,
         p,
+        k_per_split,
         x.stride(0),
         weight.stride(0),
         y.stride(0),
@@ -333,6 +462,7 @@ def _launch(
         BLOCK_N=bn,
         BLOCK_K=bk,
         BLOCK_P=min(128, _next_pow2(p)),
+        SPLIT_K=split,
         num_warps=warps,
         num_stages=stages,
     )
@@ -347,7 +477,7 @@ def linear(
     row_stats: torch.Tensor | None = None,
     eps: float = 1e-6,
     want_stats: bool = False,
-    config: Config | None = None,
+    config=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """reference.linear as one Triton GEMM: returns (y [M, N], Σy² partials [M, n_tiles] or None)."""
     y, stats, _ = _launch(
@@ -369,7 +499,7 @@ def gate_up_silu(
     w_gate_up: torch.Tensor,
     row_stats: torch.Tensor | None = None,
     eps: float = 1e-6,
-    config: Config | None = None,
+    config=None,
 ) -> torch.Tensor:
     """reference.gate_up_silu in one kernel: silu(r * x Wg^T) * (r * x Wu^T), W = [gate; up] of [2I, K]."""
     assert w_gate_up.shape[0] % 2 == 0
@@ -389,7 +519,7 @@ def linear_layernorm(
     eps: float = 1e-5,
     residual: torch.Tensor | None = None,
     want_stats: bool = False,
-    config: Config | None = None,
+    config=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Deferred LayerNorm: y = rsqrt(var + eps) * (x W'^T - mean * c) + b' (+ residual).
 

@@ -8,7 +8,7 @@ import torch
 from kernels import norm_linear as nl
 from kernels import reference as ref
 from kernels.triton_backend import TritonBackend
-from tests.test_kernels_common import DTYPES, M_VALUES, TOL, check, poison_outputs, rand  # noqa: F401
+from tests.test_kernels_common import DEVICE, DTYPES, M_VALUES, TOL, check, poison_outputs, rand  # noqa: F401
 
 N, K = 37, 45  # odd: no multiple of any block size
 EPS = 1e-5
@@ -135,5 +135,27 @@ def test_elementwise_consumers(dtype):
 
 def test_config_tables_are_valid():
     for (n, k, bm, _), cfg in nl.TUNED.items():
-        assert cfg[0] == bm and cfg[1] in (16, 32, 64, 128) and cfg[2] >= 32, (n, k, cfg)
+        assert cfg[0] == bm and cfg[1] in (16, 32, 64, 128) and cfg[2] >= 32 and len(cfg) == 6, (n, k, cfg)
     assert TOL[torch.float32] == 1e-4
+
+
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_k(dtype, m):
+    """Split-K: the last split to arrive reduces the parked tiles and runs the epilogue; counters re-arm."""
+    c = CASES["all"]
+    cfg = (16, 16, 16, 1, 1, 3) if DEVICE.type == "cpu" else (16, 16, 16, 4, 2, 3)
+    for _ in range(2):  # the second call proves the arrival counters were reset
+        x, w, bias, residual, stats = _args(m, dtype, c)
+        y, st = nl.linear(x, w, bias, residual, stats, EPS, True, config=cfg)
+        want = ref_linear64(x, w, bias, residual, stats)
+        check(y, want, dtype)
+        check(st.sum(-1), ref.row_sumsq(y.double()).squeeze(-1), torch.float32)
+        w2 = rand(2 * N, K, dtype=dtype, scale=K**-0.5)
+        g = ref_linear64(x, w2, row_stats=stats)
+        check(
+            nl.gate_up_silu(x, w2, stats, EPS, config=cfg),
+            torch.nn.functional.silu(g[:, :N]) * g[:, N:],
+            dtype,
+        )
+    assert int(nl._counters(x.device, 1).abs().sum()) == 0
