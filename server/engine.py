@@ -18,16 +18,19 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from models.decoder import Decoder, KVCache
 from server.fusion import FusionControl, path_label
 from server.kv_cache import BlockManager
-from server.metrics import ServerMetrics
 from server.runner import ModelRunner
 from server.sampling import Sampler, SampleRow, SamplingParams, TokenLogprob, prompt_logprobs
 from server.scheduler import Scheduler, SchedulerConfig, Sequence, Status
+
+if TYPE_CHECKING:  # the engine runs without prometheus_client when no metrics are passed
+    from server.metrics import ServerMetrics
 
 __all__ = [
     "AsyncEngine",
@@ -261,6 +264,9 @@ class LLMEngine:
         bs = config.block_size
         self.max_model_len = min(config.max_model_len or 8192, decoder.max_model_len, num_blocks * bs)
         self.runner = ModelRunner(decoder, num_blocks, bs)
+        if config.cuda_graphs and decoder.device.type == "cuda":
+            sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < config.max_num_seqs]
+            self.runner.capture_decode_graphs([*sizes, config.max_num_seqs])
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
@@ -395,7 +401,7 @@ class LLMEngine:
             SampleRow(s.data.request.params, s.tokens, s.num_prompt, s.data.generator) for s in rows
         ]
         scaled = not fused or any(want_prompt) or not Sampler.can_skip_scale(sample_rows)
-        logits = self.runner.logits(hidden, scaled=scaled)
+        logits = self.runner.logits(hidden, scaled=scaled) if inputs.logit_rows.numel() else None
         token_ids, lps = self.sampler.sample(logits[src], sample_rows) if rows else ([], [])
         for (seq, _), span, start in zip(plan.items, inputs.prompt_index, starts):
             if span is not None:
@@ -761,6 +767,9 @@ class AsyncEngine:
             raise
         finally:
             self._busy = False
-            for rid in list(eng.requests):
-                for out in eng.abort_request(rid):
-                    self._deliver(out.request_id, out)
+            try:
+                for rid in list(eng.requests):
+                    for out in eng.abort_request(rid):
+                        self._deliver(out.request_id, out)
+            except Exception:  # noqa: BLE001 - state may be broken after a crash; consumers were told
+                pass
