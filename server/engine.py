@@ -382,8 +382,14 @@ class LLMEngine:
 
         want_prompt = [self._wants_prompt_rows(s) for s, _ in plan.items]
         starts = [s.num_computed for s, _ in plan.items]
+        # Plain greedy rows need no final-norm scale on the fused path (argmax is scale-invariant).
+        scaled = (
+            not fused
+            or any(want_prompt)
+            or any(s.data.request.params.needs_scaled_logits for s, _ in plan.items)
+        )
         inputs = self.runner.prepare(plan.items, want_prompt)
-        hidden = self.runner.forward(inputs, fused, timer)
+        logits = self.runner.execute(inputs, fused, timer, scaled)
         self.scheduler.advance(plan)
 
         rows: list[Sequence] = []
@@ -400,8 +406,6 @@ class LLMEngine:
         sample_rows = [
             SampleRow(s.data.request.params, s.tokens, s.num_prompt, s.data.generator) for s in rows
         ]
-        scaled = not fused or any(want_prompt) or not Sampler.can_skip_scale(sample_rows)
-        logits = self.runner.logits(hidden, scaled=scaled) if inputs.logit_rows.numel() else None
         token_ids, lps = self.sampler.sample(logits[src], sample_rows) if rows else ([], [])
         for (seq, _), span, start in zip(plan.items, inputs.prompt_index, starts):
             if span is not None:

@@ -5,9 +5,9 @@ are computed only for rows that will be sampled (the last new token of a
 sequence whose chunk reaches its end) and, for prompt logprobs, the prompt rows.
 Sampled steps time each layer half through the decoder's `timer` hook.
 
-CUDA graphs: `capture_decode_graphs` and `_replay` are the seam a later GPU
-issue fills (decode batches padded to a captured size, replayed unless the
-step is timed). Until then every step runs eagerly.
+CUDA graphs (server/cuda_graphs.py): on CUDA, decode-only steps replay a graph
+captured for the smallest batch size >= theirs, unless the step is timed
+(per-layer timing needs the eager path). Everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from kernels.batch import PagedBatch
-from models.decoder import Decoder, Hidden, KVCache
+from models.decoder import Decoder, KVCache
 
 if TYPE_CHECKING:
+    from server.cuda_graphs import DecodeGraphs
     from server.scheduler import Sequence
 
 
@@ -76,7 +77,7 @@ class ModelRunner:
         self.device = decoder.device
         self.block_size = block_size
         self.kv: KVCache = decoder.allocate_kv_cache(num_blocks, block_size)
-        self.graphs: dict[int, object] = {}  # decode batch size → captured graph (GPU issue)
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA only)
 
     # -- inputs --------------------------------------------------------------------
 
@@ -137,17 +138,21 @@ class ModelRunner:
 
     # -- execution -----------------------------------------------------------------
 
-    def forward(self, inputs: StepInputs, fused: bool, timer: LayerTimer | None = None) -> Hidden:
-        """All blocks over the packed tokens (K/V written to the cache); hidden rows of `logit_rows`."""
-        if timer is None and inputs.batch.is_decode_only:
-            replayed = self._replay(inputs, fused)
-            if replayed is not None:
-                return replayed
-        hidden = self.decoder.forward(inputs.ids, inputs.positions, inputs.batch, self.kv, fused, timer)
-        return hidden.rows(inputs.logit_rows)
+    def execute(
+        self, inputs: StepInputs, fused: bool, timer: LayerTimer | None = None, scaled: bool = True
+    ) -> torch.Tensor | None:
+        """Run the step (K/V written to the cache); logits of `logit_rows`, or None when there are none.
 
-    def logits(self, hidden: Hidden, scaled: bool = True) -> torch.Tensor:
-        return self.decoder.logits(hidden, scaled=scaled)
+        `scaled=False` lets a fused all-greedy step skip the final-norm row scale.
+        """
+        if timer is None and inputs.batch.is_decode_only and self.graphs is not None:
+            if self.graphs.fits(inputs.ids.shape[0]):
+                logits = self.graphs.run(inputs.ids, inputs.positions, inputs.batch, fused)
+                return logits[inputs.logit_rows]
+        hidden = self.decoder.forward(inputs.ids, inputs.positions, inputs.batch, self.kv, fused, timer)
+        if not inputs.logit_rows.numel():
+            return None
+        return self.decoder.logits(hidden.rows(inputs.logit_rows), scaled=scaled)
 
     def make_timer(self) -> LayerTimer:
         return LayerTimer(self.device.type == "cuda")
@@ -162,12 +167,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # -- CUDA graphs seam ------------------------------------------------------------
+    # -- CUDA graphs ---------------------------------------------------------------------
 
     def capture_decode_graphs(self, batch_sizes: list[int]) -> None:
-        """Capture decode steps for these padded batch sizes (GPU issue); a no-op for now."""
-        return None
+        """Capture decode steps (both fusion paths) for these padded batch sizes; CUDA only."""
+        if self.device.type != "cuda":
+            return
+        from server.cuda_graphs import DecodeGraphs
 
-    def _replay(self, inputs: StepInputs, fused: bool) -> Hidden | None:
-        """Run a captured decode graph for this batch when one exists; None → run eagerly."""
-        return None
+        self.graphs = DecodeGraphs(self.decoder, self.kv, max(batch_sizes), tuple(batch_sizes))
+        self.graphs.capture()
