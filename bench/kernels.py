@@ -79,20 +79,20 @@ def _rand(*shape, dtype, device, scale=1.0):
 
 
 class Timer:
-    """Median µs per call of ops captured into CUDA graphs (CPU: a plain wall-clock run, --dry)."""
+    """Median µs per call of ops captured into CUDA graphs (CPU: a plain wall-clock run, --dry).
+
+    `compare` captures one graph per variant and replays them round-robin, so clock or thermal
+    drift hits every variant alike: ratios are measured side by side.
+    """
 
     def __init__(self, device: torch.device, replays: int, min_calls: int):
         self.device = device
         self.replays = replays
         self.min_calls = min_calls
 
-    def __call__(self, calls: list) -> float:
-        if self.device.type != "cuda":
-            t = time.perf_counter()
-            calls[0]()
-            return (time.perf_counter() - t) * 1e6
+    def _graph(self, calls: list):
         for c in calls[: min(len(calls), 2)]:
-            c()  # compile / autotune / allocate outside the graph
+            c()  # compile / allocate outside the graph
         torch.cuda.synchronize()
         reps = len(calls) * max(1, math.ceil(self.min_calls / len(calls)))
         s = torch.cuda.Stream()
@@ -106,25 +106,40 @@ class Timer:
                 calls[r % len(calls)]()
         g.replay()
         torch.cuda.synchronize()
-        # Estimate the replay time, then keep each measurement >= ~1 ms but the total bounded.
+        return g, reps
+
+    def compare(self, variants: dict[str, list]) -> dict[str, float]:
+        if self.device.type != "cuda":
+            out = {}
+            for name, calls in variants.items():
+                t = time.perf_counter()
+                calls[0]()
+                out[name] = (time.perf_counter() - t) * 1e6
+            return out
+        graphs = {name: self._graph(calls) for name, calls in variants.items()}
         t0 = torch.cuda.Event(enable_timing=True)
         t1 = torch.cuda.Event(enable_timing=True)
-        t0.record()
-        g.replay()
-        t1.record()
-        t1.synchronize()
-        one = t0.elapsed_time(t1)
-        inner = max(1, min(20, int(1.0 / max(one, 1e-3))))
-        times = []
-        for _ in range(self.replays):
+        inner = {}
+        for name, (g, _) in graphs.items():  # keep each measurement >= ~1 ms, the total bounded
             t0.record()
-            for _ in range(inner):
-                g.replay()
+            g.replay()
             t1.record()
             t1.synchronize()
-            times.append(t0.elapsed_time(t1) * 1e3 / (inner * reps))
-        del g
-        return statistics.median(times)
+            inner[name] = max(1, min(20, int(1.0 / max(t0.elapsed_time(t1), 1e-3))))
+        times: dict[str, list[float]] = {name: [] for name in graphs}
+        for _ in range(self.replays):
+            for name, (g, reps) in graphs.items():
+                t0.record()
+                for _ in range(inner[name]):
+                    g.replay()
+                t1.record()
+                t1.synchronize()
+                times[name].append(t0.elapsed_time(t1) * 1e3 / (inner[name] * reps))
+        del graphs
+        return {name: statistics.median(ts) for name, ts in times.items()}
+
+    def __call__(self, calls: list) -> float:
+        return self.compare({"x": calls})["x"]
 
 
 def n_sets(bytes_per_set: int, cap: int = 256) -> int:
@@ -174,14 +189,19 @@ def bench_gemms(models, m_values, timer, device, dtype, peak_gbs, log):
         ws = [_rand(n, k, dtype=dtype, device=device, scale=k**-0.5) for _ in range(sets)]
         xs = [_rand(m, k, dtype=dtype, device=device) for _ in range(sets)]
         row = dict(model=mdl.name, gemm=name, M=m, N=n, K=k)
-        t_cublas = timer([lambda i=i: F.linear(xs[i], ws[i]) for i in range(sets)])
-        t_ours = timer([lambda i=i: be.linear(xs[i], ws[i]) for i in range(sets)])
+        variants = {
+            "cublas": [lambda i=i: F.linear(xs[i], ws[i]) for i in range(sets)],
+            "ours": [lambda i=i: be.linear(xs[i], ws[i]) for i in range(sets)],
+        }
+        if name == "gate_up":
+            variants["gu"] = [lambda i=i: be.mlp_input(xs[i], None, ws[i], EPS) for i in range(sets)]
+        t = timer.compare(variants)
+        t_cublas, t_ours = t["cublas"], t["ours"]
         y_ref = F.linear(xs[0], ws[0])
         y_ours = be.linear(xs[0], ws[0])[0]
         row.update(cublas_us=t_cublas, ours_us=t_ours, err=rel_err(y_ours, y_ref))
         if name == "gate_up":
-            t_gu = timer([lambda i=i: be.mlp_input(xs[i], None, ws[i], EPS) for i in range(sets)])
-            row["ours_gate_up_silu_us"] = t_gu
+            row["ours_gate_up_silu_us"] = t["gu"]
         moved = wbytes + (m * k + m * n) * dtype.itemsize
         row["cublas_pct_bw"] = 100 * moved / (t_cublas * 1e-6) / 1e9 / peak_gbs
         row["ours_pct_bw"] = 100 * moved / (t_ours * 1e-6) / 1e9 / peak_gbs
@@ -207,6 +227,10 @@ SWEEP = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages); split-K added where the 
     (64, 128, 4, 4),
     (64, 256, 4, 3),
     (128, 64, 4, 4),
+    (16, 64, 4, 6),
+    (32, 64, 4, 6),
+    (16, 128, 2, 4),
+    (32, 128, 2, 4),
 ]
 
 
@@ -228,47 +252,44 @@ def sweep_configs(m, n_out, k, sms, gate_up, elt):
 def bench_sweep(models, m_values, timer, device, dtype, log):
     rows, best = [], {}
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    jobs = [(mdl, name, nk, m) for mdl in models for name, nk in mdl.shapes().items() for m in m_values]
+    jobs = [
+        (mdl, name, nk, m, gu)
+        for mdl in models
+        for name, nk in mdl.shapes().items()
+        for m in m_values
+        for gu in ((True, False) if name == "gate_up" else (False,))
+    ]
 
-    def _case(mdl, name, nk, m):
+    def _case(mdl, name, nk, m, gate_up):
         n, k = nk
-        gate_up = name == "gate_up"
         n_out = n // 2 if gate_up else n
         sets = n_sets(n * k * dtype.itemsize)
         ws = [_rand(n, k, dtype=dtype, device=device, scale=k**-0.5) for _ in range(sets)]
         x = _rand(m, k, dtype=dtype, device=device)
         bm = nl.m_bucket(m)
-        results = []
+        variants = {}
         for cfg in sweep_configs(m, n_out, k, sms, gate_up, dtype.itemsize):
+            fn = nl.gate_up_silu if gate_up else nl.linear
             try:
-                if gate_up:
-                    t = timer([lambda i=i, c=cfg: nl.gate_up_silu(x, ws[i], config=c) for i in range(sets)])
-                else:
-                    t = timer([lambda i=i, c=cfg: nl.linear(x, ws[i], config=c) for i in range(sets)])
-            except Exception as exc:  # a config that does not compile or launch: skip it
+                fn(x, ws[0], config=cfg)  # compile; a config that does not compile or launch is skipped
+            except Exception as exc:
                 log(dict(sweep_error=str(exc)[:300], cfg=cfg))
                 continue
-            results.append((t, cfg))
-        results.sort()
-        if results:
-            best[(n_out, k, bm, gate_up)] = results[0][1]
-            rows.append(
-                dict(
-                    model=mdl.name,
-                    gemm=name,
-                    M=m,
-                    N=n,
-                    K=k,
-                    best_cfg=results[0][1],
-                    best_us=results[0][0],
-                    default_cfg=nl.pick_config(m, n_out, k, device, gate_up),
-                    all=[(c, t) for t, c in results],
-                )  # fmt: skip
-            )
-            log(rows[-1])
+            variants[cfg] = [lambda i=i, c=cfg, fn=fn: fn(x, ws[i], config=c) for i in range(sets)]
+        if not variants:
+            return
+        times = timer.compare(variants)
+        results = sorted((t, cfg) for cfg, t in times.items())
+        best[(n_out, k, bm, gate_up)] = results[0][1]
+        rows.append(
+            dict(model=mdl.name, gemm=name + ("" if gate_up or name != "gate_up" else "_plain"), M=m, N=n, K=k,
+                 best_cfg=results[0][1], best_us=results[0][0],
+                 default_cfg=nl.pick_config(m, n_out, k, device, gate_up), all=[(c, t) for t, c in results])
+        )  # fmt: skip
+        log(rows[-1])
 
-    for mdl, name, nk, m in tqdm(jobs, desc="sweep", file=sys.stdout):
-        _case(mdl, name, nk, m)
+    for mdl, name, nk, m, gu in tqdm(jobs, desc="sweep", file=sys.stdout):
+        _case(mdl, name, nk, m, gu)
     return rows, best
 
 
@@ -333,9 +354,12 @@ def bench_chains(models, m_values, timer, device, dtype, log):
 
         variants = dict(none=none, none_torch=none_torch, off=off, off_torch=off_torch, fused=fused)
         row = dict(model=mdl.name, chain=kind, M=m)
+        times = timer.compare(
+            {v: [lambda i=i, fn=fn: fn(i) for i in range(sets)] for v, fn in variants.items()}
+        )
         outs = {}
         for vname, fn in variants.items():
-            row[f"{vname}_us"] = timer([lambda i=i, fn=fn: fn(i) for i in range(sets)])
+            row[f"{vname}_us"] = times[vname]
             outs[vname] = fn(0).float()
         row["err_fused_vs_off"] = rel_err(outs["fused"], outs["off_torch"])
         row["err_off_vs_off_torch"] = rel_err(outs["off"], outs["off_torch"])
@@ -380,11 +404,13 @@ def bench_decode_attention(cases, timer, device, dtype, peak_gbs, log):
         lens = torch.full((bsz,), ctx, dtype=torch.int32, device=device)
         q = _rand(bsz, hq, d, dtype=dtype, device=device)
 
-        def run(i):
+        def run(i, policy=None):
             kc, vc, bt = caches[i]
-            return attn.decode_attention(q, kc, vc, bt, lens, ctx, d**-0.5)
+            return attn.decode_attention(q, kc, vc, bt, lens, ctx, d**-0.5, policy=policy)
 
-        t = timer([lambda i=i: run(i) for i in range(sets)])
+        policies = ("fill", "wave2")
+        times = timer.compare({p: [lambda i=i, p=p: run(i, p) for i in range(sets)] for p in policies})
+        t = times[attn.DECODE_POLICY]
         kc, vc, bt = caches[0]
         batch = PagedBatch(
             query_start=torch.arange(bsz + 1, dtype=torch.int32), context_lens=lens.cpu(),
@@ -400,6 +426,8 @@ def bench_decode_attention(cases, timer, device, dtype, peak_gbs, log):
             )
             err = rel_err(run(0).cpu(), want)
         row = dict(model=mdl.name, B=bsz, ctx=ctx, us=t, GBs=kv_bytes / (t * 1e-6) / 1e9, err=err)
+        row.update({f"us_{p}": times[p] for p in policies})
+        row["plans"] = {p: attn.decode_plan(bsz, hk, ctx, d, device, p) for p in policies}
         row["pct_bw"] = 100 * row["GBs"] / peak_gbs
         rows.append(row)
         log(row)
@@ -442,8 +470,8 @@ def bench_prefill_attention(cases, timer, device, dtype, log):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(qq, kq, vq, is_causal=True, scale=scale)
 
-        t_ours = timer([ours])
-        t_sdpa = timer([sdpa])
+        times = timer.compare({"ours": [ours], "sdpa": [sdpa]})
+        t_ours, t_sdpa = times["ours"], times["sdpa"]
         err = rel_err(ours().view(n_seqs, seqlen, hq, d), sdpa().transpose(1, 2))
         flops = 4 * n_seqs * seqlen * seqlen * hq * d / 2
         row = dict(model=mdl.name, seqs=n_seqs, seqlen=seqlen, ours_us=t_ours, sdpa_flash_us=t_sdpa,
@@ -519,6 +547,39 @@ def markdown(res) -> str:
     return "\n".join(out) + "\n"
 
 
+def profile_cases():
+    """A few ops, eagerly, after a warm-up: run under ncu to see each kernel's time and DRAM throughput."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    be = TritonBackend()
+    ops = []
+    for mdl, name, m in ((SMOL_135M, "gate_up", 32), (SMOL_135M, "qkv", 32), (LLAMA_8B, "qkv", 1)):
+        n, k = mdl.shapes()[name]
+        w, x = _rand(n, k, dtype=dtype, device=device), _rand(m, k, dtype=dtype, device=device)
+        ops += [lambda w=w, x=x: F.linear(x, w), lambda w=w, x=x: be.linear(x, w)]
+        if name == "gate_up":
+            ops.append(lambda w=w, x=x: be.mlp_input(x, None, w, EPS))
+    for mdl, m in ((LLAMA_8B, 8), (SMOL_135M, 1)):
+        (n_o, k_o), (n_c, k_c) = mdl.shapes()["o"], mdl.shapes()["qkv"]
+        w_o, w_c = _rand(n_o, k_o, dtype=dtype, device=device), _rand(n_c, k_c, dtype=dtype, device=device)
+        o_in, h_in = _rand(m, k_o, dtype=dtype, device=device), _rand(m, n_o, dtype=dtype, device=device)
+
+        def chain(fused, w_o=w_o, w_c=w_c, o_in=o_in, h_in=h_in):
+            h, st = be.linear(o_in, w_o, residual=h_in, want_stats=fused)
+            if not fused:
+                h = be.rmsnorm(h, EPS)
+            return be.linear(h, w_c, row_stats=st, eps=EPS)
+
+        ops += [lambda c=chain: c(True), lambda c=chain: c(False)]
+    for op in ops:  # warm-up: compile everything first
+        op()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for op in ops:
+        op()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -530,7 +591,10 @@ def main(argv=None):
     ap.add_argument("--sweep-m", default="1,32", help="M values of the sweep (one per M bucket)")
     ap.add_argument("--replays", type=int, default=25)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--profile", action="store_true", help="run a few ops eagerly, for ncu")
     args = ap.parse_args(argv)
+    if args.profile:
+        return profile_cases()
 
     device = torch.device("cpu" if args.dry or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16

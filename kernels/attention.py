@@ -160,6 +160,33 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+DECODE_POLICY = "fill"
+
+
+def decode_plan(
+    bsz: int, hk: int, max_context_len: int, d: int, device: torch.device, policy: str | None = None
+) -> tuple[int, int]:
+    """(num_splits, BLOCK_N) for decode attention.
+
+    "fill": 64 tokens per step (128 for head_dim <= 64, whose tiles are small), and as many splits
+    as keep about 4 programs per SM in one wave; "wave2": 64 tokens, about 2 programs per SM.
+    """
+    policy = policy or DECODE_POLICY
+    sms = _sm_count(device)
+    if INTERPRET:
+        block_n, per_sm = 16, 1
+    elif policy == "fill":
+        block_n, per_sm = (128 if d <= 64 else 64), 4
+    else:
+        block_n, per_sm = 64, 2
+    n_chunks = max(1, triton.cdiv(max_context_len, block_n))
+    if policy == "fill":
+        splits = max(1, (per_sm * sms) // max(1, bsz * hk))
+    else:
+        splits = max(1, triton.cdiv(per_sm * sms, max(1, bsz * hk)))
+    return min(n_chunks, splits, 128), block_n
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -170,6 +197,8 @@ def decode_attention(
     scale: float,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    policy: str | None = None,
 ) -> torch.Tensor:
     """One new query per sequence: q [B, Hq, D] over its cached context → o [B, Hq, D].
 
@@ -183,11 +212,10 @@ def decode_attention(
     if bsz == 0:
         return o
     group = hq // hk
-    block_n = 16 if INTERPRET else 64
+    plan_splits, plan_bn = decode_plan(bsz, hk, max_context_len, d, q.device, policy)
+    num_splits = num_splits or plan_splits
+    block_n = block_n or plan_bn
     n_chunks = max(1, triton.cdiv(max_context_len, block_n))
-    if num_splits is None:
-        want = 2 * _sm_count(q.device)
-        num_splits = min(n_chunks, max(1, triton.cdiv(want, bsz * hk)), 128)
     split_len = triton.cdiv(n_chunks, max(1, num_splits)) * block_n
     num_splits = max(1, triton.cdiv(max(max_context_len, 1), split_len))
     block_d = _next_pow2(d)

@@ -66,7 +66,23 @@ def silu(g):
 
 
 @triton.jit
-def _row_scale(
+def _stats_prefetch(
+    stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, LN: tl.constexpr, BLOCK_P: tl.constexpr
+):
+    """Issue the loads of the first BLOCK_P partials per row; nothing waits for them until they are used."""
+    offs_p = tl.arange(0, BLOCK_P)
+    pm = m_mask[:, None] & (offs_p[None, :] < P)
+    s = tl.load(stats_ptr + offs_m[:, None] * stride_s + offs_p[None, :], mask=pm, other=0.0)
+    u = s
+    if LN:
+        u = tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0)
+    return s, u
+
+
+@triton.jit
+def _stats_finish(
+    s,
+    u,
     stats_ptr,
     sums_ptr,
     offs_m,
@@ -77,20 +93,19 @@ def _row_scale(
     inv_k,
     eps,
     LN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Per-row deferred norm (scale, mean) from the producer's partials."""
-    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    su = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    """Per-row deferred norm (rsqrt scale, mean) from the prefetched and any remaining partials."""
+    ss = tl.sum(s, 1)
+    su = tl.sum(u, 1)
+    for p0 in range(BLOCK_P, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         pm = m_mask[:, None] & (offs_p[None, :] < P)
-        s = tl.load(stats_ptr + offs_m[:, None] * stride_s + offs_p[None, :], mask=pm, other=0.0)
-        ss += tl.sum(s, 1)
+        ss += tl.sum(tl.load(stats_ptr + offs_m[:, None] * stride_s + offs_p[None, :], mask=pm, other=0.0), 1)
         if LN:
-            u = tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0)
-            su += tl.sum(u, 1)
+            su += tl.sum(
+                tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0), 1
+            )
     if LN:
         mean = su * inv_k
         var = tl.maximum(ss * inv_k - mean * mean, 0.0)
@@ -208,12 +223,11 @@ def _linear_kernel(
     offs_nc = tl.where(n_mask, offs_n, N - 1)
     offs_k = tl.arange(0, BLOCK_K)
 
-    # The deferred norm's statistics: tiny L2 reads issued before the K loop so their latency hides.
-    r = tl.zeros([BLOCK_M], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # The deferred norm's statistics: tiny L2 reads issued before the K loop, consumed after it,
+    # so their latency hides under the weight stream.
     if HAS_SCALE:
-        r, mean = _row_scale(
-            stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, inv_k, eps, LN, BLOCK_M, BLOCK_P
+        s_pre, u_pre = _stats_prefetch(
+            stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, LN, BLOCK_P
         )
 
     k_lo = 0
@@ -246,6 +260,12 @@ def _linear_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
+    r = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SCALE:
+        r, mean = _stats_finish(
+            s_pre, u_pre, stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, inv_k, eps, LN, BLOCK_P
+        )
     if SPLIT_K == 1:
         _epilogue(
             acc, acc_u, r, mean, offs_m, offs_n, offs_nc, m_mask, n_mask, pid_n, y_ptr, bias_ptr, res_ptr,
@@ -289,7 +309,30 @@ def _linear_kernel(
 Config = tuple[int, int, int, int, int, int]
 
 # Measured winners per (N, K, M bucket, gate_up) on H100 (bench/kernels.py --sweep); heuristic otherwise.
-TUNED: dict[tuple[int, int, int, bool], Config] = {}
+TUNED: dict[tuple[int, int, int, bool], Config] = {
+    # Llama-3.1-8B
+    (6144, 4096, 16, False): (16, 16, 256, 4, 4, 1),
+    (6144, 4096, 32, False): (32, 32, 128, 4, 4, 1),
+    (4096, 4096, 16, False): (16, 32, 256, 4, 4, 1),
+    (4096, 4096, 32, False): (32, 32, 256, 4, 4, 1),
+    (14336, 4096, 16, True): (16, 64, 256, 4, 3, 1),
+    (14336, 4096, 32, True): (32, 64, 128, 4, 4, 1),
+    (4096, 14336, 16, False): (16, 64, 256, 4, 3, 2),
+    (4096, 14336, 32, False): (32, 32, 128, 4, 4, 2),
+    (128256, 4096, 16, False): (16, 16, 256, 4, 4, 1),
+    (128256, 4096, 32, False): (32, 64, 128, 4, 4, 1),
+    # SmolLM2-135M
+    (960, 576, 16, False): (16, 32, 128, 4, 4, 1),
+    (960, 576, 32, False): (32, 32, 128, 4, 4, 1),
+    (576, 576, 16, False): (16, 16, 256, 4, 4, 1),
+    (576, 576, 32, False): (32, 16, 256, 4, 4, 1),
+    (1536, 576, 16, True): (16, 32, 128, 4, 4, 1),
+    (1536, 576, 32, True): (32, 16, 256, 4, 4, 1),
+    (576, 1536, 16, False): (16, 32, 128, 4, 4, 4),
+    (576, 1536, 32, False): (32, 32, 128, 4, 4, 4),
+    (49152, 576, 16, False): (16, 64, 128, 4, 4, 1),
+    (49152, 576, 32, False): (32, 128, 64, 4, 4, 1),
+}
 
 _SM_COUNT: dict[int, int] = {}
 _COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
