@@ -216,7 +216,10 @@ def kv_cache_blocks(config: EngineConfig, decoder: Decoder) -> int:
         budget = total * config.gpu_memory_utilization - (total - free) - activations
     else:
         budget = config.kv_cache_gb * (1 << 30)
-    n = int(budget // per_block)
+    # Past every sequence at full length (x4 for the prefix cache) more blocks buy nothing but
+    # allocator bookkeeping; a tiny model on a large GPU would otherwise get millions.
+    useful = 4 * config.max_num_seqs * -(-decoder.max_model_len // config.block_size)
+    n = min(int(budget // per_block), useful)
     if n < 1:
         raise EngineError(
             f"no room for the KV cache ({budget / 2**20:.0f} MiB available, {per_block} B per block)"

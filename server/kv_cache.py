@@ -19,7 +19,7 @@ class OutOfBlocksError(RuntimeError):
     """Raised when an allocation is attempted without checking capacity first (a scheduler bug)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
