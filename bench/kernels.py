@@ -524,11 +524,12 @@ def markdown(res) -> str:
             f"{_f(r['off_us'])} / {_f(r['off_torch_us'])} | **{_f(r['fused_us'])}** | {_f(r['hidden_pct'], 0)}% | "
             f"{r['fused_vs_off_pct']:+.1f}% |"
         )
-    out += ["", "## Decode attention (paged, GQA)", "", "| model | B | context | µs | GB/s | % of copy BW |",
-            "|---|---|---|---|---|---|"]  # fmt: skip
+    out += ["", "## Decode attention (paged, GQA; KV bytes read / time)", "",
+            "| model | B | context | µs | GB/s | % of copy BW | policy fill / wave2 µs |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in res.get("attn_decode", []):
         out.append(
-            f"| {r['model']} | {r['B']} | {r['ctx']} | {_f(r['us'])} | {_f(r['GBs'], 0)} | {_f(r['pct_bw'], 0)}% |"
+            f"| {r['model']} | {r['B']} | {r['ctx']} | {_f(r['us'])} | {_f(r['GBs'], 0)} | {_f(r['pct_bw'], 0)}% | "
+            f"{_f(r.get('us_fill'))} / {_f(r.get('us_wave2'))} |"
         )
     out += ["", "## Prefill attention (causal, paged) vs torch SDPA flash", "",
             "| model | seqs × len | ours µs | SDPA flash µs | ours/SDPA time | ours TFLOP/s |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -544,7 +545,51 @@ def markdown(res) -> str:
             out.append(
                 f"| {r['model']} | {r['gemm']} | {r['M']} | {r['best_cfg']} | {_f(r['best_us'])} | {r['default_cfg']} |"
             )
+    out += ["", "## Goals", ""] + goals(res)
     return "\n".join(out) + "\n"
+
+
+def goals(res) -> list[str]:
+    """The issue's targets, checked against this run's numbers."""
+    lines = []
+    g = [r for r in res.get("gemm", []) if r["M"] <= 32]
+    if g:
+        worst = min(g, key=lambda r: r["speedup"])
+        slow = [f"{r['model']} {r['gemm']} M={r['M']} ({r['speedup']:.2f}x)" for r in g if r["speedup"] < 1.0]
+        lines.append(
+            f"- decode GEMMs >= cuBLAS at M <= 32: {len(g) - len(slow)}/{len(g)} cases; worst "
+            f"{worst['model']} {worst['gemm']} M={worst['M']} at {worst['speedup']:.2f}x"
+            + (f"; below 1.00x: {', '.join(slow)}" if slow else "")
+        )
+    ch = res.get("chain", [])
+    for lo, hi, target in ((1, 8, 80), (32, 32, 50)):
+        sel = [r for r in ch if lo <= r["M"] <= hi]
+        if sel:
+            vals = ", ".join(f"{r['model']} {r['chain']} M={r['M']}: {r['hidden_pct']:.0f}%" for r in sel)
+            n_ok = sum(r["hidden_pct"] >= target for r in sel)
+            lines.append(f"- norm cost hidden >= {target}% at M in [{lo}, {hi}]: {n_ok}/{len(sel)} ({vals})")
+    if ch:
+        worse = [f"{r['model']} {r['chain']} M={r['M']} ({r['fused_vs_off_pct']:+.1f}%)" for r in ch
+                 if r["fused_vs_off_pct"] > 0]  # fmt: skip
+        lines.append(
+            f"- fused never slower than the best off path: {len(ch) - len(worse)}/{len(ch)}"
+            + (f"; slower: {', '.join(worse)}" if worse else "")
+        )
+    dec = [r for r in res.get("attn_decode", []) if r["ctx"] >= 4096]
+    if dec:
+        lines.append(
+            f"- decode attention >= 80% of copy bandwidth at context >= 4k: {sum(r['pct_bw'] >= 80 for r in dec)}"
+            f"/{len(dec)} ("
+            + ", ".join(f"{r['model']} B={r['B']} ctx={r['ctx']}: {r['pct_bw']:.0f}%" for r in dec)
+            + ")"
+        )
+    pre = res.get("attn_prefill", [])
+    if pre:
+        lines.append(
+            f"- prefill attention within 1.3x of SDPA flash: {sum(r['ratio'] <= 1.3 for r in pre)}/{len(pre)} "
+            f"(worst {max(r['ratio'] for r in pre):.2f}x)"
+        )
+    return lines
 
 
 def profile_cases():
