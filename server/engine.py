@@ -282,6 +282,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos if eos is not None else decoder.config.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.num_steps = 0
+        self._path_steps = {True: 0, False: 0}
         self._seq_ids = itertools.count()
 
     # -- requests --------------------------------------------------------------------
@@ -378,8 +379,9 @@ class LLMEngine:
             self._update_gauges()
             return []
         fused = self.fusion.step_mode()
-        every = self.config.layer_timing_every
-        timer = self.runner.make_timer() if every and self.num_steps % every == 0 else None
+        # Count steps per path, so `ab` with an even interval still times both paths.
+        every, self._path_steps[fused] = self.config.layer_timing_every, self._path_steps[fused] + 1
+        timer = self.runner.make_timer() if every and (self._path_steps[fused] - 1) % every == 0 else None
         phase = "decode" if plan.is_decode else "prefill"
         t0 = time.perf_counter()
 
@@ -538,9 +540,12 @@ class LLMEngine:
 
     def _observe_step(self, fused: bool, phase: str, seconds: float, timer) -> None:
         label = path_label(fused)
-        self.fusion.record_step(fused, phase, seconds)
-        if self.metrics is not None:
-            self.metrics.observe_step(phase, label, seconds)
+        # A timed step runs eagerly; where other decode steps replay CUDA graphs it would skew
+        # the step latency of its path, so it reports only its per-layer times.
+        if timer is None or self.runner.graphs is None:
+            self.fusion.record_step(fused, phase, seconds)
+            if self.metrics is not None:
+                self.metrics.observe_step(phase, label, seconds)
         if timer is None:
             return
         for layer, part, secs in timer.results():
