@@ -78,8 +78,11 @@ def _decode_kernel(
     sp = tl.program_id(2)
     n_splits = tl.num_programs(2)
     ctx = tl.load(ctx_ptr + b)
-    start = sp * split_len
-    end = tl.minimum(ctx, start + split_len)
+    # Splits partition this sequence's own context (not the batch maximum), so a CUDA graph captured
+    # for the longest context still spreads a short context over every split.
+    seq_split = tl.minimum(tl.cdiv(tl.cdiv(ctx, BLOCK_N), n_splits) * BLOCK_N, split_len)
+    start = sp * seq_split
+    end = tl.minimum(ctx, start + seq_split)
     g = tl.arange(0, BLOCK_G)
     g_mask = g < GROUP
     heads = kvh * GROUP + g
