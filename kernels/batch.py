@@ -8,6 +8,7 @@ it through untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -34,6 +35,11 @@ class PagedBatch:
     @property
     def num_seqs(self) -> int:
         return int(self.context_lens.shape[0])
+
+    @cached_property
+    def host_layout(self) -> tuple[list[int], list[int]]:
+        """(query_start, context_lens) as Python lists, read once per step instead of once per layer."""
+        return self.query_start.tolist(), self.context_lens.tolist()
 
     @property
     def is_decode_only(self) -> bool:

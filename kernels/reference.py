@@ -19,12 +19,13 @@ from kernels.batch import PagedBatch
 def row_sumsq(x: torch.Tensor) -> torch.Tensor:
     """Per-row sum of squares in fp32, as one partial: [T, 1]."""
     xf = x.float()
-    return (xf * xf).sum(-1, keepdim=True)
+    return torch.linalg.vecdot(xf, xf).unsqueeze(-1)
 
 
 def row_rsqrt(row_stats: torch.Tensor, k: int, eps: float) -> torch.Tensor:
     """The deferred RMSNorm scale 1/rms(x) for each row, from the producer's partials: [T, 1] fp32."""
-    return torch.rsqrt(row_stats.sum(-1, keepdim=True) / k + eps)
+    total = row_stats if row_stats.shape[-1] == 1 else row_stats.sum(-1, keepdim=True)
+    return torch.rsqrt(total / k + eps)
 
 
 def rmsnorm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,20 +64,21 @@ def linear(
         acc = x @ weight.t()
     else:
         acc = x.float() @ weight.float().t()
+    # acc is this function's own fresh tensor: the epilogue updates it in place.
     if row_stats is not None:
-        acc = acc * row_rsqrt(row_stats, x.shape[-1], eps)
+        acc.mul_(row_rsqrt(row_stats, x.shape[-1], eps))
     if bias is not None:
-        acc = acc + bias.float()
+        acc.add_(bias)
     if residual is not None:
-        acc = acc + residual.float()
+        acc.add_(residual)
     y = acc.to(x.dtype)
     return y, (row_sumsq(y) if want_stats else None)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for a [T, 2I] tensor holding gate then up."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return (F.silu(gate.float()) * up.float()).to(gate_up.dtype)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return F.silu(gate).mul_(up).to(gate_up.dtype)
 
 
 def gate_up_silu(
@@ -166,8 +168,7 @@ def paged_attention(
     """
     out = torch.empty_like(q)
     hq, hk = q.shape[1], k_cache.shape[2]
-    qs = batch.query_start.tolist()
-    lens = batch.context_lens.tolist()
+    qs, lens = batch.host_layout
     if batch.is_decode_only and len(lens) > 1:
         return _decode_attention_batched(q, k_cache, v_cache, batch, scale)
     for i, length in enumerate(lens):
@@ -175,14 +176,14 @@ def paged_attention(
         if b == a:
             continue
         n = b - a
-        keys = _gather_context(k_cache, batch.block_tables[i], length).float()
-        vals = _gather_context(v_cache, batch.block_tables[i], length).float()
+        keys = _gather_context(k_cache, batch.block_tables[i], length).float().transpose(0, 1)  # [Hk, L, D]
+        vals = _gather_context(v_cache, batch.block_tables[i], length).float().transpose(0, 1)
         qi = q[a:b].float().transpose(0, 1)  # [Hq, n, D]
-        ki = keys.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
-        vi = vals.transpose(0, 1).repeat_interleave(hq // hk, dim=0)
-        qpos = torch.arange(length - n, length)[:, None]
-        mask = torch.arange(length)[None, :] <= qpos  # [n, L]
-        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        if n == 1 or n == length:  # decode sees every key; a whole prompt is plain causal: no mask tensor
+            oi = F.scaled_dot_product_attention(qi, keys, vals, is_causal=n > 1, scale=scale, enable_gqa=hq != hk)
+        else:
+            mask = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]  # [n, L]
+            oi = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, scale=scale, enable_gqa=hq != hk)
         out[a:b] = oi.transpose(0, 1).to(q.dtype)
     return out
 
@@ -195,12 +196,10 @@ def _decode_attention_batched(
     bs = k_cache.shape[1]
     n_blocks = -(-batch.max_context_len // bs)
     table = batch.block_tables[:, :n_blocks].long().clamp_min(0)
-    keys = k_cache[table].reshape(bsz, n_blocks * bs, hk, -1).float().transpose(1, 2)
+    keys = k_cache[table].reshape(bsz, n_blocks * bs, hk, -1).float().transpose(1, 2)  # [B, Hk, L, D]
     vals = v_cache[table].reshape(bsz, n_blocks * bs, hk, -1).float().transpose(1, 2)
-    keys = keys.repeat_interleave(hq // hk, dim=1)
-    vals = vals.repeat_interleave(hq // hk, dim=1)
     mask = torch.arange(n_blocks * bs)[None, :] < batch.context_lens.long()[:, None]
     o = F.scaled_dot_product_attention(
-        q.float()[:, :, None, :], keys, vals, attn_mask=mask[:, None, None, :], scale=scale
+        q.float()[:, :, None, :], keys, vals, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=hq != hk
     )
     return o[:, :, 0, :].to(q.dtype)
