@@ -268,26 +268,19 @@ def _key_matches(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
-def _default_params_cls() -> type:
-    from server.engine import SamplingParams
-
-    return SamplingParams
-
-
 def create_app(
     engine: Any,
     settings: ServerSettings | None = None,
     metrics: ServerMetrics | None = None,
-    params_cls: type | None = None,
 ) -> FastAPI:
     """The HTTP app for a started engine.
 
     ``metrics`` defaults to the engine's own ServerMetrics (so engine-side and HTTP-side series
-    share one registry); ``params_cls`` to server.engine.SamplingParams (tests pass a fake).
+    share one registry).
     """
     settings = settings or ServerSettings()
     metrics = metrics or getattr(engine, "metrics", None) or ServerMetrics(model_name=engine.model_name)
-    serving = Serving(engine, params_cls or _default_params_cls(), engine.model_name)
+    serving = Serving(engine, engine.model_name)
     drain = DrainState()
 
     app = FastAPI(title="fusionserve", version=settings.version, docs_url=None, redoc_url=None)

@@ -33,6 +33,7 @@ from server.protocol import (
     sampling_kwargs,
     usage,
 )
+from server.sampling import SamplingParams
 
 SYSTEM_FINGERPRINT = "fusionserve"
 
@@ -172,10 +173,9 @@ class TokenText:
 class Serving:
     """Turns validated requests into engine jobs and engine outputs into OpenAI responses."""
 
-    def __init__(self, engine: Any, params_cls: type, model_name: str) -> None:
+    def __init__(self, engine: Any, model_name: str) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.params_cls = params_cls
         self.model_name = model_name
         self.limits = Limits(
             vocab_size=int(self.tokenizer.vocab_size), max_model_len=int(engine.max_model_len)
@@ -227,7 +227,7 @@ class Serving:
         # no model at all, or one throw-away token to get the prompt logprobs computed.
         static = max_tokens == 0 and echo_lp is None
         discard = max_tokens == 0 and echo_lp is not None
-        params = self.params_cls(
+        params = SamplingParams(
             max_tokens=1 if discard else max_tokens, logprobs=req.logprobs, prompt_logprobs=echo_lp, **kw
         )
         jobs = []
@@ -262,7 +262,7 @@ class Serving:
         self._check_length(len(ids), max_tokens, "messages")
         kw = sampling_kwargs(req, self.limits)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        params = self.params_cls(max_tokens=max_tokens, logprobs=k, **kw)
+        params = SamplingParams(max_tokens=max_tokens, logprobs=k, **kw)
         return Job(new_id("chatcmpl"), ids, text, params)
 
     # -- engine ---------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.sampling import SamplingParams
+
 OFFSET = 3  # ids 0..2 are special: 0 pad, 1 bos, 2 eos
 EOS = 2
 
@@ -39,27 +41,6 @@ class FakeTokenizer:
                 raise ValueError("bad role")
         text = "".join(f"[{m['role']}]{m['content']}\n" for m in messages)
         return text + ("[assistant]" if add_generation_prompt else "")
-
-
-@dataclass(frozen=True)
-class FakeParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-    n: int = 1
-    skip_special_tokens: bool = True
 
 
 @dataclass
@@ -151,7 +132,7 @@ class FakeEngine:
         self.alive = False
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: FakeParams
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         if self.draining:
             raise EngineDeadError("shutting down")

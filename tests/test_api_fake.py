@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.app import ServerSettings, create_app
 from server.metrics import ServerMetrics
 from tests.api_cases import assert_error_shape, bad_cases, send
-from tests.fake_engine import FakeEngine, FakeParams
+from tests.fake_engine import FakeEngine
 
 MAX_BODY = 200_000
 
@@ -39,7 +39,7 @@ class ThreadServer:
     def __init__(self, engine: FakeEngine, settings: ServerSettings) -> None:
         self.engine = engine
         self.metrics = ServerMetrics(model_name=engine.model_name, process_metrics=False)
-        self.app = create_app(engine, settings, metrics=self.metrics, params_cls=FakeParams)
+        self.app = create_app(engine, settings, metrics=self.metrics)
         self.port = free_port()
         cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(cfg)
