@@ -1,5 +1,8 @@
 """Paged attention: decode (GQA, split over the context for long sequences) and varlen causal prefill.
 
+Split decode merges in the same launch: the last split program of each (sequence, kv head) to finish
+(an int32 arrival counter, acq_rel atomic) merges the partials in split order and resets its counter.
+
 Both read K/V from the paged cache [num_blocks, block_size, Hk, D] through the block tables, keep
 an online softmax (running max and denominator in fp32, exp2 with log2(e) folded into the scale)
 and divide once at the end. Semantics are reference.paged_attention's: query j of a sequence with
@@ -43,46 +46,13 @@ def _load_kv(
 
 
 @triton.jit
-def _decode_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    bt_ptr,
-    ctx_ptr,
-    o_ptr,
-    po_ptr,
-    pml_ptr,
-    HQ,
-    stride_qt,
-    stride_qh,
-    stride_ot,
-    stride_oh,
-    stride_bt,
-    stride_blk,
-    stride_tok,
-    stride_kh,
-    qk_scale,
-    split_len,
-    GROUP: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr,
-    SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr,
+def _decode_partial(
+    q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt, stride_blk,
+    stride_tok, stride_kh, qk_scale, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
-):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    sp = tl.program_id(2)
-    n_splits = tl.num_programs(2)
-    ctx = tl.load(ctx_ptr + b)
-    # Splits partition this sequence's own context (not the batch maximum), so a CUDA graph captured
-    # for the longest context still spreads a short context over every split.
-    seq_split = tl.minimum(tl.cdiv(tl.cdiv(ctx, BLOCK_N), n_splits) * BLOCK_N, split_len)
-    start = sp * seq_split
-    end = tl.minimum(ctx, start + seq_split)
+):  # fmt: skip
+    """Unnormalised online softmax of the GROUP query heads of kv head `kvh` over keys [start, end)."""
     g = tl.arange(0, BLOCK_G)
     g_mask = g < GROUP
     heads = kvh * GROUP + g
@@ -110,19 +80,152 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = mma(acc * alpha[:, None], cast(p, v.dtype), v, UPCAST, IEEE)
         m_i = m_new
-    out_mask = g_mask[:, None] & d_mask[None, :]
-    if SPLIT:
-        row = (b * HQ + heads) * n_splits + sp
-        tl.store(po_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
-        tl.store(pml_ptr + row * 2, m_i, mask=g_mask)
-        tl.store(pml_ptr + row * 2 + 1, l_i, mask=g_mask)
-    else:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(
-            o_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
-            cast(o, o_ptr.dtype.element_ty),
-            mask=out_mask,
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _merge_splits(
+    po_ptr, pml_ptr, o_ptr, b, kvh, HQ, n_splits, n_active, stride_ot, stride_oh, GROUP: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_GG: tl.constexpr, MERGE_S: tl.constexpr,
+):  # fmt: skip
+    """Merge the partials of splits 0 .. n_active-1 of (b, kvh), in split order, and write o.
+
+    The partials were written by other programs of this launch: .cg loads read them from L2."""
+    gg = tl.arange(0, BLOCK_GG)
+    g_mask = gg < GROUP
+    heads = kvh * GROUP + gg
+    base = (b * HQ + heads) * n_splits
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    m = tl.full([BLOCK_GG], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([BLOCK_GG], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_GG, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, n_active, MERGE_S):
+        s = s0 + tl.arange(0, MERGE_S)
+        rows = base[:, None] + s[None, :]
+        msk = g_mask[:, None] & (s < n_active)[None, :]
+        ms = tl.load(pml_ptr + rows * 2, mask=msk, other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(pml_ptr + rows * 2 + 1, mask=msk, other=0.0, cache_modifier=".cg")
+        ps = tl.load(
+            po_ptr + rows[:, :, None] * BLOCK_D + d[None, None, :],
+            mask=msk[:, :, None] & d_mask[None, None, :],
+            other=0.0,
+            cache_modifier=".cg",
         )
+        m_new = tl.maximum(m, tl.max(ms, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_ref)
+        w = tl.math.exp2(ms - m_ref[:, None])
+        den = den * alpha + tl.sum(w * ls, 1)
+        acc = acc * alpha[:, None] + tl.sum(ps * w[:, :, None], 1)
+        m = m_new
+    o = acc / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(
+        o_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        cast(o, o_ptr.dtype.element_ty),
+        mask=g_mask[:, None] & d_mask[None, :],
+    )
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    ctx_ptr,
+    o_ptr,
+    po_ptr,
+    pml_ptr,
+    cnt_ptr,
+    HQ,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_blk,
+    stride_tok,
+    stride_kh,
+    qk_scale,
+    split_len,
+    min_split,
+    single_ctx,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FUSED: tl.constexpr,
+    BLOCK_GG: tl.constexpr,
+    MERGE_S: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    ctx = tl.load(ctx_ptr + b)
+    # Splits partition this sequence's own context (not the batch maximum), so a CUDA graph captured
+    # for the longest context still spreads a short context over every split.
+    seq_split = tl.minimum(tl.cdiv(tl.cdiv(ctx, BLOCK_N), n_splits) * BLOCK_N, split_len)
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < GROUP
+    heads = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    out_mask = g_mask[:, None] & (d < D)[None, :]
+    o_offs = b * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    if SPLIT and FUSED:
+        # Splits of at least min_split tokens, and one split for contexts up to single_ctx: only the
+        # first n_active programs of (b, kvh) work. Each stores its partial and takes a ticket; the
+        # last to arrive merges all of them in split order (deterministic) and resets the counter.
+        seq_split = tl.maximum(seq_split, min_split)
+        if ctx <= single_ctx:
+            seq_split = tl.maximum(seq_split, ctx)
+        n_active = tl.maximum(tl.cdiv(ctx, seq_split), 1)
+        if sp < n_active:
+            start = sp * seq_split
+            end = tl.minimum(ctx, start + seq_split)
+            acc, l_i, m_i = _decode_partial(
+                q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt,
+                stride_blk, stride_tok, stride_kh, qk_scale, GROUP, BLOCK_G, D, BLOCK_D, BLOCK_N, PAGE,
+                UPCAST, IEEE,
+            )  # fmt: skip
+            if n_active == 1:
+                o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+                tl.store(o_ptr + o_offs, cast(o, o_ptr.dtype.element_ty), mask=out_mask)
+            else:
+                row = (b * HQ + heads) * n_splits + sp
+                tl.store(po_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
+                tl.store(pml_ptr + row * 2, m_i, mask=g_mask)
+                tl.store(pml_ptr + row * 2 + 1, l_i, mask=g_mask)
+                tl.debug_barrier()  # every thread's partial stores precede the release below
+                cnt = cnt_ptr + b * tl.num_programs(1) + kvh
+                ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+                if ticket == n_active - 1:
+                    _merge_splits(
+                        po_ptr, pml_ptr, o_ptr, b, kvh, HQ, n_splits, n_active, stride_ot, stride_oh,
+                        GROUP, D, BLOCK_D, BLOCK_GG, MERGE_S,
+                    )  # fmt: skip
+                    tl.store(cnt, 0)  # every split has arrived: ready for the next launch / replay
+    else:
+        start = sp * seq_split
+        end = tl.minimum(ctx, start + seq_split)
+        acc, l_i, m_i = _decode_partial(
+            q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt, stride_blk,
+            stride_tok, stride_kh, qk_scale, GROUP, BLOCK_G, D, BLOCK_D, BLOCK_N, PAGE, UPCAST, IEEE,
+        )  # fmt: skip
+        if SPLIT:
+            row = (b * HQ + heads) * n_splits + sp
+            tl.store(po_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
+            tl.store(pml_ptr + row * 2, m_i, mask=g_mask)
+            tl.store(pml_ptr + row * 2 + 1, l_i, mask=g_mask)
+        else:
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(o_ptr + o_offs, cast(o, o_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -164,6 +267,44 @@ def _sm_count(device: torch.device) -> int:
 
 
 DECODE_POLICY = "fill"
+# Split merge: True = the last split program of each (sequence, kv head) merges (one launch);
+# False = the old second launch (_decode_reduce_kernel); None = fused when there are at most
+# DECODE_FUSED_MERGE_MAX_PROGRAMS (sequence, kv head) pairs. Measured (bench/results/decode_small_*):
+# fused wins where many splits each hold about one chunk (135M batch 1: 5.5 vs 6.2 µs; 8B batch 1:
+# 5.7 vs 8.2 µs), and loses where each split loops over many chunks (8B batch 8-32 at ctx 4096: up to
+# 35% slower). Splitting less (min split 256, one split up to 1024 tokens, no split) lost everywhere
+# it was tried at ctx 512. Read at call time (benchmarks flip them).
+DECODE_FUSED_MERGE: bool | None = None
+DECODE_FUSED_MERGE_MAX_PROGRAMS = 16
+DECODE_MIN_SPLIT_TOKENS = 0  # fused merge only: each split covers at least this many tokens
+DECODE_SINGLE_SPLIT_CTX = 0  # fused merge only: contexts up to this length take one program, no merge
+
+# Arrival counters of the fused merge, one int32 per (sequence, kv head), zero between launches (the
+# last arriver resets its own). One buffer per device, shared by every layer and CUDA graph (launches
+# on one stream are ordered). A buffer that is outgrown stays alive: captured graphs still use it.
+_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+_UNZEROED: set[tuple[str, int | None]] = set()
+_MIN_COUNTERS = 4096
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
+        size = max(n, _MIN_COUNTERS, 2 * buf.numel() if buf is not None else 0)
+        buf = _COUNTERS[key] = torch.zeros(size, dtype=torch.int32, device=device)
+        if capturing:  # the zero fill became a graph node: it runs at each replay, not now
+            _UNZEROED.add(key)
+        else:
+            _UNZEROED.discard(key)
+    elif key in _UNZEROED and not capturing:
+        buf.zero_()
+        _UNZEROED.discard(key)
+    return buf
 
 
 def decode_plan(
@@ -202,11 +343,18 @@ def decode_attention(
     out: torch.Tensor | None = None,
     block_n: int | None = None,
     policy: str | None = None,
+    fused_merge: bool | None = None,
+    min_split_tokens: int | None = None,
+    single_split_ctx: int | None = None,
 ) -> torch.Tensor:
     """One new query per sequence: q [B, Hq, D] over its cached context → o [B, Hq, D].
 
     The context is split over `num_splits` programs per (sequence, kv head) when there are too few
-    of those to fill the GPU; a second tiny kernel merges the partial (max, denominator, sum) triples.
+    of those to fill the GPU. With `fused_merge` the last split program of a (sequence, kv head) to
+    finish merges the partial (max, denominator, sum) triples (one launch); otherwise a second tiny
+    kernel does (None: DECODE_FUSED_MERGE, whose None picks by the number of (b, kv head) pairs).
+    `min_split_tokens` and `single_split_ctx` (fused merge only) are read on the device against each
+    sequence's own length, so a graph captured for the longest context honours them.
     """
     bsz, hq, d = q.shape
     hk, page = k_cache.shape[2], k_cache.shape[1]
@@ -214,6 +362,11 @@ def decode_attention(
     o = out if out is not None else torch.empty_like(q)
     if bsz == 0:
         return o
+    fused_merge = DECODE_FUSED_MERGE if fused_merge is None else fused_merge
+    if fused_merge is None:
+        fused_merge = bsz * hk <= DECODE_FUSED_MERGE_MAX_PROGRAMS
+    min_split_tokens = DECODE_MIN_SPLIT_TOKENS if min_split_tokens is None else min_split_tokens
+    single_split_ctx = DECODE_SINGLE_SPLIT_CTX if single_split_ctx is None else single_split_ctx
     group = hq // hk
     plan_splits, plan_bn = decode_plan(bsz, hk, max_context_len, d, q.device, policy)
     num_splits = num_splits or plan_splits
@@ -223,11 +376,14 @@ def decode_attention(
     num_splits = max(1, triton.cdiv(max(max_context_len, 1), split_len))
     block_d = _next_pow2(d)
     split = num_splits > 1
+    fused = split and fused_merge
+    block_gg = max(2, _next_pow2(group))
     if split:
         po = torch.empty((bsz * hq * num_splits, block_d), device=q.device, dtype=torch.float32)
         pml = torch.empty((bsz * hq * num_splits, 2), device=q.device, dtype=torch.float32)
     else:
         po = pml = o
+    cnt = _arrival_counters(q.device, bsz * hk) if fused else pml
     _decode_kernel[(bsz, hk, num_splits)](
         q,
         k_cache,
@@ -237,6 +393,7 @@ def decode_attention(
         o,
         po,
         pml,
+        cnt,
         hq,
         q.stride(0),
         q.stride(1),
@@ -248,6 +405,8 @@ def decode_attention(
         k_cache.stride(2),
         scale * LOG2E,
         split_len,
+        triton.cdiv(max(min_split_tokens, 1), block_n) * block_n,
+        single_split_ctx,
         GROUP=group,
         D=d,
         BLOCK_G=max(16, _next_pow2(group)),
@@ -255,12 +414,15 @@ def decode_attention(
         BLOCK_N=block_n,
         PAGE=page,
         SPLIT=split,
+        FUSED=fused,
+        BLOCK_GG=block_gg,
+        MERGE_S=2 if INTERPRET else max(1, min(32, 8192 // (block_gg * block_d))),
         UPCAST=INTERPRET,
         IEEE=q.dtype == torch.float32,
         num_warps=1 if INTERPRET else 4,
         num_stages=1 if INTERPRET else 3,
     )
-    if split:
+    if split and not fused:
         _decode_reduce_kernel[(bsz, hq)](
             po,
             pml,

@@ -73,3 +73,45 @@ def test_prefill_attention_with_cached_prefix(dtype, hq, hk, d):
     out = prefill_attention(q, k_cache, v_cache, batch.to(DEVICE), scale)
     check(out, want, dtype)
     check(paged_attention(q, k_cache, v_cache, batch.to(DEVICE), scale), want, dtype)
+
+
+SPLIT_VARIANTS = {
+    "fused": dict(fused_merge=True),
+    "two_kernel": dict(fused_merge=False),
+    "fused_min_split": dict(fused_merge=True, min_split_tokens=40),
+    "fused_single_short": dict(fused_merge=True, single_split_ctx=48),
+}
+
+
+@pytest.mark.parametrize(
+    "dtype,variant", [(torch.float32, v) for v in SPLIT_VARIANTS] + [(torch.bfloat16, "fused")]
+)
+def test_decode_attention_split_merge(dtype, variant):
+    """Split decode as a CUDA graph runs it: planned for a longer max context than any sequence's,
+    ragged lengths (1 token, one block, several splits with a partial last one), scattered blocks,
+    NaN-poisoned output, three calls in a row (the arrival counters must be back at zero after each,
+    and the merge order is fixed, so the same input gives the same bits)."""
+    from kernels import attention as attn
+
+    hq, hk, d = 6, 2, 32
+    ctx = [1, 17, 48, 49, 130, 7]
+    batch = random_batch([1] * len(ctx), ctx, 64)
+    k_cache, v_cache = _caches(64, hk, d, dtype)
+    b = batch.to(DEVICE)
+    scale = d**-0.5
+    qs = [rand(len(ctx), hq, d, dtype=dtype) for _ in range(2)]
+    outs = []
+    for q in (qs[0], qs[1], qs[0]):
+        out = torch.full_like(q, float("nan"))
+        decode_attention(
+            q, k_cache, v_cache, b.block_tables, b.context_lens, 192, scale, num_splits=6, block_n=16, out=out,
+            **SPLIT_VARIANTS[variant],
+        )  # fmt: skip
+        want = ref.paged_attention(
+            q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu(), batch, scale
+        )
+        check(out, want, dtype)
+        outs.append(out)
+        if SPLIT_VARIANTS[variant]["fused_merge"]:
+            assert int(attn._COUNTERS[(out.device.type, out.device.index)].abs().sum()) == 0
+    assert torch.equal(outs[0], outs[2])
