@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import json
 import os
 import statistics
 import sys
@@ -202,7 +203,7 @@ def profile_step(model: Decoder, name: str, fused: bool) -> dict:
         low = ev.name.lower()
         if any(k in low for k in ("gemm", "gemv", "linear", "matmul", "sm90", "cutlass", "nvjet")):
             cat = "gemm"
-        elif "attn" in low or "attention" in low:
+        elif any(k in low for k in ("attn", "attention", "_decode_kernel", "_decode_reduce", "prefill")):
             cat = "attention"
         elif "norm" in low or "stats" in low:
             cat = "norm"
@@ -299,48 +300,8 @@ def bench_hf(name: str, cases: list[tuple[int, int]], results: list[dict]) -> No
     torch.cuda.empty_cache()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="135m,8b")
-    ap.add_argument("--batches", default="1,8,32,64")
-    ap.add_argument("--contexts", default="512,4096")
-    ap.add_argument("--gptfast", default=None, help="path of gpt-fast's model.py")
-    ap.add_argument("--gptfast-batches", default="1")
-    ap.add_argument("--hf", action="store_true")
-    ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--out", default=os.environ.get("OUT"))
-    args = ap.parse_args()
-    batches = [int(x) for x in args.batches.split(",")]
-    contexts = [int(x) for x in args.contexts.split(",")]
-    torch.manual_seed(0)
-    bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    results: list[dict] = []
-    profiles: list[dict] = []
-    for name in tqdm(args.models.split(","), desc="models"):
-        model = bench_ours(name, batches, contexts, results, bw)
-        if args.profile:
-            profiles += [profile_step(model, name, fused) for fused in (True, False)]
-            for p in profiles[-2:]:
-                print(p, flush=True)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-        if args.gptfast:
-            try:
-                bench_gptfast(
-                    args.gptfast, name, [int(x) for x in args.gptfast_batches.split(",")], contexts, results
-                )
-            except Exception as exc:  # a peer failing must not lose our numbers
-                print(f"gpt-fast failed: {exc!r}", flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
-        if args.hf:
-            cases = [(1, c) for c in contexts] + [(8, contexts[0])]
-            try:
-                bench_hf(name, cases, results)
-            except Exception as exc:
-                print(f"hf failed: {exc!r}", flush=True)
+def report(results: list[dict], profiles: list[dict], bw: float, out: str | None) -> None:
+    """Write JSON + Markdown (called after every model, so a cut-off run keeps what it measured)."""
     rows = []
     for r in results:
         if "fused_ms" not in r:
@@ -385,16 +346,65 @@ def main() -> None:
             )
         )
     payload = {"env": env, "copy_bandwidth": bw, "results": results, "profiles": profiles}
-    gpu = (env.get("gpu") or "gpu").split()[-1].lower()
+    gpu = "_".join((env.get("gpu") or "gpu").lower().split())
     write_results(f"decode_{gpu}", payload, table)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_results_to = Path(args.out)
-        (write_results_to / f"decode_{gpu}.md").write_text(table + "\n")
-        import json
-
-        (write_results_to / f"decode_{gpu}.json").write_text(json.dumps(payload, indent=2, default=str))
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"decode_{gpu}.md").write_text(table + "\n")
+        (Path(out) / f"decode_{gpu}.json").write_text(json.dumps(payload, indent=2, default=str))
     print(table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="135m,8b")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--contexts", default="512,4096")
+    ap.add_argument("--gptfast", default=None, help="path of gpt-fast's model.py")
+    ap.add_argument("--gptfast-batches", default="1")
+    ap.add_argument(
+        "--gptfast-contexts", default="512", help="each shape is a separate compile: keep it short"
+    )
+    ap.add_argument("--hf", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+    batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    results: list[dict] = []
+    profiles: list[dict] = []
+    for name in tqdm(args.models.split(","), desc="models"):
+        model = bench_ours(name, batches, contexts, results, bw)
+        if args.profile:
+            profiles += [profile_step(model, name, fused) for fused in (True, False)]
+            for p in profiles[-2:]:
+                print(p, flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        if args.hf:
+            cases = [(1, c) for c in contexts] + [(8, contexts[0])]
+            try:
+                bench_hf(name, cases, results)
+            except Exception as exc:
+                print(f"hf failed: {exc!r}", flush=True)
+        if args.gptfast:
+            try:
+                bench_gptfast(
+                    args.gptfast,
+                    name,
+                    [int(x) for x in args.gptfast_batches.split(",")],
+                    [int(x) for x in args.gptfast_contexts.split(",")],
+                    results,
+                )
+            except Exception as exc:  # a peer failing must not lose our numbers
+                print(f"gpt-fast failed: {exc!r}", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        report(results, profiles, bw, args.out)
 
 
 if __name__ == "__main__":
