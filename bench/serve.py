@@ -1,6 +1,7 @@
 """OpenAI-API load generator for a running `fusionserve serve` (or any OpenAI-compatible server).
 
-Prompts are random token ids drawn (fixed seed) from the tokenizer's non-special vocabulary
+Prompts are random token ids drawn (fixed seed; run i of an invocation uses prompt seed + i, so no
+prompt is sent twice to a prefix-caching server) from the tokenizer's non-special vocabulary
 and sent as token-id prompts to /v1/completions, so every request has exactly
 ``--input-len`` prompt tokens (text round trips would change the length); ``ignore_eos``
 makes every request produce exactly ``--output-len`` tokens. Arrivals are all at once
@@ -86,8 +87,10 @@ def percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def build_prompts(spec: LoadSpec, vocab_size: int, special: set[int]) -> list[list[int]]:
-    rng = random.Random(spec.seed)
+def build_prompts(
+    spec: LoadSpec, vocab_size: int, special: set[int], prompt_seed: int | None = None
+) -> list[list[int]]:
+    rng = random.Random(spec.seed if prompt_seed is None else prompt_seed)
     pool = [i for i in range(vocab_size) if i not in special]
     return [[rng.choice(pool) for _ in range(spec.input_len)] for _ in range(spec.num_requests)]
 
@@ -269,12 +272,6 @@ async def main_async(args: argparse.Namespace) -> int:
         models = (await client.get("/v1/models")).json()
         model = models["data"][0]["id"]
         vocab_size, special = load_vocab(args.model_dir)
-        prompts = build_prompts(spec, vocab_size, special)
-        warm = LoadSpec(
-            min(2, spec.num_requests), spec.input_len, min(4, spec.output_len), math.inf, spec.seed
-        )
-        await run_load(client, model, prompts[: warm.num_requests], warm, "warmup", False)
-
         if args.fusion_compare:
             if not args.admin_key:
                 print("error: --fusion-compare needs --admin-key", file=sys.stderr)
@@ -284,11 +281,22 @@ async def main_async(args: argparse.Namespace) -> int:
         else:
             original = None
             plan = [await get_fusion(client, args.admin_key)] * args.repeats
+        # Every run (and the warm-up) gets prompts of its own: with prefix caching on, a prompt sent
+        # twice is served from the cache the second time, which would favour later runs.
+        base = spec.seed if args.prompt_seed is None else args.prompt_seed
+        if args.warmup_requests > 0:
+            warm = LoadSpec(
+                min(args.warmup_requests, spec.num_requests), spec.input_len, min(4, spec.output_len),
+                math.inf, spec.seed,
+            )  # fmt: skip
+            warm_prompts = build_prompts(warm, vocab_size, special, base + len(plan))
+            await run_load(client, model, warm_prompts, warm, "warmup", False)
         runs = []
         try:
             for i, mode in enumerate(plan):
                 if args.fusion_compare:
                     await set_fusion(client, mode, args.admin_key)
+                prompts = build_prompts(spec, vocab_size, special, base + i)
                 label = f"{i + 1}"
                 results, duration = await run_load(
                     client, model, prompts, spec, f"run {label} fusion={mode}", True
@@ -325,12 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--rate", type=float, default=math.inf, help="requests/s (Poisson); inf = all at once")
     p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="arrival times (and prompts, unless --prompt-seed)")
+    p.add_argument(
+        "--prompt-seed", type=int, default=None, help="prompts of run i use this + i (default: --seed)"
+    )
     p.add_argument("--repeats", type=int, default=1, help="runs per fusion mode")
     p.add_argument("--fusion-compare", action="store_true", help="alternate fusion on/off via /admin/fusion")
     p.add_argument("--admin-key", default=None)
     p.add_argument("--api-key", default=None)
     p.add_argument("--model-dir", default=None, help="tokenizer folder (default: the default model)")
+    p.add_argument("--warmup-requests", type=int, default=2, help="short untimed requests first (0: none)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--tag", default="", help="added to the result file names")
