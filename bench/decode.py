@@ -218,6 +218,7 @@ def profile_step(model: Decoder, name: str, fused: bool) -> dict:
 def bench_gptfast(path: str, name: str, batches: list[int], contexts: list[int], results: list[dict]) -> None:
     spec = importlib.util.spec_from_file_location("gptfast_model", path)
     gf = importlib.util.module_from_spec(spec)
+    sys.modules["gptfast_model"] = gf  # dynamo re-imports the module by name while tracing
     spec.loader.exec_module(gf)
     import torch._inductor.config as ind
 
