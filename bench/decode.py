@@ -301,7 +301,7 @@ def bench_hf(name: str, cases: list[tuple[int, int]], results: list[dict]) -> No
     torch.cuda.empty_cache()
 
 
-def report(results: list[dict], profiles: list[dict], bw: float, out: str | None) -> None:
+def report(results: list[dict], profiles: list[dict], bw: float, out: str | None, tag: str = "") -> None:
     """Write JSON + Markdown (called after every model, so a cut-off run keeps what it measured)."""
     rows = []
     for r in results:
@@ -347,7 +347,7 @@ def report(results: list[dict], profiles: list[dict], bw: float, out: str | None
             )
         )
     payload = {"env": env, "copy_bandwidth": bw, "results": results, "profiles": profiles}
-    gpu = "_".join((env.get("gpu") or "gpu").lower().split())
+    gpu = "_".join((env.get("gpu") or "gpu").lower().split()) + (f"_{tag}" if tag else "")
     write_results(f"decode_{gpu}", payload, table)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -369,6 +369,7 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
@@ -405,7 +406,7 @@ def main() -> None:
                 print(f"gpt-fast failed: {exc!r}", flush=True)
             gc.collect()
             torch.cuda.empty_cache()
-        report(results, profiles, bw, args.out)
+        report(results, profiles, bw, args.out, args.tag)
 
 
 if __name__ == "__main__":
