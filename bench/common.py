@@ -48,3 +48,23 @@ def write_results(name: str, payload: dict, table: str) -> Path:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     (RESULTS / f"{name}.md").write_text(table + "\n")
     return RESULTS / f"{name}.md"
+
+
+def copy_bandwidth(nbytes: int = 1 << 31) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting bytes read + written (the roofline's ceiling)."""
+    import torch
+
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, markdown_table, write_results  # noqa: E402
+from bench.common import copy_bandwidth, environment, markdown_table, write_results  # noqa: E402
 from kernels.backend import select_backend  # noqa: E402
 from kernels.batch import PagedBatch  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
@@ -91,22 +91,6 @@ def weight_bytes(cfg: ModelConfig) -> int:
 
 def kv_bytes(cfg: ModelConfig, batch: int, ctx: int) -> int:
     return 2 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * batch * ctx
-
-
-def copy_bandwidth() -> float:
-    """Measured device-to-device bandwidth, bytes read + written per second."""
-    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    return 2 * 2 * 1024**3 / statistics.median(times[2:])
 
 
 def time_fn(fn, inner: int = 20, outer: int = 15) -> float:

@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from bench.common import copy_bandwidth  # noqa: E402
 from kernels import attention as attn  # noqa: E402
 from kernels import norm_linear as nl  # noqa: E402
 from kernels import rope_kv  # noqa: E402
@@ -151,26 +152,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def copy_bandwidth(device) -> float:
+def copy_bandwidth_gbs(device) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read + written."""
-    if device.type != "cuda":
-        return float("nan")
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(10):
-        t0.record()
-        b.copy_(a)
-        t1.record()
-        t1.synchronize()
-        ts.append(t0.elapsed_time(t1) / 1e3)
-    del a, b
-    return 2 * n / statistics.median(ts) / 1e9
+    return copy_bandwidth(1 << 30) / 1e9 if device.type == "cuda" else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -658,7 +642,7 @@ def main(argv=None):
             triton=triton.__version__,
             dtype=str(dtype).replace("torch.", ""),
             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            copy_GBs=copy_bandwidth(device) if device.type == "cuda" else float("nan"),
+            copy_GBs=copy_bandwidth_gbs(device) if device.type == "cuda" else float("nan"),
             interpret=os.environ.get("TRITON_INTERPRET", ""),
         )  # fmt: skip
     }
