@@ -12,12 +12,14 @@ captured for the smallest batch size >= theirs, unless the step is timed
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from kernels.batch import PagedBatch
@@ -78,63 +80,118 @@ class ModelRunner:
         self.block_size = block_size
         self.kv: KVCache = decoder.allocate_kv_cache(num_blocks, block_size)
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA only)
+        self._pinned: list[torch.Tensor | None] = [None, None]  # host staging buffers (CUDA)
+        self._pin_turn = 0
 
     # -- inputs --------------------------------------------------------------------
 
     def prepare(self, items: list[tuple[Sequence, int]], prompt_rows: list[bool]) -> StepInputs:
         """Pack the planned chunks. `items` are (sequence, new tokens). `prompt_rows[i]` asks for the logits
-        of every prompt position of sequence i in this chunk (prompt logprobs)."""
+        of every prompt position of sequence i in this chunk (prompt logprobs).
+
+        Built with numpy in one pass: per sequence only O(1) Python work (plus its chunk's token ids),
+        block tables are flattened in C and scattered into a padded array; on CUDA everything travels
+        in one pinned int64 buffer and one non-blocking copy.
+        """
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        context_lens: list[int] = []
-        logit_rows: list[int] = []
-        sample_index: list[int | None] = []
-        prompt_index: list[tuple[int, int] | None] = []
-        width = max(len(seq.table.blocks) for seq, _ in items)
-        tables = torch.full((len(items), width), -1, dtype=torch.int32)
-        for i, (seq, n) in enumerate(items):
-            start, end = seq.num_computed, seq.num_computed + n
-            blocks = seq.table.blocks
-            row0 = len(ids)
-            ids.extend(seq.tokens[start:end])
-            positions.extend(range(start, end))
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-            query_start.append(len(ids))
-            context_lens.append(end)
-            if prompt_rows[i] and start < seq.num_prompt - 1:
-                # rows start..num_prompt-2 predict prompt tokens start+1..num_prompt-1
-                count = min(end, seq.num_prompt - 1) - start
-                prompt_index.append((len(logit_rows), count))
-                logit_rows.extend(range(row0, row0 + count))
+        b = len(items)
+        seqs = [s for s, _ in items]
+        tables = [s.table.blocks for s in seqs]
+        nblk = np.fromiter(map(len, tables), dtype=np.int64, count=b)
+        width = max(int(nblk.max()), 1)
+        flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int64, count=int(nblk.sum()))
+        table_arr = np.full((b, width), -1, dtype=np.int64)
+        table_arr[np.arange(width) < nblk[:, None]] = flat
+        starts = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=b)
+        ns = np.fromiter((n for _, n in items), dtype=np.int64, count=b)
+        ends = starts + ns
+        decode = bool((ns == 1).all()) and not any(prompt_rows)
+        if decode:  # one token each, at position num_computed; every row is sampled iff it reaches the end
+            ids = np.fromiter((s.tokens[s.num_computed] for s in seqs), dtype=np.int64, count=b)
+            positions = starts
+            rows = np.arange(b)
+            num_tok = np.fromiter(map(len, (s.tokens for s in seqs)), dtype=np.int64, count=b)
+            sampled = ends == num_tok
+            if sampled.all():
+                sample_index: list[int | None] = list(range(b))
+                logit_rows = rows
             else:
-                prompt_index.append(None)
-            if end == seq.num_tokens:
-                sample_index.append(len(logit_rows))
-                logit_rows.append(row0 + n - 1)
-            else:
-                sample_index.append(None)
-        dev = self.device
-        batch = PagedBatch(
-            query_start=torch.tensor(query_start, dtype=torch.int32),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32),
-            block_tables=tables,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            max_query_len=max(n for _, n in items),
-            max_context_len=max(context_lens),
-            block_size=bs,
-        )
+                logit_rows = rows[sampled]
+                pos_of = np.cumsum(sampled) - 1
+                sample_index = [int(pos_of[i]) if sampled[i] else None for i in range(b)]
+            prompt_index: list[tuple[int, int] | None] = [None] * b
+        else:
+            ids = np.fromiter(
+                itertools.chain.from_iterable(s.tokens[s.num_computed : s.num_computed + n] for s, n in items),
+                dtype=np.int64, count=int(ns.sum()),
+            )  # fmt: skip
+            rows = np.repeat(np.arange(b), ns)
+            row0 = np.concatenate(([0], np.cumsum(ns)[:-1]))
+            positions = np.arange(len(ids), dtype=np.int64) - np.repeat(row0, ns) + np.repeat(starts, ns)
+            logit_list: list[int] = []
+            sample_index = []
+            prompt_index = []
+            for i, (seq, n) in enumerate(items):
+                start, end, r0 = int(starts[i]), int(ends[i]), int(row0[i])
+                if prompt_rows[i] and start < seq.num_prompt - 1:
+                    # rows start..num_prompt-2 predict prompt tokens start+1..num_prompt-1
+                    count = min(end, seq.num_prompt - 1) - start
+                    prompt_index.append((len(logit_list), count))
+                    logit_list.extend(range(r0, r0 + count))
+                else:
+                    prompt_index.append(None)
+                if end == seq.num_tokens:
+                    sample_index.append(len(logit_list))
+                    logit_list.append(r0 + n - 1)
+                else:
+                    sample_index.append(None)
+            logit_rows = np.asarray(logit_list, dtype=np.int64)
+        slots = table_arr[rows, positions // bs] * bs + positions % bs
+        query_start = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(ns, out=query_start[1:])
+        max_query_len, max_context_len = int(ns.max()), int(ends.max())
+        if self.device.type == "cpu":
+            batch = PagedBatch(
+                query_start=torch.from_numpy(query_start.astype(np.int32)),
+                context_lens=torch.from_numpy(ends.astype(np.int32)),
+                block_tables=torch.from_numpy(table_arr.astype(np.int32)),
+                slot_mapping=torch.from_numpy(slots),
+                max_query_len=max_query_len, max_context_len=max_context_len, block_size=bs,
+            )  # fmt: skip
+            ids_t, pos_t, logit_t = (
+                torch.from_numpy(ids),
+                torch.from_numpy(positions),
+                torch.from_numpy(logit_rows),
+            )
+        else:
+            # One pinned buffer (two, alternating: the previous step's copy may still be in flight).
+            parts = (ids, positions, slots, logit_rows, query_start, ends, table_arr.reshape(-1))
+            sizes = [len(p) for p in parts]
+            total = sum(sizes)
+            self._pin_turn ^= 1
+            buf = self._pinned[self._pin_turn]
+            if buf is None or buf.numel() < total:
+                buf = torch.empty(max(total, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.int64,
+                                  pin_memory=True)  # fmt: skip
+                self._pinned[self._pin_turn] = buf
+            host = buf.numpy()
+            off = 0
+            for p, n in zip(parts, sizes):
+                host[off : off + n] = p
+                off += n
+            dev = buf[:total].to(self.device, non_blocking=True)
+            ids_t, pos_t, slot_t, logit_t, qs_t, cl_t, tab_t = dev.split(sizes)
+            batch = PagedBatch(
+                query_start=qs_t.to(torch.int32), context_lens=cl_t.to(torch.int32),
+                block_tables=tab_t.view(b, width).to(torch.int32), slot_mapping=slot_t,
+                max_query_len=max_query_len, max_context_len=max_context_len, block_size=bs,
+            )  # fmt: skip
+        # The layout the torch attention reads on the host: from our arrays, not a device sync.
+        batch.__dict__["host_layout"] = (query_start.tolist(), ends.tolist())
         return StepInputs(
-            ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            batch=batch.to(dev) if dev.type != "cpu" else batch,
-            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
-            sample_index=sample_index,
-            prompt_index=prompt_index,
-        )
+            ids=ids_t, positions=pos_t, batch=batch, logit_rows=logit_t,
+            sample_index=sample_index, prompt_index=prompt_index,
+        )  # fmt: skip
 
     # -- execution -----------------------------------------------------------------
 
