@@ -32,16 +32,17 @@ from models.decoder import Decoder  # noqa: E402
 from server.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from tests.tiny_models import make_tiny_checkpoint  # noqa: E402
 
-PHASES = ("schedule", "prepare", "execute", "sample", "emit", "bookkeeping")
+PHASES = ("schedule", "prepare", "execute", "sample", "collect", "emit", "bookkeeping")
 # (object attribute path, method) → phase; a method missing in a version of the engine is skipped.
 HOOKS = [
     ("scheduler", "schedule", "schedule"),
     ("runner", "prepare", "prepare"),
     ("runner", "execute", "execute"),
     ("sampler", "sample", "sample"),
-    ("sampler", "sample_batch", "sample"),
-    (None, "_on_token", "emit"),  # before: detokenization + stop strings + stop checks, per token
-    (None, "_process_text", "emit"),  # after: detokenization + stop strings of a finished step
+    ("sampler", "launch", "sample"),
+    (None, "_collect", "collect"),  # after: the wait for the ids + append / eos / length / free blocks
+    (None, "_on_token", "emit"),  # before: per token accounting + detokenization + stop strings
+    (None, "_process", "emit"),  # after: detokenization, stop strings, logprobs, outputs
     (None, "_emit", "emit"),
 ]
 
@@ -185,7 +186,9 @@ def main() -> None:
         f"{args.max_tokens} new tokens (ignore_eos), SmolLM2 tokenizer attached; `greedy` = all greedy, "
         "`mix` = 1/2 greedy, 1/4 T=0.8, 1/8 top_p=0.9, 1/8 seeded, 1/4 with a stop string. Mean ms per "
         "decode-only step, by phase (perf_counter around engine methods; bookkeeping = the rest of "
-        "step()). On CPU `execute` includes the forward pass itself (no GPU to overlap with).\n\n"
+        "step()). Before, `emit` also holds the per-token accounting that `collect` holds after. On CPU `execute` "
+        "is the forward pass itself and nothing runs concurrently, so overlap cannot show here: these are host "
+        "costs, the time a GPU would otherwise wait for.\n\n"
     )
     (RESULTS / "engine_host_cpu.md").write_text(head + table + "\n")
     print(table)

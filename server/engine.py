@@ -26,7 +26,7 @@ from models.decoder import Decoder, KVCache
 from server.fusion import FusionControl, path_label
 from server.kv_cache import BlockManager
 from server.runner import ModelRunner
-from server.sampling import Sampler, SampleRow, SamplingParams, TokenLogprob, prompt_logprobs
+from server.sampling import SampleHandle, Sampler, SamplingParams, TokenLogprob, prompt_logprobs
 from server.scheduler import Scheduler, SchedulerConfig, Sequence, Status
 
 if TYPE_CHECKING:  # the engine runs without prometheus_client when no metrics are passed
@@ -68,6 +68,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     num_kv_blocks: int | None = None  # overrides the memory-based sizing (tests, benchmarks)
     seed: int | None = None  # the shared generator of unseeded requests
+    overlap: bool = True  # launch step n+1 before the text/output work of step n (off: debugging)
 
 
 @dataclass
@@ -174,7 +175,20 @@ class _Choice:
     new_text: str = ""
     sent_prompt_lps: bool = False
     last_token_at: float | None = None
-    finish_reason: str | None = None
+    stop_reason: str | None = None  # decided when the token arrived (eos / stop id / length)
+    finish_reason: str | None = None  # set once its text is processed
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled ids are not on the host yet."""
+
+    rows: list[Sequence]
+    handle: SampleHandle | None
+    fused: bool
+    phase: str
+    timer: object | None
+    t0: float
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -284,6 +298,7 @@ class LLMEngine:
         self.num_steps = 0
         self._path_steps = {True: 0, False: 0}
         self._seq_ids = itertools.count()
+        self._inflight: _InFlight | None = None
 
     # -- requests --------------------------------------------------------------------
 
@@ -359,7 +374,7 @@ class LLMEngine:
         return outputs
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._inflight is not None
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -370,14 +385,36 @@ class LLMEngine:
         )  # fmt: skip
 
     # -- one step --------------------------------------------------------------------
+    #
+    # A step is launched (schedule, prepare, execute, sampling kernels), then collected: its
+    # sampled ids reach the host (the one wait) and only what the next schedule needs is done at
+    # once (append, eos / stop token ids / max_tokens, freeing blocks). The slower per-token work
+    # (detokenization, stop strings, logprob formatting, outputs) comes after. With `overlap`
+    # the next step is launched between the two, so that work runs while the device computes;
+    # a sequence cut by a stop string then may sit in the launched step: it is finished at once
+    # (its blocks freed) and the extra token is dropped when that step is collected.
 
     def step(self) -> list[RequestOutput]:
+        if not self.config.overlap:
+            self._launch()
+            done = self._collect()
+            outputs = self._process(*done) if done is not None else []
+        else:  # one call still returns the outputs of one step (the first call launches two)
+            if self._inflight is None:
+                self._launch()
+            done = self._collect()
+            self._launch()
+            outputs = self._process(*done) if done is not None else []
+        self._update_gauges()
+        return outputs
+
+    def _launch(self) -> None:
+        """Schedule and queue one step on the device (model + sampling); no wait for its result."""
         plan = self.scheduler.schedule()
         if plan.preempted and self.metrics is not None:
             self.metrics.inc_preemptions(len(plan.preempted))
         if not plan.items:
-            self._update_gauges()
-            return []
+            return
         fused = self.fusion.step_mode()
         # Count steps per path, so `ab` with an even interval still times both paths.
         every, self._path_steps[fused] = self.config.layer_timing_every, self._path_steps[fused] + 1
@@ -387,12 +424,9 @@ class LLMEngine:
 
         want_prompt = [self._wants_prompt_rows(s) for s, _ in plan.items]
         starts = [s.num_computed for s, _ in plan.items]
+        params = [s.data.request.params for s, _ in plan.items]
         # Plain greedy rows need no final-norm scale on the fused path (argmax is scale-invariant).
-        scaled = (
-            not fused
-            or any(want_prompt)
-            or any(s.data.request.params.needs_scaled_logits for s, _ in plan.items)
-        )
+        scaled = not fused or any(want_prompt) or any(p.needs_scaled_logits for p in params)
         inputs = self.runner.prepare(plan.items, want_prompt)
         logits = self.runner.execute(inputs, fused, timer, scaled)
         self.scheduler.advance(plan)
@@ -408,26 +442,75 @@ class LLMEngine:
                 for child in self._fork(seq):
                     rows.append(child)
                     src.append(at)
-        sample_rows = [
-            SampleRow(s.data.request.params, s.tokens, s.num_prompt, s.data.generator) for s in rows
-        ]
-        token_ids, lps = self.sampler.sample(logits[src], sample_rows) if rows else ([], [])
+        handle = None
+        if rows:
+            # The sampler may change its input in place: index (copy) when prompt rows share it.
+            whole = len(src) == logits.shape[0] and src[-1] == len(src) - 1 and not any(want_prompt)
+            handle = self.sampler.launch(
+                logits if whole else logits[src], [s.data.request.params for s in rows],
+                [s.data.generator for s in rows], lambda i: (rows[i].tokens, rows[i].num_prompt),
+            )  # fmt: skip
         for (seq, _), span, start in zip(plan.items, inputs.prompt_index, starts):
-            if span is not None:
+            if span is not None:  # prompt logprobs (echo) wait for the device here: rare, prefill only
                 self._add_prompt_logprobs(seq, logits[span[0] : span[0] + span[1]], start)
-        self.runner.synchronize()
-        elapsed = time.perf_counter() - t0
-        self._observe_step(fused, phase, elapsed, timer)
+        self._inflight = _InFlight(rows, handle, fused, phase, timer, t0)
 
+    def _collect(self) -> tuple[SampleHandle | None, list[tuple[Sequence, int, int]]] | None:
+        """Wait for the launched step's ids; account what the next schedule needs."""
+        inf, self._inflight = self._inflight, None
+        if inf is None:
+            return None
+        token_ids = inf.handle.token_ids() if inf.handle is not None else []
+        self._observe_step(inf.fused, inf.phase, time.perf_counter() - inf.t0, inf.timer)
         now = time.monotonic()
-        touched: dict[int, Sequence] = {}
-        for seq, tok, lp in zip(rows, token_ids, lps):
+        metrics, eos, max_len = self.metrics, self.eos_token_ids, self.max_model_len
+        done: list[tuple[Sequence, int, int]] = []
+        for i, (seq, tok) in enumerate(zip(inf.rows, token_ids)):
+            if seq.status is Status.FINISHED:  # aborted, or cut by a stop string while in flight
+                continue
             seq.tokens.append(tok)
-            self._on_token(seq, tok, lp, now)
-            touched[seq.seq_id] = seq
+            ch: _Choice = seq.data
+            req, p = ch.request, ch.request.params
+            ch.new_ids.append(tok)
+            if metrics is not None:
+                if req.first_token_at is None:
+                    metrics.observe_ttft(now - req.arrival)
+                elif ch.last_token_at is not None:
+                    metrics.observe_itl(now - ch.last_token_at)
+            if req.first_token_at is None:
+                req.first_token_at = now
+            ch.last_token_at = now
+            if tok in p.stop_token_ids or (not p.ignore_eos and tok in eos):
+                ch.stop_reason = "stop"
+            elif len(seq.tokens) - seq.num_prompt >= p.max_tokens or len(seq.tokens) >= max_len:
+                ch.stop_reason = "length"
+            if ch.stop_reason is not None:
+                self.scheduler.finish(seq)
+            done.append((seq, tok, i))
         self.num_steps += 1
-        outputs = [self._emit(seq) for seq in touched.values()]
-        self._update_gauges()
+        return inf.handle, done
+
+    def _process(
+        self, handle: SampleHandle | None, done: list[tuple[Sequence, int, int]]
+    ) -> list[RequestOutput]:
+        """The per-token host work of a collected step: logprobs, text, stop strings, outputs."""
+        lps = handle.logprobs() if handle is not None and done else None
+        outputs = []
+        for seq, tok, i in done:
+            ch: _Choice = seq.data
+            if lps is not None and lps[i] is not None:
+                ch.new_lps.append(lps[i])
+            reason, hit = ch.stop_reason, False
+            if reason != "stop":  # an eos / stop token id adds no text
+                text = ch.detok.push(tok) if ch.detok is not None else ""
+                if ch.stops is not None:
+                    text, hit = ch.stops.feed(text)
+                    if hit:
+                        reason = "stop"
+                ch.new_text += text
+            if reason is not None and ch.finish_reason is None:
+                self._finish(seq, reason, stopped_by_string=hit)
+            outputs.append(self._emit(seq))
         return outputs
 
     def _fork(self, leader: Sequence) -> list[Sequence]:
@@ -474,36 +557,6 @@ class LLMEngine:
         next_ids = seq.tokens[len(lps) : start + 1 + logits.shape[0]]
         lps.extend(prompt_logprobs(logits[skip:], next_ids, seq.data.request.params.prompt_logprobs or 0))
 
-    def _on_token(self, seq: Sequence, tok: int, lp: TokenLogprob | None, now: float) -> None:
-        """Account one new token: metrics, stop conditions, detokenized text."""
-        ch: _Choice = seq.data
-        req, p = ch.request, ch.request.params
-        ch.new_ids.append(tok)
-        if lp is not None:
-            ch.new_lps.append(lp)
-        if self.metrics is not None:
-            if req.first_token_at is None:
-                self.metrics.observe_ttft(now - req.arrival)
-            elif ch.last_token_at is not None:
-                self.metrics.observe_itl(now - ch.last_token_at)
-        if req.first_token_at is None:
-            req.first_token_at = now
-        ch.last_token_at = now
-
-        reason, hit = None, False
-        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
-            reason = "stop"
-        else:
-            text = ch.detok.push(tok) if ch.detok is not None else ""
-            if ch.stops is not None:
-                text, hit = ch.stops.feed(text)
-                reason = "stop" if hit else None
-            ch.new_text += text
-        if reason is None and (seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            self._finish(seq, reason, stopped_by_string=hit)
-
     def _finish(self, seq: Sequence, reason: str, stopped_by_string: bool = False) -> None:
         ch: _Choice = seq.data
         if not stopped_by_string:  # release text held back for a partial character or stop string
@@ -512,7 +565,8 @@ class LLMEngine:
                 tail, _ = ch.stops.feed(tail, final=True)
             ch.new_text += tail
         ch.finish_reason = reason
-        self.scheduler.finish(seq)
+        if seq.status is not Status.FINISHED:  # a stop string: it may sit in the launched step
+            self.scheduler.finish(seq)
         req = ch.request
         req.num_finished += 1
         if ch.index == 0:
