@@ -237,6 +237,8 @@ class Sampler:
         logits = logits.float()
         if not rand_rows and not special:
             return SampleHandle(logits.argmax(dim=-1), len(params))
+        if special and logits.is_inference():  # penalties and bias change rows in place
+            logits = logits.clone()
         want_lp = [i for i in special if params[i].logprobs is not None]
         raw = logits[want_lp].clone() if want_lp else None  # logprobs report the model's distribution
         for i in special:

@@ -309,3 +309,61 @@ def test_engine_metrics_are_updated(tiny):
     ):
         assert needle in body, needle
     assert torch.is_tensor(eng.runner.kv.k[0])
+
+
+def test_overlap_matches_non_overlapped(tiny):
+    """Launching step n+1 before the output work of step n changes nothing a client sees."""
+    ps = prompts(12, seed=7)
+    plist = [
+        GREEDY,
+        SamplingParams(max_tokens=10, temperature=0.9, seed=3),
+        SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=4, n=2),
+        SamplingParams(max_tokens=9, temperature=0, logprobs=2, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(7, 9, 11, 13, 15, 17, 19)),
+        SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.3, ignore_eos=True),
+    ] * 2
+    runs = []
+    for overlap in (False, True):
+        eng = engine(tiny, overlap=overlap, max_num_seqs=8)
+        runs.append(
+            [[(o.token_ids, o.finish_reason, o.logprobs) for o in r] for r in eng.generate(ps, plist)]
+        )
+        assert eng.blocks.check_all_free() and not eng.has_unfinished()
+    assert runs[0] == runs[1]
+
+
+def test_abort_while_a_step_is_in_flight_frees_every_block(tiny):
+    eng = engine(tiny)
+    assert eng.config.overlap
+    ps = prompts(6, seed=9)
+    for i, p in enumerate(ps):
+        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(ps))}
+    for _ in range(3):
+        for o in eng.step():
+            got[o.request_id] += o.token_ids
+    assert eng._inflight is not None  # the next step is running while the caller holds these outputs
+    aborted = eng.abort_request("r1") + eng.abort_request("r4")
+    assert sorted(o.request_id for o in aborted) == ["r1", "r4"] and all(
+        o.finish_reason == "abort" for o in aborted
+    )
+    while eng.has_unfinished():
+        for o in eng.step():
+            assert o.request_id not in ("r1", "r4")  # their in-flight tokens are dropped
+            got[o.request_id] += o.token_ids
+    assert eng.blocks.check_all_free()
+    alone = ids(
+        engine(tiny, overlap=False).generate(
+            [ps[0]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+        )
+    )
+    assert got["r0"] == alone[0] and len(got["r1"]) == len(got["r4"]) == 3
+    # everything aborted while in flight: the step is collected, nothing is emitted, nothing leaks
+    for i, p in enumerate(ps):
+        eng.add_request(f"x{i}", p, GREEDY)
+    eng.step()
+    for i in range(len(ps)):
+        eng.abort_request(f"x{i}")
+    assert eng.has_unfinished()  # the launched step is still to be collected
+    assert eng.step() == [] and not eng.has_unfinished()
+    assert eng.blocks.check_all_free()

@@ -115,3 +115,27 @@ def test_eos_ends_generation(default):
     choice = out[0][0]
     assert choice.finish_reason == "stop" and choice.token_ids[-1] in tok.eos_token_ids
     assert choice.text and "<|im_end|>" not in choice.text
+
+
+def test_stop_strings_cut_exactly_with_overlap(default):
+    """A stop string found after step n+1 was launched: same text, tokens and reason as without overlap."""
+    _, _, tok = default
+    ps = encode(default, TEXTS[:8])
+    plain = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    full = engine(default, overlap=False).generate(ps, plain)
+    plist = []
+    for o in full:
+        text = o[0].text
+        stop = text[len(text) // 3 : len(text) // 3 + 3] or "zz"  # cut somewhere in the middle
+        plist.append(SamplingParams(**{**plain.__dict__, "stop": (stop,)}))
+    runs = []
+    for overlap in (False, True):
+        eng = engine(default, overlap=overlap)
+        out = eng.generate(ps, plist)
+        runs.append([(o[0].text, o[0].token_ids, o[0].finish_reason) for o in out])
+        assert eng.blocks.check_all_free()
+    assert runs[0] == runs[1]
+    for (text, token_ids, reason), p, o in zip(runs[1], plist, full):
+        assert reason == "stop" and p.stop[0] not in text
+        assert text == o[0].text[: o[0].text.find(p.stop[0])]
+        assert len(token_ids) < len(o[0].token_ids)  # the token launched after the stop is dropped
