@@ -117,6 +117,10 @@ class Scheduler:
                 remaining = seq.num_tokens - seq.num_computed
                 if seq.status is not Status.RUNNING or seq in planned or (remaining == 1) != decodes:
                     continue
+                if decodes and seq.num_computed < len(seq.table.blocks) * bs:
+                    planned[seq] = 1  # room left in its last block: nothing to allocate or preempt
+                    budget -= 1
+                    continue
                 n = min(remaining, budget)
                 fit = (len(seq.table.blocks) + blocks.num_free) * bs - seq.num_computed
                 if fit >= 1:  # a chunk shrinks to the free space before anyone is preempted
@@ -168,9 +172,11 @@ class Scheduler:
 
     def advance(self, plan: StepPlan) -> None:
         """The step wrote K/V for the planned tokens: count them and cache the full blocks."""
+        bs, caching = self.blocks.block_size, self.blocks.enable_prefix_caching
         for seq, n in plan.items:
             seq.num_computed += n
-            self.blocks.commit(seq.table, seq.tokens, seq.num_computed)
+            if caching and seq.num_computed // bs > seq.table.num_hashed:  # a block was completed
+                self.blocks.commit(seq.table, seq.tokens, seq.num_computed)
 
     def add_running(self, seq: Sequence) -> None:
         """A forked sibling that already holds its blocks joins the running set as the newest."""
