@@ -97,7 +97,8 @@ def run(eng: LLMEngine, prompts, plist) -> dict:
 
     def schedule_spy():
         plan = sched()
-        decode_flag["v"] = bool(plan.items) and plan.is_decode
+        if plan.items:  # a call that launches a prefill step too (the first, with overlap) is no decode step
+            decode_flag["v"] = decode_flag["v"] and plan.is_decode
         return plan
 
     eng.scheduler.schedule = schedule_spy
@@ -108,6 +109,7 @@ def run(eng: LLMEngine, prompts, plist) -> dict:
     t_all = time.perf_counter()
     while eng.has_unfinished():
         before = dict(timer.acc)
+        decode_flag["v"] = True
         t = time.perf_counter()
         outs = eng.step()
         total = time.perf_counter() - t
