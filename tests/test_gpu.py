@@ -67,3 +67,30 @@ def test_graph_replay_equals_eager(ckpt):
         replay = graphs.run(ids, pos, batch, fused).float().clone()
         eager = model.logits(model.forward(ids, pos, batch, kv, fusion=fused)).float()
         assert rel_err(replay, eager) <= 1e-3
+
+
+def test_engine_on_cuda_with_graphs_and_overlap(ckpt):
+    """The whole engine on the GPU (fp32 so batching cannot change greedy tokens): batched == alone,
+    overlap on == off, CUDA-graph decode steps used, every block freed."""
+    import random
+
+    from server.engine import EngineConfig, LLMEngine, SamplingParams
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 60))] for _ in range(16)]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    results = {}
+    for overlap in (True, False):
+        cfg = EngineConfig(
+            model_dir=str(ckpt), device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=16,
+            layer_timing_every=0, overlap=overlap,
+        )  # fmt: skip
+        eng = LLMEngine(cfg)
+        assert eng.runner.graphs is not None
+        together = [o[0].token_ids for o in eng.generate(prompts, greedy)]
+        alone = [eng.generate([p], greedy)[0][0].token_ids for p in prompts]
+        assert together == alone
+        results[overlap] = (together, [o[0].token_ids for o in eng.generate(prompts[:4], seeded)])
+        assert eng.blocks.check_all_free()
+    assert results[True] == results[False]
