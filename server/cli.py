@@ -93,7 +93,10 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusionserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fusionserve",
+        description="OpenAI-compatible LLM inference server with fused deferred-norm kernels.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     from server.serve import add_serve_args
 
