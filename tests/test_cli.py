@@ -1,0 +1,55 @@
+"""The console entry point as users run it: `generate` and `convert` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, env_home: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if env_home is not None:
+        env["FUSIONSERVE_HOME"] = str(env_home)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+def test_generate_chat_with_the_default_model(default_model_dir):
+    home = default_model_dir.parents[1]  # $FUSIONSERVE_HOME/models/<name>
+    for fusion in ("on", "off"):
+        run = cli(
+            "generate", "--prompt", "What is the capital of France?", "--chat", "--max-tokens", "16",
+            "--fusion", fusion, env_home=home,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "Paris" in run.stdout
+        assert "tokens/s" in run.stderr and f"fusion {fusion}" in run.stderr
+
+
+def test_generate_rejects_bad_arguments(default_model_dir):
+    run = cli("generate", "--prompt", "hi", "--max-tokens", "0", env_home=default_model_dir.parents[1])
+    assert run.returncode == 2 and "max-tokens" in run.stderr
+
+
+def test_convert_gguf_and_errors(default_gguf_path, tmp_path):
+    out = tmp_path / "converted"
+    run = cli("convert", str(default_gguf_path), str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 30
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"definitely not a gguf file")
+    run = cli("convert", str(bad), str(tmp_path / "never"))
+    assert run.returncode == 2 and "not.gguf" in run.stderr
+    assert not (tmp_path / "never").exists()
