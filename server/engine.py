@@ -284,6 +284,8 @@ class LLMEngine:
         if config.cuda_graphs and decoder.device.type == "cuda":
             sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < config.max_num_seqs]
             self.runner.capture_decode_graphs([*sizes, config.max_num_seqs])
+            if config.layer_timing_every:
+                self.runner.warm_eager_paths(config.max_num_seqs, self.max_model_len)
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks

@@ -234,3 +234,34 @@ class ModelRunner:
 
         self.graphs = DecodeGraphs(self.decoder, self.kv, max(batch_sizes), tuple(batch_sizes))
         self.graphs.capture()
+
+    @torch.inference_mode()
+    def warm_eager_paths(self, max_batch: int, max_context: int) -> None:
+        """Run the eager decode variants once so no live step pays a Triton compile.
+
+        Sampled per-layer timing steps run outside CUDA graphs, with the real batch
+        size and context length: the attention split plan and the GEMM epilogue
+        variants (scaled or not) then differ from the captured ones, and their
+        first use would stall that step (measured: hundreds of ms on an H100).
+        The warm-up writes nothing (slot -1) and reads only block 0.
+        """
+        dev, bs = self.device, self.block_size
+        contexts = sorted({1, min(max_context, 200), min(max_context, 3000), max_context})
+        sizes = sorted({1, 3, min(max_batch, 17), min(max_batch, 33), max_batch})
+        for fused in (True, False):
+            for n in sizes:
+                for ctx in contexts:
+                    width = -(-ctx // bs)
+                    batch = PagedBatch(
+                        query_start=torch.arange(n + 1, dtype=torch.int32, device=dev),
+                        context_lens=torch.full((n,), ctx, dtype=torch.int32, device=dev),
+                        block_tables=torch.zeros((n, width), dtype=torch.int32, device=dev),
+                        slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+                        max_query_len=1, max_context_len=ctx, block_size=bs,
+                    )  # fmt: skip
+                    ids = torch.zeros(n, dtype=torch.long, device=dev)
+                    pos = torch.full((n,), ctx - 1, dtype=torch.long, device=dev)
+                    hidden = self.decoder.forward(ids, pos, batch, self.kv, fused, self.make_timer())
+                    for scaled in (True, False):
+                        self.decoder.logits(hidden, scaled=scaled)
+        self.synchronize()
