@@ -13,6 +13,12 @@
 # $OUT/summary.md + summary.json (+ details.tgz with every raw file, server_log_tail.txt, run.log)
 # and print the table last.
 #
+# The device image has no fastapi/uvicorn/pydantic: fetch cp312 wheels once, here, into the git-ignored
+# .whl_serve (and carry it):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl_serve \
+#     annotated-doc==0.0.7 annotated-types==0.8.0 anyio==4.16.0 certifi==2026.10.19.post1 click==8.5.1 fastapi==0.165.0 h11==0.16.0 httpcore==1.0.9 httpx==0.28.1 idna==3.20 opentelemetry-api==1.45.2 py-spy==0.4.3 pydantic==2.14.4 pydantic-core==2.50.5 sniffio==1.3.1 starlette==1.10.0 typing-extensions==4.16.0 typing-inspection==0.4.5 uvicorn==0.54.0
+#
 # Knobs (environment): N=500 IN=512 OUTLEN=128 RATES="inf 8" HF_N=256 (0: skip HF)
 #   MODEL=/tmp/llama8b PRESET=llama-3.1-8b SEQS=256 MBT=8192 PORT=8000 SERVE_EXTRA=""
 #   WHL=.whl_serve CACHE=.serve_cache (a triton_cache.tgz there is unpacked first) SAVE_TRITON=0
