@@ -180,10 +180,14 @@ def paged_attention(
         vals = _gather_context(v_cache, batch.block_tables[i], length).float().transpose(0, 1)
         qi = q[a:b].float().transpose(0, 1)  # [Hq, n, D]
         if n == 1 or n == length:  # decode sees every key; a whole prompt is plain causal: no mask tensor
-            oi = F.scaled_dot_product_attention(qi, keys, vals, is_causal=n > 1, scale=scale, enable_gqa=hq != hk)
+            oi = F.scaled_dot_product_attention(
+                qi, keys, vals, is_causal=n > 1, scale=scale, enable_gqa=hq != hk
+            )
         else:
             mask = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]  # [n, L]
-            oi = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, scale=scale, enable_gqa=hq != hk)
+            oi = F.scaled_dot_product_attention(
+                qi, keys, vals, attn_mask=mask, scale=scale, enable_gqa=hq != hk
+            )
         out[a:b] = oi.transpose(0, 1).to(q.dtype)
     return out
 
@@ -200,6 +204,11 @@ def _decode_attention_batched(
     vals = v_cache[table].reshape(bsz, n_blocks * bs, hk, -1).float().transpose(1, 2)
     mask = torch.arange(n_blocks * bs)[None, :] < batch.context_lens.long()[:, None]
     o = F.scaled_dot_product_attention(
-        q.float()[:, :, None, :], keys, vals, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=hq != hk
+        q.float()[:, :, None, :],
+        keys,
+        vals,
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=hq != hk,
     )
     return o[:, :, 0, :].to(q.dtype)
