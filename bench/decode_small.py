@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, markdown_table, write_results  # noqa: E402
 from bench.decode import ARCHS, config_of, decode_batch, random_weights, time_fn  # noqa: E402
 from kernels import attention as attn  # noqa: E402
+from kernels import triton_env  # noqa: E402
 from kernels.backend import select_backend  # noqa: E402
 from models.decoder import Decoder  # noqa: E402
 from server.cuda_graphs import DecodeGraphs  # noqa: E402
@@ -113,7 +114,7 @@ def replay_us(graph: torch.cuda.CUDAGraph, calls: int, reps: int = 15) -> float:
 
 
 def counters_clean() -> bool:
-    return all(int(t.abs().sum()) == 0 for t in attn._COUNTERS.values())
+    return all(int(t.abs().sum()) == 0 for t in triton_env._COUNTERS.values())
 
 
 def bench_attention(name: str, bsz: int, ctx: int) -> dict:

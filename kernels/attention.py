@@ -11,25 +11,15 @@ n new tokens and context length L sits at position L - n + j and sees keys 0 .. 
 
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
+import triton.language as tl
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # no GPU here: Triton can only run its interpreter
+from kernels.batch import PagedBatch
+from kernels.norm_linear import cast, mma
+from kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from kernels.batch import PagedBatch  # noqa: E402
-from kernels.norm_linear import cast, mma  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 @triton.jit
@@ -260,12 +250,6 @@ def _decode_reduce_kernel(
     tl.store(o_ptr + b * stride_ot + h * stride_oh + d, cast(o, o_ptr.dtype.element_ty), mask=d < D)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 DECODE_POLICY = "fill"
 # Split merge: True = the last split program of each (sequence, kv head) merges (one launch);
 # False = the old second launch (_decode_reduce_kernel); None = fused when there are at most
@@ -279,34 +263,10 @@ DECODE_FUSED_MERGE_MAX_PROGRAMS = 16
 DECODE_MIN_SPLIT_TOKENS = 0  # fused merge only: each split covers at least this many tokens
 DECODE_SINGLE_SPLIT_CTX = 0  # fused merge only: contexts up to this length take one program, no merge
 
+
 # Arrival counters of the fused merge, one int32 per (sequence, kv head), zero between launches (the
 # last arriver resets its own). One buffer per device, shared by every layer and CUDA graph (launches
 # on one stream are ordered). A buffer that is outgrown stays alive: captured graphs still use it.
-_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []
-_UNZEROED: set[tuple[str, int | None]] = set()
-_MIN_COUNTERS = 4096
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    key = (device.type, device.index)
-    buf = _COUNTERS.get(key)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _RETIRED.append(buf)
-        size = max(n, _MIN_COUNTERS, 2 * buf.numel() if buf is not None else 0)
-        buf = _COUNTERS[key] = torch.zeros(size, dtype=torch.int32, device=device)
-        if capturing:  # the zero fill became a graph node: it runs at each replay, not now
-            _UNZEROED.add(key)
-        else:
-            _UNZEROED.discard(key)
-    elif key in _UNZEROED and not capturing:
-        buf.zero_()
-        _UNZEROED.discard(key)
-    return buf
-
-
 def decode_plan(
     bsz: int, hk: int, max_context_len: int, d: int, device: torch.device, policy: str | None = None
 ) -> tuple[int, int]:
@@ -316,7 +276,7 @@ def decode_plan(
     as keep about 4 programs per SM in one wave; "wave2": 64 tokens, about 2 programs per SM.
     """
     policy = policy or DECODE_POLICY
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if INTERPRET:
         block_n, per_sm = 16, 1
     elif policy == "fill":
@@ -374,16 +334,16 @@ def decode_attention(
     n_chunks = max(1, triton.cdiv(max_context_len, block_n))
     split_len = triton.cdiv(n_chunks, max(1, num_splits)) * block_n
     num_splits = max(1, triton.cdiv(max(max_context_len, 1), split_len))
-    block_d = _next_pow2(d)
+    block_d = next_pow2(d)
     split = num_splits > 1
     fused = split and fused_merge
-    block_gg = max(2, _next_pow2(group))
+    block_gg = max(2, next_pow2(group))
     if split:
         po = torch.empty((bsz * hq * num_splits, block_d), device=q.device, dtype=torch.float32)
         pml = torch.empty((bsz * hq * num_splits, 2), device=q.device, dtype=torch.float32)
     else:
         po = pml = o
-    cnt = _arrival_counters(q.device, bsz * hk) if fused else pml
+    cnt = arrival_counters(q.device, bsz * hk, "decode_attention") if fused else pml
     _decode_kernel[(bsz, hk, num_splits)](
         q,
         k_cache,
@@ -409,7 +369,7 @@ def decode_attention(
         single_split_ctx,
         GROUP=group,
         D=d,
-        BLOCK_G=max(16, _next_pow2(group)),
+        BLOCK_G=max(16, next_pow2(group)),
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         PAGE=page,
@@ -433,7 +393,7 @@ def decode_attention(
             o.stride(1),
             D=d,
             BLOCK_D=block_d,
-            BLOCK_S=max(2, _next_pow2(num_splits)),
+            BLOCK_S=max(2, next_pow2(num_splits)),
             num_warps=1 if INTERPRET else 4,
         )
     return o
@@ -567,7 +527,7 @@ def prefill_attention(
     o = out if out is not None else torch.empty_like(q)
     if t == 0 or batch.num_seqs == 0:
         return o
-    block_d = _next_pow2(d)
+    block_d = next_pow2(d)
     if config is None:
         if INTERPRET:
             config = (16, 16, 1, 1)

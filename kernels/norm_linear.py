@@ -16,22 +16,11 @@ Weights are [N, K] as in checkpoints (gains already folded in). Large M (prefill
 
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
+import triton.language as tl
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # no GPU here: Triton can only run its interpreter
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
+from kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
 
 _ROUND_FIX = tl.constexpr(INTERPRET)
 
@@ -337,26 +326,6 @@ TUNED: dict[tuple[int, int, int, bool], Config] = {
     (49152, 576, 32, False): (32, 128, 64, 4, 4, 1),
 }
 
-_SM_COUNT: dict[int, int] = {}
-_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed per-tile arrival counters of split-K; each kernel leaves them zero again."""
-    key = (device.type, device.index)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
 
 def m_bucket(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
@@ -392,7 +361,7 @@ def pick_config(m: int, n: int, k: int, device: torch.device, gate_up: bool = Fa
     hit = TUNED.get((n, k, bm, gate_up))
     if hit is not None:
         return _fit(hit, elt, gate_up)
-    sms = _sm_count(device)
+    sms = sm_count(device)
     m_tiles = -(-m // bm)
     bn = 16
     for cand in (64, 32):
@@ -401,7 +370,7 @@ def pick_config(m: int, n: int, k: int, device: torch.device, gate_up: bool = Fa
             break
     bk = 256 if bm <= 16 else 128
     if k < bk:
-        bk = max(32, _next_pow2(k) // 2)
+        bk = max(32, next_pow2(k) // 2)
     ctas = -(-n // bn) * m_tiles
     split = 1
     while ctas * split < sms and k // (bk * split * 2) >= 2:
@@ -464,7 +433,7 @@ def _launch(
         ws = torch.empty(
             n_tiles * m_tiles * split * bm * bn * (2 if gate_up else 1), device=x.device, dtype=torch.float32
         )
-        cnt = _counters(x.device, n_tiles * m_tiles)
+        cnt = arrival_counters(x.device, n_tiles * m_tiles, "split_k", minimum=1 << 16)
     else:
         ws = cnt = dummy
     _linear_kernel[(n_tiles, m_tiles, split)](
@@ -507,7 +476,7 @@ def _launch(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
-        BLOCK_P=min(128, _next_pow2(p)),
+        BLOCK_P=min(128, next_pow2(p)),
         SPLIT_K=split,
         num_warps=warps,
         num_stages=stages,
@@ -642,7 +611,7 @@ def silu_mul(
     p = row_stats.shape[1] if row_stats is not None else 1
     if row_stats is not None:
         row_stats = row_stats.float().contiguous()
-    block = min(1024 if not INTERPRET else 256, _next_pow2(i))
+    block = min(1024 if not INTERPRET else 256, next_pow2(i))
     _silu_mul_kernel[(t, triton.cdiv(i, block))](
         gate_up,
         out,
@@ -656,7 +625,7 @@ def silu_mul(
         eps,
         HAS_SCALE=row_stats is not None,
         BLOCK=block,
-        BLOCK_P=min(128, _next_pow2(p)),
+        BLOCK_P=min(128, next_pow2(p)),
         num_warps=4,
     )
     return out
@@ -752,8 +721,8 @@ def row_epilogue(
         HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
         WANT_STATS=want_stats,
-        BLOCK=min(1024 if not INTERPRET else 256, _next_pow2(n)),
-        BLOCK_P=min(128, _next_pow2(p)),
+        BLOCK=min(1024 if not INTERPRET else 256, next_pow2(n)),
+        BLOCK_P=min(128, next_pow2(p)),
         num_warps=4,
     )
     return out, stats

@@ -6,23 +6,12 @@ Also the per-row statistics pass used at large M, where cuBLAS already fused the
 
 from __future__ import annotations
 
-import os
-
 import torch
+import triton
+import triton.language as tl
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # no GPU here: Triton can only run its interpreter
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from kernels.norm_linear import cast  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+from kernels.norm_linear import cast
+from kernels.triton_env import INTERPRET, next_pow2
 
 
 def _warps(block: int) -> int:
@@ -82,7 +71,7 @@ def _norm(x, residual, weight, bias, eps, layer):
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous()
     if t:
-        block = _next_pow2(k)
+        block = next_pow2(k)
         _norm_kernel[(t,)](
             x,
             residual if residual is not None else x,
@@ -156,7 +145,7 @@ def row_stats(x: torch.Tensor, want_sums: bool = False):
     sq = torch.empty((t, 1), device=x.device, dtype=torch.float32)
     su = torch.empty((t, 1), device=x.device, dtype=torch.float32) if want_sums else None
     if t:
-        block = min(_next_pow2(k), 256 if INTERPRET else 4096)
+        block = min(next_pow2(k), 256 if INTERPRET else 4096)
         _row_stats_kernel[(t,)](
             x,
             sq,

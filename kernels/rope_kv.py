@@ -8,23 +8,13 @@ scale), rotates q and k, writes q out and k, v into the paged cache. Negative sl
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+import triton
+import triton.language as tl
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # no GPU here: Triton can only run its interpreter
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from kernels.norm_linear import cast  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+from kernels.norm_linear import cast
+from kernels.triton_env import INTERPRET, next_pow2
 
 
 def rope_cos_sin(
@@ -211,8 +201,8 @@ def rope_kv_write(
     if row_stats is not None:
         row_stats = row_stats.float().contiguous()
     half = head_dim // 2
-    block_half = _next_pow2(half)
-    block_hq = _next_pow2(num_heads)
+    block_half = next_pow2(half)
+    block_hq = next_pow2(num_heads)
     warps = 1 if INTERPRET else max(1, min(8, block_hq * block_half // 512))
     _rope_kv_kernel[(t,)](
         qkv,
@@ -239,10 +229,10 @@ def rope_kv_write(
         HAS_SCALE=row_stats is not None,
         HAS_BIAS=bias is not None,
         BLOCK_HQ=block_hq,
-        BLOCK_HK=_next_pow2(num_kv_heads),
+        BLOCK_HK=next_pow2(num_kv_heads),
         BLOCK_HALF=block_half,
-        BLOCK_D=_next_pow2(head_dim),
-        BLOCK_P=min(128, _next_pow2(p)),
+        BLOCK_D=next_pow2(head_dim),
+        BLOCK_P=min(128, next_pow2(p)),
         num_warps=warps,
     )
     return q

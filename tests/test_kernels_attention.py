@@ -8,6 +8,7 @@ import torch
 from kernels import reference as ref
 from kernels.attention import decode_attention, paged_attention, prefill_attention
 from kernels.batch import PagedBatch
+from kernels.triton_env import arrival_counters
 from tests.test_kernels_common import DEVICE, DTYPES, check, poison_outputs, rand  # noqa: F401
 
 BS = 16
@@ -91,7 +92,6 @@ def test_decode_attention_split_merge(dtype, variant):
     ragged lengths (1 token, one block, several splits with a partial last one), scattered blocks,
     NaN-poisoned output, three calls in a row (the arrival counters must be back at zero after each,
     and the merge order is fixed, so the same input gives the same bits)."""
-    from kernels import attention as attn
 
     hq, hk, d = 6, 2, 32
     ctx = [1, 17, 48, 49, 130, 7]
@@ -113,5 +113,5 @@ def test_decode_attention_split_merge(dtype, variant):
         check(out, want, dtype)
         outs.append(out)
         if SPLIT_VARIANTS[variant]["fused_merge"]:
-            assert int(attn._COUNTERS[(out.device.type, out.device.index)].abs().sum()) == 0
+            assert int(arrival_counters(out.device, 1, "decode_attention").abs().sum()) == 0
     assert torch.equal(outs[0], outs[2])

@@ -8,6 +8,7 @@ import torch
 from kernels import norm_linear as nl
 from kernels import reference as ref
 from kernels.triton_backend import TritonBackend
+from kernels.triton_env import arrival_counters
 from tests.test_kernels_common import DEVICE, DTYPES, M_VALUES, TOL, check, poison_outputs, rand  # noqa: F401
 
 N, K = 37, 45  # odd: no multiple of any block size
@@ -158,4 +159,4 @@ def test_split_k(dtype, m):
             torch.nn.functional.silu(g[:, :N]) * g[:, N:],
             dtype,
         )
-    assert int(nl._counters(x.device, 1).abs().sum()) == 0
+    assert int(arrival_counters(x.device, 1, "split_k").abs().sum()) == 0
