@@ -36,6 +36,49 @@ def _load_kv(
 
 
 @triton.jit
+def _attend_range(
+    acc,
+    l_i,
+    m_i,
+    q,
+    qpos,
+    k_ptr,
+    v_ptr,
+    bt_row,
+    head_off,
+    d,
+    d_mask,
+    stride_blk,
+    stride_tok,
+    qk_scale,
+    lo,
+    hi,
+    ctx,
+    MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Online softmax of queries q (positions qpos) over keys [lo, hi) of one sequence (ctx keys in all);
+    unnormalised: the caller divides by l_i once at the end. MASKED applies the causal mask."""
+    for n0 in range(lo, hi, BLOCK_N):
+        toks = n0 + tl.arange(0, BLOCK_N)
+        valid = toks < ctx
+        k, v = _load_kv(k_ptr, v_ptr, bt_row, toks, valid, head_off, d, d_mask, stride_blk, stride_tok, PAGE)
+        s = mma(tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        if MASKED:
+            s = tl.where((toks[None, :] <= qpos[:, None]) & valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = mma(acc * alpha[:, None], cast(p, v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _decode_partial(
     q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt, stride_blk,
     stride_tok, stride_kh, qk_scale, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
@@ -58,19 +101,12 @@ def _decode_partial(
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     head_off = kvh.to(tl.int64) * stride_kh
-    for n0 in range(start, end, BLOCK_N):
-        toks = n0 + tl.arange(0, BLOCK_N)
-        valid = toks < end
-        k, v = _load_kv(k_ptr, v_ptr, bt_row, toks, valid, head_off, d, d_mask, stride_blk, stride_tok, PAGE)
-        s = mma(tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32), q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = mma(acc * alpha[:, None], cast(p, v.dtype), v, UPCAST, IEEE)
-        m_i = m_new
-    return acc, l_i, m_i
+    # The one new query of a decode step sees every key before `end`: the causal mask with qpos = end - 1.
+    qpos = tl.zeros([BLOCK_G], dtype=tl.int32) + (end - 1)
+    return _attend_range(
+        acc, l_i, m_i, q, qpos, k_ptr, v_ptr, bt_row, head_off, d, d_mask, stride_blk, stride_tok,
+        qk_scale, start, end, end, True, BLOCK_N, PAGE, UPCAST, IEEE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -400,47 +436,6 @@ def decode_attention(
 
 
 @triton.jit
-def _prefill_block(
-    acc,
-    l_i,
-    m_i,
-    q,
-    qpos,
-    k_ptr,
-    v_ptr,
-    bt_row,
-    head_off,
-    d,
-    d_mask,
-    stride_blk,
-    stride_tok,
-    qk_scale,
-    lo,
-    hi,
-    ctx,
-    MASKED: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    for n0 in range(lo, hi, BLOCK_N):
-        toks = n0 + tl.arange(0, BLOCK_N)
-        valid = toks < ctx
-        k, v = _load_kv(k_ptr, v_ptr, bt_row, toks, valid, head_off, d, d_mask, stride_blk, stride_tok, PAGE)
-        s = mma(tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), q, tl.trans(k), UPCAST, IEEE) * qk_scale
-        if MASKED:
-            s = tl.where((toks[None, :] <= qpos[:, None]) & valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = mma(acc * alpha[:, None], cast(p, v.dtype), v, UPCAST, IEEE)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _prefill_kernel(
     q_ptr,
     k_ptr,
@@ -495,11 +490,11 @@ def _prefill_kernel(
         first = prefix + mb * BLOCK_M  # keys below this are visible to every row of the block
         full_end = (first // BLOCK_N) * BLOCK_N
         hi = tl.minimum(ctx, prefix + (mb + 1) * BLOCK_M)
-        acc, l_i, m_i = _prefill_block(
+        acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, qpos, k_ptr, v_ptr, bt_row, head_off, d, d_mask, stride_blk, stride_tok,
             qk_scale, 0, full_end, ctx, False, BLOCK_N, PAGE, UPCAST, IEEE,
         )  # fmt: skip
-        acc, l_i, m_i = _prefill_block(
+        acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, qpos, k_ptr, v_ptr, bt_row, head_off, d, d_mask, stride_blk, stride_tok,
             qk_scale, full_end, hi, ctx, True, BLOCK_N, PAGE, UPCAST, IEEE,
         )  # fmt: skip
