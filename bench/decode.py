@@ -160,31 +160,39 @@ def bench_ours(name: str, batches: list[int], contexts: list[int], results: list
     return model
 
 
-def profile_step(model: Decoder, name: str, fused: bool) -> dict:
-    """Eager batch-1 step under the torch profiler: kernels per step and time by category."""
+def graph_kernel_events(
+    graphs: DecodeGraphs, ids, pos, pb, fused: bool, replays: int = 10
+) -> list[tuple[str, float]]:
+    """(kernel name, µs) of every GPU kernel in `replays` warm replays of a captured decode step."""
     from torch.profiler import ProfilerActivity, profile
 
-    kv = model.allocate_kv_cache(-(-513 // 16), 16)
-    pb, ids, pos = decode_batch(1, 512, 16)
-    graphs = DecodeGraphs(model, kv, max_batch=1, batch_sizes=(1,))
-    graphs.capture()
     for _ in range(3):
         graphs.run(ids, pos, pb, fused)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
+        for _ in range(replays):
             graphs.run(ids, pos, pb, fused)
         torch.cuda.synchronize()
+    return [
+        (ev.name, ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total)
+        for ev in prof.events()
+        if ev.device_type.name == "CUDA"
+    ]
+
+
+def profile_step(model: Decoder, name: str, fused: bool) -> dict:
+    """Batch-1 decode step under the torch profiler: kernels per step and time by category."""
+    kv = model.allocate_kv_cache(-(-513 // 16), 16)
+    pb, ids, pos = decode_batch(1, 512, 16)
+    graphs = DecodeGraphs(model, kv, max_batch=1, batch_sizes=(1,))
+    graphs.capture()
+    events = graph_kernel_events(graphs, ids, pos, pb, fused)
     cats = {"gemm": 0.0, "attention": 0.0, "norm": 0.0, "elementwise/other": 0.0}
     kernels: dict[str, float] = {}
-    count = 0
-    for ev in prof.events():
-        if ev.device_type.name != "CUDA":
-            continue
-        count += 1
-        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-        kernels[ev.name] = kernels.get(ev.name, 0.0) + us / 10
-        low = ev.name.lower()
+    count = len(events)
+    for kname, us in events:
+        kernels[kname] = kernels.get(kname, 0.0) + us / 10
+        low = kname.lower()
         if any(k in low for k in ("gemm", "gemv", "linear", "matmul", "sm90", "cutlass", "nvjet")):
             cat = "gemm"
         elif any(k in low for k in ("attn", "attention", "_decode_kernel", "_decode_reduce", "prefill")):

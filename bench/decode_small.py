@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
-from bench.decode import ARCHS, config_of, decode_batch, random_weights, time_fn  # noqa: E402
+from bench.decode import ARCHS, config_of, decode_batch, graph_kernel_events, random_weights, time_fn  # noqa: E402
 from kernels import attention as attn  # noqa: E402
 from kernels import triton_env  # noqa: E402
 from kernels.backend import select_backend  # noqa: E402
@@ -158,27 +158,10 @@ def bench_attention(name: str, bsz: int, ctx: int) -> dict:
 
 
 def profile_graph(graphs: DecodeGraphs, ids, pos, pb, fused: bool) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        graphs.run(ids, pos, pb, fused)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            graphs.run(ids, pos, pb, fused)
-        torch.cuda.synchronize()
-    count, attn_us, attn_n, total_us = 0, 0.0, 0, 0.0
-    for ev in prof.events():
-        if ev.device_type.name != "CUDA":
-            continue
-        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-        count += 1
-        total_us += us
-        if "_decode_kernel" in ev.name or "_decode_reduce_kernel" in ev.name:
-            attn_us += us
-            attn_n += 1
-    return dict(kernels_per_step=count / 10, attn_kernels_per_step=attn_n / 10, attn_us_per_step=attn_us / 10,
-                kernel_us_per_step=total_us / 10)  # fmt: skip
+    events = graph_kernel_events(graphs, ids, pos, pb, fused)
+    attn = [us for name, us in events if "_decode_kernel" in name or "_decode_reduce_kernel" in name]
+    return dict(kernels_per_step=len(events) / 10, attn_kernels_per_step=len(attn) / 10,
+                attn_us_per_step=sum(attn) / 10, kernel_us_per_step=sum(us for _, us in events) / 10)  # fmt: skip
 
 
 def bench_step(contexts: list[int], rows: list[dict], save) -> None:

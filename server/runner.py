@@ -262,6 +262,6 @@ class ModelRunner:
                     ids = torch.zeros(n, dtype=torch.long, device=dev)
                     pos = torch.full((n,), ctx - 1, dtype=torch.long, device=dev)
                     hidden = self.decoder.forward(ids, pos, batch, self.kv, fused, self.make_timer())
-                    for scaled in (True, False):
+                    for scaled in (True, False) if fused else (True,):  # `scaled` only matters fused
                         self.decoder.logits(hidden, scaled=scaled)
         self.synchronize()
