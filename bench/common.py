@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
+import random
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,3 +70,22 @@ def copy_bandwidth(nbytes: int = 1 << 31) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return 2 * nbytes / statistics.median(times)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100); NaN for no data."""
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def random_token_prompts(
+    vocab_size: int, special: set[int], n: int, input_len: int, seed: int
+) -> list[list[int]]:
+    """n prompts of exactly input_len random non-special token ids: no dataset download, same seed → same ids."""
+    rng = random.Random(seed)
+    pool = [i for i in range(vocab_size) if i not in special]
+    return [[rng.choice(pool) for _ in range(input_len)] for _ in range(n)]

@@ -18,7 +18,6 @@ import argparse
 import inspect
 import json
 import math
-import random
 import sys
 import time
 from datetime import datetime, timezone
@@ -30,14 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return math.nan
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+from bench.common import percentile, random_token_prompts  # noqa: E402
 
 
 def build_prompts(model_dir: str, n: int, input_len: int, seed: int) -> list[list[int]]:
@@ -46,9 +38,7 @@ def build_prompts(model_dir: str, n: int, input_len: int, seed: int) -> list[lis
 
     tok = Tokenizer(model_dir)
     special = set(tok.special_token_ids) | set(tok.eos_token_ids)
-    rng = random.Random(seed)
-    pool = [i for i in range(tok.vocab_size) if i not in special]
-    return [[rng.choice(pool) for _ in range(input_len)] for _ in range(n)]
+    return random_token_prompts(tok.vocab_size, special, n, input_len, seed)
 
 
 def run_batch(model, prompts: list[list[int]], gen_cfg, record: bool) -> tuple[dict, float]:

@@ -37,6 +37,8 @@ if str(ROOT) not in sys.path:  # `python bench/serve.py` from a checkout: find `
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
+from bench.common import percentile, random_token_prompts  # noqa: E402
+
 
 @dataclass(frozen=True)
 class LoadSpec:
@@ -77,22 +79,11 @@ class RunSummary:
     e2e_p50_ms: float
 
 
-def percentile(xs: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100); NaN for no data."""
-    if not xs:
-        return math.nan
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def build_prompts(
     spec: LoadSpec, vocab_size: int, special: set[int], prompt_seed: int | None = None
 ) -> list[list[int]]:
-    rng = random.Random(spec.seed if prompt_seed is None else prompt_seed)
-    pool = [i for i in range(vocab_size) if i not in special]
-    return [[rng.choice(pool) for _ in range(spec.input_len)] for _ in range(spec.num_requests)]
+    seed = spec.seed if prompt_seed is None else prompt_seed
+    return random_token_prompts(vocab_size, special, spec.num_requests, spec.input_len, seed)
 
 
 def arrival_times(spec: LoadSpec) -> list[float]:
