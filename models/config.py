@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -165,5 +165,5 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         extra = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
         if extra:
             merged = tuple(dict.fromkeys(cfg.eos_token_ids + extra))
-            cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": merged})
+            cfg = replace(cfg, eos_token_ids=merged)
     return cfg
