@@ -45,10 +45,12 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, payload: dict, table: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    (RESULTS / f"{name}.md").write_text(table + "\n")
+def write_results(name: str, payload: dict, table: str, out: str | None = None) -> Path:
+    """bench/results/<name>.{json,md}, and a copy under `out` (the device machine's $OUT) when given."""
+    for folder in [RESULTS] + ([Path(out)] if out else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+        (folder / f"{name}.md").write_text(table + "\n")
     return RESULTS / f"{name}.md"
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import copy_bandwidth, environment, markdown_table, write_results  # noqa: E402
 from kernels.backend import select_backend  # noqa: E402
 from kernels.batch import PagedBatch  # noqa: E402
+from kernels.pdl import pdl_available  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.decoder import Decoder  # noqa: E402
 from models.loader import LayerWeights, ModelWeights  # noqa: E402
@@ -126,7 +127,14 @@ def decode_batch(batch: int, ctx: int, block_size: int) -> tuple[PagedBatch, tor
     )
 
 
-def bench_ours(name: str, batches: list[int], contexts: list[int], results: list[dict], bw: float) -> Decoder:
+def bench_ours(
+    name: str, batches: list[int], contexts: list[int], results: list[dict], bw: float, pdl_modes=(True,)
+) -> Decoder:
+    """Fused and off, each with every PDL mode asked for (own graphs), timed interleaved in one process.
+
+    fused_ms / off_ms are the first PDL mode's (the product default: on where supported); the others are
+    reported as fused_pdl_<mode>_ms / off_pdl_<mode>_ms.
+    """
     cfg = config_of(name)
     max_len = max(contexts) + 16
     model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=max_len)
@@ -141,20 +149,30 @@ def bench_ours(name: str, batches: list[int], contexts: list[int], results: list
             for t in kv.k + kv.v:
                 t.normal_()
             pb, ids, pos = decode_batch(b, ctx, 16)
-            graphs = DecodeGraphs(model, kv, max_batch=b, batch_sizes=(b,))
-            graphs.capture()
+            by_pdl = {}
+            for pdl in pdl_modes:
+                model.backend.pdl = pdl
+                by_pdl[pdl] = DecodeGraphs(model, kv, max_batch=b, batch_sizes=(b,))
+                by_pdl[pdl].capture()
             row = dict(model=name, batch=b, ctx=ctx)
-            for fused in (True, False, True, False):  # interleaved twice; keep the best of each
-                t = time_fn(lambda f=fused, g=graphs, i=ids, q=pos, bb=pb: g.run(i, q, bb, f))
-                key = "fused_ms" if fused else "off_ms"
-                row[key] = min(row.get(key, 1e9), t * 1e3)
+            for _ in range(2):  # interleaved twice; keep the best of each
+                for i, pdl in enumerate(pdl_modes):
+                    for fused in (True, False):
+                        g = by_pdl[pdl]
+                        t = time_fn(lambda f=fused, g=g, i=ids, q=pos, bb=pb: g.run(i, q, bb, f))
+                        key = ("fused" if fused else "off") + (
+                            "" if i == 0 else f"_pdl_{'on' if pdl else 'off'}"
+                        )
+                        row[key + "_ms"] = min(row.get(key + "_ms", 1e9), t * 1e3)
+            model.backend.pdl = pdl_modes[0]
             roof = (weight_bytes(cfg) + kv_bytes(cfg, b, ctx)) / bw
             row["roofline_ms"] = roof * 1e3
+            row["pdl"] = pdl_modes[0]
             row["fused_gain_pct"] = 100 * (row["off_ms"] / row["fused_ms"] - 1)
             row["fused_pct_of_roofline"] = 100 * row["roofline_ms"] / row["fused_ms"]
             results.append(row)
             print(row, flush=True)
-            graphs = kv = None
+            by_pdl = kv = None
             gc.collect()
             torch.cuda.empty_cache()
     return model
@@ -295,6 +313,7 @@ def bench_hf(name: str, cases: list[tuple[int, int]], results: list[dict]) -> No
 
 def report(results: list[dict], profiles: list[dict], bw: float, out: str | None, tag: str = "") -> None:
     """Write JSON + Markdown (called after every model, so a cut-off run keeps what it measured)."""
+    alt = sorted({k[: -len("_ms")] for r in results for k in r if "_pdl_" in k and k.endswith("_ms")})
     rows = []
     for r in results:
         if "fused_ms" not in r:
@@ -304,29 +323,18 @@ def report(results: list[dict], profiles: list[dict], bw: float, out: str | None
         gf = peers.get("gptfast_ms")
         rows.append([
             r["model"], r["batch"], r["ctx"], r["fused_ms"], r["off_ms"], f"{r['fused_gain_pct']:+.1f}%",
+            *[r.get(k + "_ms", "-") for k in alt],
             gf if gf else "-", f"{gf / r['fused_ms']:.2f}x" if gf else "-", peers.get("hf_ms", "-"),
             r["roofline_ms"], f"{r['fused_pct_of_roofline']:.0f}%",
         ])  # fmt: skip
     env = environment()
+    pdl = next((r["pdl"] for r in results if "pdl" in r), None)
+    headers = ["model", "batch", "ctx", "fused", "off", "fused gain", *[k.replace("_", " ") for k in alt]]
+    headers += ["gpt-fast", "vs gpt-fast", "HF eager", "roofline", "% roofline"]
     table = (
         f"Decode latency per step (ms), {env.get('gpu')}, torch {env['torch']}, triton {env.get('triton')}, "
-        f"{env['date']}; copy bandwidth {bw / 1e12:.2f} TB/s; CUDA graphs; medians\n\n"
-        + markdown_table(
-            [
-                "model",
-                "batch",
-                "ctx",
-                "fused",
-                "off",
-                "fused gain",
-                "gpt-fast",
-                "vs gpt-fast",
-                "HF eager",
-                "roofline",
-                "% roofline",
-            ],
-            rows,
-        )  # fmt: skip
+        f"{env['date']}; copy bandwidth {bw / 1e12:.2f} TB/s; CUDA graphs; PDL {'on' if pdl else 'off'} "
+        f"in fused/off; medians\n\n" + markdown_table(headers, rows)
     )
     if profiles:
         prow = [[p["model"], "on" if p["fused"] else "off", p["kernels_per_step"],
@@ -362,6 +370,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--tag", default="", help="suffix of the result file names")
+    ap.add_argument(
+        "--pdl", default="default", help="PDL modes, the first is the headline: default | on | off | on,off"
+    )
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
@@ -371,7 +382,8 @@ def main() -> None:
     results: list[dict] = []
     profiles: list[dict] = []
     for name in tqdm(args.models.split(","), desc="models"):
-        model = bench_ours(name, batches, contexts, results, bw)
+        pdl_modes = tuple(pdl_available("cuda") if m == "default" else m == "on" for m in args.pdl.split(","))
+        model = bench_ours(name, batches, contexts, results, bw, pdl_modes)
         if args.profile:
             profiles += [profile_step(model, name, fused) for fused in (True, False)]
             for p in profiles[-2:]:

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from kernels.batch import PagedBatch
 from kernels.norm_linear import cast, mma
+from kernels.pdl import launch_options, one_wave, pdl_wait, prefetch_l2
 from kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
 
 LOG2E = 1.4426950408889634
@@ -33,6 +34,24 @@ def _load_kv(
     k = tl.load(k_ptr + off[:, None] + d[None, :], mask=mask, other=0.0)
     v = tl.load(v_ptr + off[:, None] + d[None, :], mask=mask, other=0.0)
     return k, v
+
+
+@triton.jit
+def _prefetch_kv(
+    k_ptr, v_ptr, bt_row, start, end, head_off, stride_blk, stride_tok, PAGE: tl.constexpr,
+    PF_TOKENS: tl.constexpr, D_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """L2 prefetch of the cached K/V rows of tokens [start, start + PF_TOKENS) ∩ [start, end).
+
+    Block tables and context lengths are step inputs and past K/V was written by earlier steps, so this
+    runs before the PDL wait, under the tail of the kernel that writes q."""
+    toks = start + tl.arange(0, PF_TOKENS)
+    valid = toks < end
+    blk = tl.load(bt_row + toks // PAGE, mask=valid, other=0).to(tl.int64)
+    off = tl.where(valid, blk * stride_blk + (toks % PAGE).to(tl.int64) * stride_tok, 0) + head_off
+    lines = off[:, None] + (tl.arange(0, D_LINES) * LINE)[None, :]
+    prefetch_l2(k_ptr + lines, PDL)
+    prefetch_l2(v_ptr + lines, PDL)
 
 
 @triton.jit
@@ -189,6 +208,11 @@ def _decode_kernel(
     MERGE_S: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    PDL: tl.constexpr,
+    EARLY: tl.constexpr,
+    PF_TOKENS: tl.constexpr,
+    D_LINES: tl.constexpr,
+    LINE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -204,6 +228,7 @@ def _decode_kernel(
     d = tl.arange(0, BLOCK_D)
     out_mask = g_mask[:, None] & (d < D)[None, :]
     o_offs = b * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    n_active = n_splits
     if SPLIT and FUSED:
         # Splits of at least min_split tokens, and one split for contexts up to single_ctx: only the
         # first n_active programs of (b, kvh) work. Each stores its partial and takes a ticket; the
@@ -212,9 +237,16 @@ def _decode_kernel(
         if ctx <= single_ctx:
             seq_split = tl.maximum(seq_split, ctx)
         n_active = tl.maximum(tl.cdiv(ctx, seq_split), 1)
+    start = sp * seq_split
+    end = tl.minimum(ctx, start + seq_split)
+    if PDL and EARLY:
+        _prefetch_kv(
+            k_ptr, v_ptr, bt_ptr + b.to(tl.int64) * stride_bt, start, end, kvh.to(tl.int64) * stride_kh,
+            stride_blk, stride_tok, PAGE, PF_TOKENS, D_LINES, LINE, PDL,
+        )  # fmt: skip
+    pdl_wait(PDL, EARLY)
+    if SPLIT and FUSED:
         if sp < n_active:
-            start = sp * seq_split
-            end = tl.minimum(ctx, start + seq_split)
             acc, l_i, m_i = _decode_partial(
                 q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt,
                 stride_blk, stride_tok, stride_kh, qk_scale, GROUP, BLOCK_G, D, BLOCK_D, BLOCK_N, PAGE,
@@ -238,8 +270,6 @@ def _decode_kernel(
                     )  # fmt: skip
                     tl.store(cnt, 0)  # every split has arrived: ready for the next launch / replay
     else:
-        start = sp * seq_split
-        end = tl.minimum(ctx, start + seq_split)
         acc, l_i, m_i = _decode_partial(
             q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt, stride_blk,
             stride_tok, stride_kh, qk_scale, GROUP, BLOCK_G, D, BLOCK_D, BLOCK_N, PAGE, UPCAST, IEEE,
@@ -266,9 +296,12 @@ def _decode_reduce_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    pdl_wait(PDL, EARLY)
     s = tl.arange(0, BLOCK_S)
     s_mask = s < n_splits
     row = (b * HQ + h) * n_splits + s
@@ -297,6 +330,7 @@ DECODE_POLICY = "fill"
 DECODE_FUSED_MERGE: bool | None = None
 DECODE_FUSED_MERGE_MAX_PROGRAMS = 16
 DECODE_MIN_SPLIT_TOKENS = 0  # fused merge only: each split covers at least this many tokens
+DECODE_PREFETCH_TOKENS = 128  # cached tokens per program pulled into L2 before the PDL wait
 DECODE_SINGLE_SPLIT_CTX = 0  # fused merge only: contexts up to this length take one program, no merge
 
 
@@ -342,6 +376,7 @@ def decode_attention(
     fused_merge: bool | None = None,
     min_split_tokens: int | None = None,
     single_split_ctx: int | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """One new query per sequence: q [B, Hq, D] over its cached context → o [B, Hq, D].
 
@@ -415,8 +450,14 @@ def decode_attention(
         MERGE_S=2 if INTERPRET else max(1, min(32, 8192 // (block_gg * block_d))),
         UPCAST=INTERPRET,
         IEEE=q.dtype == torch.float32,
+        PDL=pdl,
+        EARLY=one_wave(bsz * hk * num_splits, q.device),
+        PF_TOKENS=min(block_n, DECODE_PREFETCH_TOKENS),
+        D_LINES=max(1, next_pow2(d * k_cache.element_size()) // 128),
+        LINE=128 // k_cache.element_size(),
         num_warps=1 if INTERPRET else 4,
         num_stages=1 if INTERPRET else 3,
+        **launch_options(pdl),
     )
     if split and not fused:
         _decode_reduce_kernel[(bsz, hq)](
@@ -430,7 +471,10 @@ def decode_attention(
             D=d,
             BLOCK_D=block_d,
             BLOCK_S=max(2, next_pow2(num_splits)),
+            PDL=pdl,
+            EARLY=one_wave(bsz * hq, q.device),
             num_warps=1 if INTERPRET else 4,
+            **launch_options(pdl),
         )
     return o
 
@@ -565,11 +609,16 @@ def prefill_attention(
 
 
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: PagedBatch,
+    scale: float,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """reference.paged_attention: the decode kernel for all-decode steps, the prefill kernel otherwise."""
     if batch.is_decode_only and q.shape[0] == batch.num_seqs:
         return decode_attention(
-            q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.max_context_len, scale
+            q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.max_context_len, scale, pdl=pdl
         )
     return prefill_attention(q, k_cache, v_cache, batch, scale)

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, one_wave, pdl_wait
 from kernels.triton_env import INTERPRET
 
 
@@ -20,8 +21,11 @@ def _embedding_kernel(
     stride_o,
     WANT_STATS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     row = tl.program_id(0)
+    pdl_wait(PDL, EARLY)  # ids may come from the previous step's sampler on the device
     idx = tl.load(ids_ptr + row).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
@@ -37,7 +41,7 @@ def _embedding_kernel(
 
 
 def embedding(
-    ids: torch.Tensor, table: torch.Tensor, want_stats: bool = False
+    ids: torch.Tensor, table: torch.Tensor, want_stats: bool = False, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """reference.embedding: rows of `table` [V, K] for `ids` [T]; optional Σx² [T, 1]."""
     ids = ids.reshape(-1)
@@ -58,6 +62,9 @@ def embedding(
             out.stride(0),
             WANT_STATS=want_stats,
             BLOCK=block,
+            PDL=pdl,
+            EARLY=one_wave(t, table.device),
             num_warps=1 if INTERPRET else 4,
+            **launch_options(pdl),
         )
     return out, stats

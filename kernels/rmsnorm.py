@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.norm_linear import cast
+from kernels.pdl import launch_options, one_wave, pdl_wait
 from kernels.triton_env import INTERPRET, next_pow2
 
 
@@ -38,11 +39,14 @@ def _norm_kernel(
     HAS_B: tl.constexpr,
     LAYER: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     """One row per program: [h = x + res;] y = (h [- mean]) * rsqrt(var + eps) [* w] [+ b]."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
+    pdl_wait(PDL, EARLY)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RES:
         res = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
@@ -61,7 +65,7 @@ def _norm_kernel(
     tl.store(y_ptr + row * stride_y + offs, cast(y, y_ptr.dtype.element_ty), mask=mask)
 
 
-def _norm(x, residual, weight, bias, eps, layer):
+def _norm(x, residual, weight, bias, eps, layer, pdl=False):
     assert x.dim() == 2
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -91,14 +95,19 @@ def _norm(x, residual, weight, bias, eps, layer):
             HAS_B=bias is not None,
             LAYER=layer,
             BLOCK=block,
+            PDL=pdl,
+            EARLY=one_wave(t, x.device),
             num_warps=_warps(block),
+            **launch_options(pdl),
         )
     return y, h
 
 
-def rmsnorm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+def rmsnorm(
+    x: torch.Tensor, eps: float, weight: torch.Tensor | None = None, pdl: bool = False
+) -> torch.Tensor:
     """reference.rmsnorm as one kernel (gains normally folded into the next weight: weight=None)."""
-    return _norm(x, None, weight, None, eps, False)[0]
+    return _norm(x, None, weight, None, eps, False, pdl)[0]
 
 
 def add_rmsnorm(

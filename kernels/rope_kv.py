@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.norm_linear import cast
+from kernels.pdl import launch_options, one_wave, pdl_wait
 from kernels.triton_env import INTERPRET, next_pow2
 
 
@@ -110,8 +111,17 @@ def _rope_kv_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr,
+    EARLY: tl.constexpr,
 ):
     t = tl.program_id(0)
+    # Step inputs (positions, slots, the RoPE table) are the host's: read while the GEMM finishes.
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    cos = tl.load(cs_ptr + pos * stride_cs + d, mask=d < HALF, other=0.0)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + d, mask=d < HALF, other=0.0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    pdl_wait(PDL, EARLY)
     r = 1.0
     if HAS_SCALE:
         ss = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -119,10 +129,6 @@ def _rope_kv_kernel(
             offs_p = p0 + tl.arange(0, BLOCK_P)
             ss += tl.load(stats_ptr + t * stride_s + offs_p, mask=offs_p < P, other=0.0)
         r = tl.math.rsqrt(tl.sum(ss, 0) * inv_k + eps)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)
-    cos = tl.load(cs_ptr + pos * stride_cs + d, mask=d < HALF, other=0.0)
-    sin = tl.load(cs_ptr + pos * stride_cs + HALF + d, mask=d < HALF, other=0.0)
     row = qkv_ptr + t * stride_t
     _rotate_store(
         row,
@@ -138,7 +144,6 @@ def _rope_kv_kernel(
         BLOCK_HQ,
         BLOCK_HALF,
     )
-    slot = tl.load(slot_ptr + t).to(tl.int64)
     keep = slot >= 0
     slot_c = tl.where(keep, slot, 0)
     _rotate_store(
@@ -179,6 +184,7 @@ def rope_kv_write(
     k: int = 1,
     eps: float = 1e-6,
     bias: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """qkv [T, (Hq + 2 Hk) D] → q [T, Hq, D] rotated; k rotated and v into caches [blocks, bs, Hk, D].
 
@@ -233,6 +239,9 @@ def rope_kv_write(
         BLOCK_HALF=block_half,
         BLOCK_D=next_pow2(head_dim),
         BLOCK_P=min(128, next_pow2(p)),
+        PDL=pdl,
+        EARLY=one_wave(t, qkv.device),
         num_warps=warps,
+        **launch_options(pdl),
     )
     return q

@@ -21,13 +21,18 @@ from kernels import norm_linear as _nl
 from kernels import rmsnorm as _norm
 from kernels import rope_kv as _rope
 from kernels.batch import PagedBatch
+from kernels.pdl import pdl_available
 
 
 class TritonBackend:
+    """`pdl`: launch the decode-path kernels with programmatic dependent launch (kernels/pdl.py); None
+    turns it on where the GPU and Triton support it. A plain attribute: set it before capturing graphs."""
+
     name = "triton"
 
-    def __init__(self, small_m_max: int = 32):
+    def __init__(self, small_m_max: int = 32, pdl: bool | None = None):
         self.small_m_max = small_m_max
+        self.pdl = pdl_available("cuda") if pdl is None else pdl
 
     def _small(self, x: torch.Tensor) -> bool:
         return x.shape[0] <= self.small_m_max
@@ -35,10 +40,10 @@ class TritonBackend:
     def embedding(
         self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _emb.embedding(ids, table, want_stats)
+        return _emb.embedding(ids, table, want_stats, pdl=self.pdl)
 
     def rmsnorm(self, x: torch.Tensor, eps: float) -> torch.Tensor:
-        return _norm.rmsnorm(x, eps)
+        return _norm.rmsnorm(x, eps, pdl=self.pdl)
 
     def linear(
         self,
@@ -51,7 +56,7 @@ class TritonBackend:
         want_stats: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._small(x):
-            return _nl.linear(x, weight, bias, residual, row_stats, eps, want_stats)
+            return _nl.linear(x, weight, bias, residual, row_stats, eps, want_stats, pdl=self.pdl)
         k = x.shape[-1]
         if row_stats is None and (bias is None or residual is None):
             # Raw cuBLAS with its own epilogue; the producer statistic is one row pass over h.
@@ -60,6 +65,11 @@ class TritonBackend:
             else:
                 y = F.linear(x, weight, bias)
             return y, (_norm.row_stats(y) if want_stats else None)
+        if row_stats is not None and residual is None and not want_stats and weight.shape[0] > k:
+            # A wide consumer with no elementwise pass of its own (the LM head): scaling its M x K
+            # input is far cheaper than a pass over the M x N output (r x) W^T = r (x W^T).
+            xs, _ = _nl.row_epilogue(x, k, row_stats, eps=eps)
+            return F.linear(xs, weight, bias), None
         y = F.linear(x, weight)
         return _nl.row_epilogue(y, k, row_stats, bias, residual, eps, want_stats, out=y)
 
@@ -80,7 +90,7 @@ class TritonBackend:
         eps: float,
     ) -> torch.Tensor:
         if self._small(x):
-            qkv, _ = _nl.linear(x, w_qkv, bias=b_qkv, row_stats=row_stats, eps=eps)
+            qkv, _ = _nl.linear(x, w_qkv, bias=b_qkv, row_stats=row_stats, eps=eps, pdl=self.pdl)
             scale_stats, bias = None, None
         else:
             qkv = F.linear(x, w_qkv)
@@ -99,16 +109,17 @@ class TritonBackend:
             k=x.shape[-1],
             eps=eps,
             bias=bias,
+            pdl=self.pdl,
         )
 
     def attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch, scale: float
     ) -> torch.Tensor:
-        return _attn.paged_attention(q, k_cache, v_cache, batch, scale)
+        return _attn.paged_attention(q, k_cache, v_cache, batch, scale, pdl=self.pdl)
 
     def mlp_input(
         self, x: torch.Tensor, row_stats: torch.Tensor | None, w_gate_up: torch.Tensor, eps: float
     ) -> torch.Tensor:
         if self._small(x):
-            return _nl.gate_up_silu(x, w_gate_up, row_stats, eps)
+            return _nl.gate_up_silu(x, w_gate_up, row_stats, eps, pdl=self.pdl)
         return _nl.silu_mul(F.linear(x, w_gate_up), row_stats, x.shape[-1], eps)

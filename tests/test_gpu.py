@@ -94,3 +94,38 @@ def test_engine_on_cuda_with_graphs_and_overlap(ckpt):
         results[overlap] = (together, [o[0].token_ids for o in eng.generate(prompts[:4], seeded)])
         assert eng.blocks.check_all_free()
     assert results[True] == results[False]
+
+
+def test_pdl_replays_equal_plain_launches(ckpt):
+    """Programmatic dependent launch changes when kernels start, never what they compute: graph replays
+    with PDL (repeated, to give a missing wait a chance to race) equal the same graphs without it, bit
+    for bit, for batch sizes on the single-program and the split-K / split-context paths."""
+    from kernels.pdl import pdl_available
+
+    model = Decoder.from_pretrained(
+        ckpt, device="cuda", dtype=torch.bfloat16, progress=False, max_model_len=512
+    )
+    if not pdl_available("cuda"):
+        pytest.skip("PDL needs sm90+ and a Triton with griddepcontrol")
+    assert model.backend.pdl, "PDL is on by default where it is available"
+    kv = model.allocate_kv_cache(256, 16)
+    for t in kv.k + kv.v:
+        t.normal_()
+    lens = [17, 500, 333, 64, 5, 480, 128, 300]
+    batch = contiguous_batch([1] * len(lens), lens, 16).to("cuda")
+    ids = torch.randint(3, 256, (len(lens),), device="cuda")
+    pos = torch.tensor([n - 1 for n in lens], device="cuda")
+    outs = {}
+    for pdl in (False, True):
+        model.backend.pdl = pdl
+        graphs = DecodeGraphs(model, kv, max_batch=8, batch_sizes=(1, 8))
+        graphs.capture()
+        for fused in (True, False):
+            for n in (1, 8):
+                sub = contiguous_batch([1] * n, lens[:n], 16).to("cuda") if n < 8 else batch
+                got = [graphs.run(ids[:n], pos[:n], sub, fused).float().clone() for _ in range(20)]
+                for g in got[1:]:
+                    assert torch.equal(g, got[0])
+                outs[(pdl, fused, n)] = got[0]
+    for key in [(f, n) for f in (True, False) for n in (1, 8)]:
+        assert torch.equal(outs[(True, *key)], outs[(False, *key)]), key

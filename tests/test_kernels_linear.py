@@ -117,6 +117,11 @@ def test_large_m_paths(dtype, m):
     stats = producer_stats(m)
     g = ref_linear64(x, w2, row_stats=stats)
     check(be.mlp_input(x, stats, w2, EPS), torch.nn.functional.silu(g[:, :N]) * g[:, N:], dtype)
+    # A wide consumer (the LM head, N > K) scales its input rows instead of a pass over the output.
+    w_wide, b_wide = rand(3 * K, K, dtype=dtype, scale=K**-0.5), rand(3 * K, dtype=dtype)
+    y, st = be.linear(x, w_wide, b_wide, None, stats, EPS)
+    check(y, ref_linear64(x, w_wide, b_wide, row_stats=stats), dtype)
+    assert st is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

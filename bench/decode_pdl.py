@@ -1,0 +1,114 @@
+"""Programmatic dependent launch policies side by side: per-token decode latency with CUDA graphs.
+
+Each variant sets the PDL knobs (kernels/pdl.py, kernels/norm_linear.py, kernels/attention.py),
+captures its own graphs of the same model and KV cache, and all variants are timed interleaved in one
+process (best of `--rounds` medians each), so the ratios are side by side.
+
+    python bench/decode_pdl.py --models 8b,135m --batches 1,8 --contexts 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import environment, markdown_table, write_results  # noqa: E402
+from bench.decode import config_of, decode_batch, random_weights, time_fn  # noqa: E402
+from kernels import attention as attn  # noqa: E402
+from kernels import norm_linear as nl  # noqa: E402
+from kernels.backend import select_backend  # noqa: E402
+from models.decoder import Decoder  # noqa: E402
+from server.cuda_graphs import DecodeGraphs  # noqa: E402
+
+# name: (pdl, multi-wave trigger, weight prefetch lines per row, decode-attention prefetch tokens);
+# prefetching happens in one-wave grids only.
+VARIANTS = {
+    "no PDL": (False, "exit", 32, 128),
+    "PDL": (True, "exit", 32, 128),
+    "PDL late trigger": (True, "late", 32, 128),
+    "PDL no prefetch": (True, "exit", 0, 0),
+    "PDL prefetch 8 lines": (True, "exit", 8, 64),
+}
+
+
+def apply(variant: tuple, model: Decoder) -> None:
+    pdl, trigger, lines, tokens = variant
+    model.backend.pdl = pdl
+    nl.PDL_MULTIWAVE_TRIGGER = trigger
+    nl.PREFETCH_LINES_MAX = lines
+    attn.DECODE_PREFETCH_TOKENS = max(tokens, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="8b,135m")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--contexts", default="512")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    results = []
+    for name in tqdm(args.models.split(","), desc="models"):
+        cfg = config_of(name)
+        contexts = [int(c) for c in args.contexts.split(",")]
+        model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=max(contexts) + 16)
+        for ctx in contexts:
+            for b in [int(x) for x in args.batches.split(",")]:
+                kv = model.allocate_kv_cache(b * -(-(ctx + 1) // 16), 16)
+                for t in kv.k + kv.v:
+                    t.normal_()
+                pb, ids, pos = decode_batch(b, ctx, 16)
+                graphs = {}
+                for v in names:
+                    apply(VARIANTS[v], model)
+                    graphs[v] = DecodeGraphs(model, kv, max_batch=b, batch_sizes=(b,))
+                    graphs[v].capture()
+                row = dict(model=name, batch=b, ctx=ctx)
+                for _ in range(args.rounds):
+                    for v in names:
+                        for fused in (True, False):
+                            g = graphs[v]
+                            t = time_fn(lambda f=fused, g=g, i=ids, q=pos, bb=pb: g.run(i, q, bb, f)) * 1e3
+                            key = f"{v} | {'fused' if fused else 'off'}"
+                            row[key] = min(row.get(key, 1e9), t)
+                results.append(row)
+                print(row, flush=True)
+                graphs = kv = None
+                gc.collect()
+                torch.cuda.empty_cache()
+        apply(VARIANTS["PDL"], model)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    env = environment()
+    rows = []
+    for r in results:
+        base = r["no PDL | fused"] if "no PDL | fused" in r else None
+        for v in names:
+            f, o = r[f"{v} | fused"], r[f"{v} | off"]
+            rows.append([r["model"], r["batch"], r["ctx"], v, round(f, 4), round(o, 4),
+                         f"{100 * (o / f - 1):+.1f}%", f"{base / f:.3f}x" if base else "-"])  # fmt: skip
+    table = (
+        f"PDL policies, decode ms/step, {env.get('gpu')}, torch {env['torch']}, triton {env.get('triton')}, "
+        f"{env['date']}; CUDA graphs; best of {args.rounds} interleaved medians\n\n"
+        + markdown_table(
+            ["model", "batch", "ctx", "variant", "fused", "off", "fused gain", "vs no PDL"], rows
+        )
+    )
+    gpu = "_".join((env.get("gpu") or "gpu").lower().split())
+    write_results(f"decode_pdl_{gpu}", {"env": env, "results": results}, table, out=args.out)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

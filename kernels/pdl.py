@@ -1,0 +1,93 @@
+"""Programmatic dependent launch (PDL, Hopper and later): start kernel n+1 while kernel n finishes.
+
+A decode step of a small model is a chain of ~6 kernels per layer of a few µs each; with CUDA graphs
+the launches are cheap, but every kernel still pays its ramp-up (CTAs scheduled, weight bytes in
+flight) after its predecessor's last CTA has retired. Launched with PDL (Triton's `launch_pdl`,
+captured by CUDA graphs as programmatic edges), kernel n+1 becomes resident as soon as every program
+of kernel n has passed its own `pdl_wait`. Before waiting it may only touch what kernel n cannot have
+written: it issues L2 prefetches of its weights (or cached K/V), which are hints and can never return
+stale data (L2 is the point of coherence). After `pdl_wait` (kernel n complete, its writes visible)
+it reads activations and writes outputs. `pdl_wait` also releases kernel n+2 to launch (grids of one
+wave; larger ones do after their main loop), so at most two kernels overlap and the next one's
+prefetch runs under this one's tail.
+
+Rules for a kernel launched with `launch_options(True)`: no load of data a preceding kernel may have
+written, and no store, before `pdl_wait(PDL)`. Under the CPU interpreter (and on GPUs before sm90 or a
+Triton without the griddepcontrol ops) PDL is off: the constexpr branches vanish.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_env import INTERPRET, sm_count
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAVE_GDC = True
+except ImportError:  # pragma: no cover - depends on the Triton version
+    HAVE_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr, EARLY: tl.constexpr = True):
+    """Wait for the preceding kernel (complete, writes visible); with EARLY, let the next one launch.
+
+    EARLY suits grids of one wave: the next kernel's programs take the SMs this one leaves idle. A
+    grid of several waves calls `pdl_trigger` after its main loop instead (or never: the trigger is
+    implicit at exit), or the next kernel's waiting programs would hold SM slots (and shared memory)
+    this one's later waves need.
+    """
+    if PDL:
+        gdc_wait()
+        if EARLY:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_trigger(PDL: tl.constexpr):
+    """Let the next kernel launch (once every program of this one has called this or exited)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs, PDL: tl.constexpr):
+    """L2 prefetch of the 128-byte lines holding `ptrs` (any shape; every address must be valid)."""
+    if PDL:
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
+def pdl_available(device: torch.device | str) -> bool:
+    """PDL by default on sm90+ with a Triton that has the ops; FUSIONSERVE_PDL=0 turns it off (A/B)."""
+    device = torch.device(device)
+    if INTERPRET or not HAVE_GDC or device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if os.environ.get("FUSIONSERVE_PDL", "1") in ("0", "false", "off"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def one_wave(programs: int, device: torch.device) -> bool:
+    """Whether a grid fits the SMs at one program each: then its dependents may launch at its start."""
+    return programs <= sm_count(device)
+
+
+def launch_options(pdl: bool) -> dict:
+    """Extra launch keywords of a kernel call: the PDL launch attribute when on."""
+    return {"launch_pdl": True} if pdl else {}
