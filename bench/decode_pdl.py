@@ -22,29 +22,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
 from bench.decode import config_of, decode_batch, random_weights, time_fn  # noqa: E402
-from kernels import attention as attn  # noqa: E402
 from kernels import norm_linear as nl  # noqa: E402
+from kernels import pdl as pdl_mod  # noqa: E402
 from kernels.backend import select_backend  # noqa: E402
 from models.decoder import Decoder  # noqa: E402
 from server.cuda_graphs import DecodeGraphs  # noqa: E402
 
-# name: (pdl, multi-wave trigger, weight prefetch lines per row, decode-attention prefetch tokens);
-# prefetching happens in one-wave grids only.
+# name: (pdl, multi-wave trigger, weight prefetch bytes per GEMM, multi-wave grids prefetch,
+#        programs per SM that count as one wave)
 VARIANTS = {
-    "no PDL": (False, "exit", 32, 128),
-    "PDL": (True, "exit", 32, 128),
-    "PDL late trigger": (True, "late", 32, 128),
-    "PDL no prefetch": (True, "exit", 0, 0),
-    "PDL prefetch 8 lines": (True, "exit", 8, 64),
+    "no PDL": (False, "late", 8 << 20, True, 1),
+    "PDL": (True, "late", 8 << 20, True, 1),
+    "PDL exit trigger": (True, "exit", 8 << 20, True, 1),
+    "PDL one-wave prefetch only": (True, "late", 8 << 20, False, 1),
+    "PDL 16 MB prefetch": (True, "late", 16 << 20, True, 1),
+    "PDL 4 MB prefetch": (True, "late", 4 << 20, True, 1),
+    "PDL 2 programs/SM wave": (True, "late", 8 << 20, True, 2),
 }
 
 
 def apply(variant: tuple, model: Decoder) -> None:
-    pdl, trigger, lines, tokens = variant
+    pdl, trigger, budget, multiwave, per_sm = variant
     model.backend.pdl = pdl
     nl.PDL_MULTIWAVE_TRIGGER = trigger
-    nl.PREFETCH_LINES_MAX = lines
-    attn.DECODE_PREFETCH_TOKENS = max(tokens, 1)
+    nl.PREFETCH_BUDGET = budget
+    nl.PREFETCH_MULTIWAVE = multiwave
+    pdl_mod.ONE_WAVE_PROGRAMS_PER_SM = per_sm
 
 
 def main() -> None:

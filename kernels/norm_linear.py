@@ -223,11 +223,9 @@ def _linear_kernel(
         k_lo = tl.program_id(2) * k_per_split * BLOCK_K  # k_per_split counts BLOCK_K blocks
         k_hi = tl.minimum(K, k_lo + k_per_split * BLOCK_K)
 
-    if PDL and EARLY and PF_LINES > 0:
+    if PDL and PF_LINES > 0:
         # While the producer of x still runs: pull the first PF_LINES lines of each weight row of
-        # this program into L2 (weights are never written by a preceding kernel). Only grids of one
-        # wave: a later wave's programs start after the wait, where prefetching only costs issue
-        # slots (measured: 8B decode 6% slower with it, 135M 36% faster with it on one-wave grids).
+        # this program into L2 (weights are never written by a preceding kernel).
         pf_k = tl.minimum(k_lo + tl.arange(0, PF_LINES) * LINE, k_hi - 1)
         pf = w_ptr + offs_nc[:, None] * stride_wn + pf_k[None, :]
         prefetch_l2(pf, PDL)
@@ -347,12 +345,16 @@ TUNED: dict[tuple[int, int, int, bool], Config] = {
 }
 
 
-# Weight lines per row a program of a one-wave grid prefetches into L2 before its PDL wait (4 KB of
-# bf16 per row): all of a small model's K (bench/decode_pdl.py: 32 lines beat 8 and none on 135M).
+# Weight lines per row a program prefetches into L2 before its PDL wait: up to 32 (4 KB of bf16: all
+# of a small model's K; bench/decode_pdl.py: 32 beat 8 and none on 135M), and at most
+# PREFETCH_BUDGET bytes per GEMM, or the prefetch thrashes L2 (8B with 4 KB of every row: 6% slower).
+# PREFETCH_MULTIWAVE: grids of several waves prefetch too (their first wave runs before the wait).
 PREFETCH_LINES_MAX = 32
+PREFETCH_BUDGET = 8 << 20
+PREFETCH_MULTIWAVE = True
 # When a grid of several waves lets its PDL dependent launch: "exit" (implicitly, as its last program
 # exits: the dependent's programs then spread over idle SMs) or "late" (after each program's K loop).
-PDL_MULTIWAVE_TRIGGER = "exit"
+PDL_MULTIWAVE_TRIGGER = "late"
 
 
 def m_bucket(m: int) -> int:
@@ -511,7 +513,9 @@ def _launch(
         PDL=pdl,
         EARLY=early,
         LATE_TRIGGER=pdl and not early and PDL_MULTIWAVE_TRIGGER == "late",
-        PF_LINES=prefetch_lines(k_per_split * bk, x.element_size()),
+        PF_LINES=prefetch_lines(k_per_split * bk, x.element_size(), n * (2 if gate_up else 1) * split)
+        if early or PREFETCH_MULTIWAVE
+        else 0,
         LINE=128 // x.element_size(),
         num_warps=warps,
         num_stages=stages,
@@ -520,10 +524,13 @@ def _launch(
     return y, stats, sums
 
 
-def prefetch_lines(span: int, elt: int, cap: int | None = None) -> int:
-    """128-byte lines per weight row prefetched before the PDL wait: the whole K span, up to `cap`."""
-    cap = PREFETCH_LINES_MAX if cap is None else cap
-    return min(cap, next_pow2(-(-span * elt // 128))) if cap > 0 else 0
+def prefetch_lines(span: int, elt: int, rows: int) -> int:
+    """128-byte lines per weight row (of `rows` in all, K splits counted) to prefetch before the PDL
+    wait: the whole K span of a program, within PREFETCH_LINES_MAX and the PREFETCH_BUDGET bytes."""
+    cap = min(PREFETCH_LINES_MAX, PREFETCH_BUDGET // max(1, rows * 128))
+    if cap < 1:
+        return 0
+    return min(1 << (cap.bit_length() - 1), next_pow2(-(-span * elt // 128)))
 
 
 def linear(

@@ -83,9 +83,13 @@ def pdl_available(device: torch.device | str) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+# A grid counts as one wave up to this many programs per SM (its dependents launch at its start).
+ONE_WAVE_PROGRAMS_PER_SM = 1
+
+
 def one_wave(programs: int, device: torch.device) -> bool:
     """Whether a grid fits the SMs at one program each: then its dependents may launch at its start."""
-    return programs <= sm_count(device)
+    return programs <= ONE_WAVE_PROGRAMS_PER_SM * sm_count(device)
 
 
 def launch_options(pdl: bool) -> dict:
