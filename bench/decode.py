@@ -384,6 +384,7 @@ def main() -> None:
     for name in tqdm(args.models.split(","), desc="models"):
         pdl_modes = tuple(pdl_available("cuda") if m == "default" else m == "on" for m in args.pdl.split(","))
         model = bench_ours(name, batches, contexts, results, bw, pdl_modes)
+        report(results, profiles, bw, args.out, args.tag)  # ours first: a cut-off run keeps them
         if args.profile:
             profiles += [profile_step(model, name, fused) for fused in (True, False)]
             for p in profiles[-2:]:
