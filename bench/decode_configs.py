@@ -1,0 +1,99 @@
+"""Decode GEMM tile configs judged by the whole decode step (CUDA graphs, PDL as in the product).
+
+bench/kernels.py --sweep picks tiles per GEMM in isolation; with programmatic dependent launch a
+grid's size also decides whether it overlaps its neighbours (one wave: early launch + prefetch), so
+this replaces one TUNED entry at a time and times the full step against the baseline, interleaved in
+one process (best of `--rounds` medians each).
+
+    python bench/decode_configs.py --model 8b --batch 1 --ctx 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import environment, markdown_table, write_results  # noqa: E402
+from bench.decode import config_of, decode_batch, random_weights, time_fn  # noqa: E402
+from kernels import norm_linear as nl  # noqa: E402
+from kernels.backend import select_backend  # noqa: E402
+from models.decoder import Decoder  # noqa: E402
+from server.cuda_graphs import DecodeGraphs  # noqa: E402
+
+# (N, K, M bucket, gate_up) -> alternatives (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)
+CANDIDATES = {
+    "8b": {
+        (6144, 4096, 16, False): [(16, 16, 256, 2, 4, 1), (16, 16, 128, 2, 6, 1), (16, 32, 256, 4, 4, 1)],
+        (4096, 4096, 16, False): [(16, 16, 128, 2, 6, 1), (16, 16, 512, 4, 3, 1), (16, 16, 256, 2, 4, 2)],
+        (4096, 14336, 16, False): [(16, 16, 256, 2, 4, 2), (16, 16, 128, 2, 6, 2), (16, 16, 128, 2, 4, 4)],
+        (128256, 4096, 16, False): [(16, 32, 256, 4, 4, 1), (16, 16, 256, 2, 4, 1)],
+    },
+    "135m": {
+        (960, 576, 16, False): [(16, 32, 64, 4, 6, 1), (16, 16, 64, 2, 6, 1)],
+        (576, 576, 16, False): [(16, 32, 64, 4, 6, 1), (16, 16, 64, 4, 6, 2)],
+        (1536, 576, 16, True): [(16, 16, 64, 4, 6, 1), (16, 64, 64, 4, 6, 1)],
+        (576, 1536, 16, False): [(16, 16, 64, 4, 6, 4), (16, 32, 64, 4, 6, 2), (16, 16, 128, 4, 4, 2)],
+    },
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="8b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+    cfg = config_of(args.model)
+    model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=args.ctx + 16)
+    kv = model.allocate_kv_cache(args.batch * -(-(args.ctx + 1) // 16), 16)
+    for t in kv.k + kv.v:
+        t.normal_()
+    pb, ids, pos = decode_batch(args.batch, args.ctx, 16)
+    variants: list[tuple[str, tuple | None, tuple | None]] = [("baseline", None, None)]
+    for key, alts in CANDIDATES[args.model].items():
+        variants += [(f"{key[:2]}{' gate_up' if key[3] else ''} -> {alt}", key, alt) for alt in alts]
+    graphs = {}
+    for name, key, alt in tqdm(variants, desc="capture"):
+        saved = nl.TUNED.get(key) if key else None
+        if key:
+            nl.TUNED[key] = alt
+        graphs[name] = DecodeGraphs(model, kv, max_batch=args.batch, batch_sizes=(args.batch,))
+        graphs[name].capture()
+        if key:
+            nl.TUNED[key] = saved
+    best: dict[str, float] = {}
+    for _ in tqdm(range(args.rounds), desc="rounds"):
+        for name, g in graphs.items():
+            t = time_fn(lambda g=g: g.run(ids, pos, pb, True)) * 1e3
+            best[name] = min(best.get(name, 1e9), t)
+    base = best["baseline"]
+    rows = [[name, round(ms, 4), f"{100 * (base / ms - 1):+.2f}%"] for name, ms in best.items()]
+    env = environment()
+    table = (
+        f"Decode step (fused, ms) with one GEMM's tiles replaced, {args.model} batch {args.batch} ctx {args.ctx}, "
+        f"{env.get('gpu')}, torch {env['torch']}, triton {env.get('triton')}, {env['date']}; CUDA graphs, "
+        f"PDL as in the product; best of {args.rounds} interleaved medians\n\n"
+        + markdown_table(["variant (N, K) -> (BM, BN, BK, warps, stages, split)", "ms", "vs baseline"], rows)
+    )
+    gpu = "_".join((env.get("gpu") or "gpu").lower().split())
+    write_results(
+        f"decode_configs_{args.model}_b{args.batch}_{gpu}", {"env": env, "ms": best}, table, out=args.out
+    )
+    print(table)
+    del graphs, kv, model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
