@@ -320,9 +320,10 @@ TUNED: dict[tuple[int, int, int, bool], Config] = {
     # H100 80GB HBM3, torch 2.11 / triton 3.6, bench/kernels.py --sweep (CUDA graphs, rotating weights)
     (4096, 14336, 16, False): (16, 16, 128, 2, 4, 2),
     (4096, 14336, 32, False): (32, 32, 128, 4, 4, 2),
-    (4096, 4096, 16, False): (16, 16, 256, 2, 4, 1),  # bench/decode_configs.py with PDL: 8B step -1.1%
+    # (4096, 4096) and (6144, 4096) at M <= 16: bench/decode_configs.py (whole 8B step with PDL), two rounds
+    (4096, 4096, 16, False): (16, 16, 256, 2, 4, 2),
     (4096, 4096, 32, False): (32, 32, 256, 4, 4, 1),
-    (6144, 4096, 16, False): (16, 32, 128, 2, 4, 1),
+    (6144, 4096, 16, False): (16, 16, 256, 2, 4, 1),
     (6144, 4096, 32, False): (32, 16, 128, 2, 4, 1),
     (14336, 4096, 16, True): (16, 64, 256, 4, 3, 1),
     (14336, 4096, 32, True): (32, 64, 128, 4, 4, 1),
