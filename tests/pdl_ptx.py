@@ -1,0 +1,100 @@
+"""Compile the PDL kernels for sm90 on a machine without a GPU and summarise their PTX (JSON on stdout).
+
+Run in its own process with TRITON_INTERPRET=0 (the test suite's process runs the interpreter, whose
+kernels cannot be compiled). For each kernel: griddepcontrol.wait / launch_dependents / L2 prefetch
+counts, and how many global stores, atomics and prefetches come before the wait in program text.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+import kernels.triton_env as env  # noqa: E402
+
+env.INTERPRET = False
+from kernels import attention, embedding, norm_linear, rmsnorm, rope_kv  # noqa: E402
+
+FLOATS = {"inv_k", "eps", "qk_scale"}
+F32 = {
+    "stats_ptr",
+    "sums_ptr",
+    "colsum_ptr",
+    "stats_out_ptr",
+    "sums_out_ptr",
+    "ws_ptr",
+    "po_ptr",
+    "pml_ptr",
+    "cs_ptr",
+}
+INTS = {
+    "cnt_ptr": "*i32",
+    "bt_ptr": "*i32",
+    "ctx_ptr": "*i32",
+    "slot_ptr": "*i64",
+    "pos_ptr": "*i64",
+    "ids_ptr": "*i64",
+}
+
+
+def signature(fn, consts: dict) -> dict:
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = INTS.get(name, "*fp32" if name in F32 else "*bf16")
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    return sig
+
+
+def summarise(fn, consts: dict, **options) -> dict:
+    src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, consts), constexprs=consts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": True, **options})
+    ptx = compiled.asm["ptx"]
+    wait_at = ptx.find("griddepcontrol.wait")
+    head = ptx[:wait_at] if wait_at >= 0 else ptx
+    return {
+        "launch_pdl": bool(compiled.metadata.launch_pdl),
+        "wait": ptx.count("griddepcontrol.wait"),
+        "launch_dependents": ptx.count("griddepcontrol.launch_dependents"),
+        "prefetch": ptx.count("prefetch.global.L2"),
+        "prefetch_before_wait": head.count("prefetch.global.L2"),
+        "stores_before_wait": len(re.findall(r"\bst\.global|\bred\.global|\batom\.global", head)),
+        "loads_before_wait": len(re.findall(r"\bld\.global", head)),
+    }
+
+
+LINEAR = dict(HAS_BIAS=False, HAS_RES=True, HAS_SCALE=True, LN=False, WANT_STATS=True, WANT_SUMS=False,
+              EVEN_K=True, UPCAST=False, IEEE=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True,
+              PF_LINES=16, LINE=64)  # fmt: skip
+DECODE = dict(GROUP=3, D=64, BLOCK_G=16, BLOCK_D=64, BLOCK_N=128, PAGE=16, SPLIT=True, BLOCK_GG=4, MERGE_S=32,
+              UPCAST=False, IEEE=False, PDL=True, PF_TOKENS=128, D_LINES=1, LINE=64)  # fmt: skip
+CASES = {
+    "linear one-wave": (norm_linear._linear_kernel, dict(LINEAR, GATE_UP=False, SPLIT_K=1, EARLY=True, LATE_TRIGGER=False)),
+    "gate_up one-wave": (norm_linear._linear_kernel, dict(LINEAR, GATE_UP=True, SPLIT_K=1, EARLY=True, LATE_TRIGGER=False)),
+    "linear split-K multi-wave": (norm_linear._linear_kernel, dict(LINEAR, GATE_UP=False, SPLIT_K=4, EARLY=False, LATE_TRIGGER=True)),
+    "decode attention fused merge": (attention._decode_kernel, dict(DECODE, FUSED=True, EARLY=True)),
+    "decode attention two-pass": (attention._decode_kernel, dict(DECODE, FUSED=False, EARLY=True)),
+    "decode reduce": (attention._decode_reduce_kernel, dict(D=64, BLOCK_D=64, BLOCK_S=8, PDL=True, EARLY=True)),
+    "rope + kv write": (rope_kv._rope_kv_kernel, dict(D=64, HALF=32, HAS_SCALE=True, HAS_BIAS=False, BLOCK_HQ=16,
+                                                     BLOCK_HK=4, BLOCK_HALF=32, BLOCK_D=64, BLOCK_P=1, PDL=True, EARLY=True)),
+    "embedding": (embedding._embedding_kernel, dict(WANT_STATS=True, BLOCK=1024, PDL=True, EARLY=True)),
+    "rmsnorm": (rmsnorm._norm_kernel, dict(HAS_RES=False, HAS_W=False, HAS_B=False, LAYER=False, BLOCK=1024,
+                                          PDL=True, EARLY=False)),
+}  # fmt: skip
+
+
+if __name__ == "__main__":
+    print(json.dumps({name: summarise(fn, consts, num_warps=4) for name, (fn, consts) in CASES.items()}))

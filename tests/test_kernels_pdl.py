@@ -1,0 +1,83 @@
+"""Programmatic dependent launch: the host policy, and the kernels' PTX compiled for sm90 here (no GPU).
+
+The CPU interpreter cannot run griddepcontrol, so the device-side rules are checked on the compiled
+PTX: every PDL kernel waits exactly once, stores nothing (and the GEMMs load nothing) before the wait,
+and prefetches there instead. tests/test_gpu.py checks on the H100 that PDL graph replays equal plain
+ones bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import norm_linear as nl
+from kernels import pdl
+from kernels.triton_backend import TritonBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pdl_is_off_without_hopper():
+    assert not pdl.pdl_available("cpu")
+    assert pdl.launch_options(False) == {}
+    assert pdl.launch_options(True) == {"launch_pdl": True}
+
+
+def test_pdl_env_switch(monkeypatch):
+    monkeypatch.setattr(pdl, "INTERPRET", False)
+    monkeypatch.setattr(pdl, "HAVE_GDC", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert pdl.pdl_available("cuda")
+    monkeypatch.setenv("FUSIONSERVE_PDL", "0")
+    assert not pdl.pdl_available("cuda")
+    monkeypatch.setenv("FUSIONSERVE_PDL", "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not pdl.pdl_available("cuda"), "griddepcontrol needs sm90"
+
+
+def test_prefetch_budget():
+    # 135M: the whole K of every row fits (576 bf16 = 9 lines -> 16, clamped in the kernel).
+    assert nl.prefetch_lines(576, 2, rows=960) == 16
+    # 8B gate/up: 28672 rows of 4096; the 8 MB budget leaves 2 lines per row, not 32.
+    assert nl.prefetch_lines(4096, 2, rows=28672) == 2
+    assert nl.prefetch_lines(4096, 2, rows=28672) * 128 * 28672 <= nl.PREFETCH_BUDGET
+    # The 8B LM head (128256 rows) prefetches nothing.
+    assert nl.prefetch_lines(4096, 2, rows=128256) == 0
+
+
+def test_backend_uses_pdl_for_small_steps_only():
+    be = TritonBackend(small_m_max=32, pdl=True)
+    assert be._pdl(torch.zeros(32, 8)) and not be._pdl(torch.zeros(33, 8))
+    assert not TritonBackend(pdl=False)._pdl(torch.zeros(1, 8))
+
+
+@pytest.mark.skipif(not pdl.HAVE_GDC, reason="this Triton has no griddepcontrol ops")
+def test_pdl_kernels_compile_for_hopper_and_keep_the_rules(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "pdl_ptx.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(kernels) == 9
+    for name, k in kernels.items():
+        assert k["launch_pdl"] and k["wait"] == 1, name
+        assert k["stores_before_wait"] == 0, f"{name} writes before griddepcontrol.wait"
+        assert k["launch_dependents"] == (0 if name in ("rmsnorm",) else 1), name
+    for name in ("linear one-wave", "gate_up one-wave", "linear split-K multi-wave"):
+        assert kernels[name]["loads_before_wait"] == 0, f"{name} reads before griddepcontrol.wait"
+        assert kernels[name]["prefetch_before_wait"] > 0, name
+    assert kernels["gate_up one-wave"]["prefetch"] == 2 * kernels["linear one-wave"]["prefetch"]
+    assert kernels["decode attention fused merge"]["prefetch_before_wait"] > 0
