@@ -9,7 +9,10 @@ mode="reduce-overhead" on the same shapes; transformers runs eager with a
 DynamicCache kept at the same length.
 
     python bench/decode.py --models 8b,135m --batches 1,8,32,64 --contexts 512,4096 \
-        [--gptfast .gptfast/gptfast_model.py] [--hf] [--profile]
+        [--gptfast .gptfast/gptfast_model.py] [--hf] [--profile] [--pdl default,off]
+
+`--pdl default,off` also captures and times graphs without programmatic dependent launch (extra
+columns), interleaved with the product's default in the same process.
 """
 
 from __future__ import annotations
