@@ -281,11 +281,17 @@ class LLMEngine:
         bs = config.block_size
         self.max_model_len = min(config.max_model_len or 8192, decoder.max_model_len, num_blocks * bs)
         self.runner = ModelRunner(decoder, num_blocks, bs)
-        if config.cuda_graphs and decoder.device.type == "cuda":
+        graphs = config.cuda_graphs and decoder.device.type == "cuda"
+        if graphs:
             sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < config.max_num_seqs]
             self.runner.capture_decode_graphs([*sizes, config.max_num_seqs])
             if config.layer_timing_every:
                 self.runner.warm_eager_paths(config.max_num_seqs, self.max_model_len)
+        # What the operator's start-up line says runs the steps (e.g. "triton on cuda, PDL, CUDA graphs").
+        features = (["PDL"] if getattr(decoder.backend, "pdl", False) else []) + (
+            ["CUDA graphs"] if graphs else []
+        )
+        self.kernel_path = ", ".join([f"{decoder.backend.name} on {decoder.device.type}", *features])
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
@@ -681,6 +687,7 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model_name
         self.max_model_len = self.engine.max_model_len
+        self.kernel_path = self.engine.kernel_path
         self.fusion = self.engine.fusion
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()

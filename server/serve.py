@@ -225,7 +225,10 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=5,
     )
     url = f"http://{args.host}:{args.port}"
-    ready = f"fusionserve ready: {url}/v1 (model {engine.model_name}, fusion {args.fusion}, max_model_len {engine.max_model_len})"
+    ready = (
+        f"fusionserve ready: {url}/v1 (model {engine.model_name}, fusion {args.fusion}, "
+        f"max_model_len {engine.max_model_len}, kernels: {engine.kernel_path})"
+    )
     server = GracefulServer(
         uv_config, ShutdownPlan(begin_drain, engine.wait_idle, args.shutdown_timeout), ready
     )

@@ -48,6 +48,10 @@ def ids(outs) -> list[list[int]]:
     return [o[0].token_ids for o in outs]
 
 
+def test_kernel_path_names_what_runs(tiny):
+    assert engine(tiny).kernel_path == "torch on cpu"  # no PDL or CUDA graphs off the GPU
+
+
 def test_batch_invariance_16_greedy(tiny):
     ps = prompts(16)
     eng = engine(tiny, enable_prefix_caching=False)
