@@ -42,6 +42,11 @@ except ImportError:  # pragma: no cover - depends on the Triton version
         pass
 
 
+# The CPU interpreter has neither griddepcontrol nor inline asm: there the PDL branches compile to nothing,
+# so the tests can run every kernel with PDL=True and check it computes what PDL=False does.
+_ON_GPU = tl.constexpr(not INTERPRET)
+
+
 @triton.jit
 def pdl_wait(PDL: tl.constexpr, EARLY: tl.constexpr = True):
     """Wait for the preceding kernel (complete, writes visible); with EARLY, let the next one launch.
@@ -51,7 +56,7 @@ def pdl_wait(PDL: tl.constexpr, EARLY: tl.constexpr = True):
     implicit at exit), or the next kernel's waiting programs would hold SM slots (and shared memory)
     this one's later waves need.
     """
-    if PDL:
+    if PDL and _ON_GPU:
         gdc_wait()
         if EARLY:
             gdc_launch_dependents()
@@ -60,14 +65,14 @@ def pdl_wait(PDL: tl.constexpr, EARLY: tl.constexpr = True):
 @triton.jit
 def pdl_trigger(PDL: tl.constexpr):
     """Let the next kernel launch (once every program of this one has called this or exited)."""
-    if PDL:
+    if PDL and _ON_GPU:
         gdc_launch_dependents()
 
 
 @triton.jit
 def prefetch_l2(ptrs, PDL: tl.constexpr):
     """L2 prefetch of the 128-byte lines holding `ptrs` (any shape; every address must be valid)."""
-    if PDL:
+    if PDL and _ON_GPU:
         tl.inline_asm_elementwise(
             "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
         )

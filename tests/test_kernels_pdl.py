@@ -81,3 +81,58 @@ def test_pdl_kernels_compile_for_hopper_and_keep_the_rules(tmp_path):
         assert kernels[name]["prefetch_before_wait"] > 0, name
     assert kernels["gate_up one-wave"]["prefetch"] == 2 * kernels["linear one-wave"]["prefetch"]
     assert kernels["decode attention fused merge"]["prefetch_before_wait"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_pdl_variants_compute_what_plain_launches_do(dtype):
+    """Every kernel wrapper with pdl=True (the one-wave early release, the multi-wave late trigger, the
+    prefetch budget, the restructured split bounds of decode attention) gives the pdl=False result bit
+    for bit. Under the interpreter the griddepcontrol / prefetch instructions themselves compile away."""
+    from kernels import attention, embedding, rmsnorm, rope_kv
+    from tests.test_kernels_attention import random_batch
+    from tests.test_kernels_common import rand
+
+    def both(fn, *args, **kw):
+        clones = [[a.clone() if isinstance(a, torch.Tensor) else a for a in args] for _ in range(2)]
+        outs = [fn(*c, **kw, pdl=p) for c, p in zip(clones, (False, True))]
+        flat = [
+            [t for t in (o if isinstance(o, tuple) else (o,)) if t is not None] + c
+            for o, c in zip(outs, clones)
+        ]
+        for a, b in zip(*flat):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b)
+
+    m, k, n = 3, 45, 37
+    x, w = rand(m, k, dtype=dtype), rand(n, k, dtype=dtype)
+    stats = (torch.rand(m, 3) * k / 3 + 0.1).to(x.device)
+    both(
+        nl.linear, x, w, None, rand(m, n, dtype=dtype), stats, 1e-5, True
+    )  # one wave on the interpreter's 4 SMs
+    both(
+        nl.linear, x, w, None, None, stats, 1e-5, False, config=(16, 16, 16, 1, 1, 2)
+    )  # split-K: 3 x 2 programs
+    both(nl.gate_up_silu, x, rand(2 * n, k, dtype=dtype), stats, 1e-5)
+    both(embedding.embedding, torch.tensor([5, 0, 7]), rand(11, k, dtype=dtype), True)
+    both(rmsnorm.rmsnorm, x, 1e-5)
+    hq, hk, d, bs, nb = 4, 2, 16, 16, 40
+    cos_sin = rope_kv.rope_cos_sin(64, d, device=x.device)
+    qkv = rand(m, (hq + 2 * hk) * d, dtype=dtype)
+    caches = [rand(nb, bs, hk, d, dtype=dtype) for _ in range(2)]
+    both(
+        rope_kv.rope_kv_write,
+        qkv,
+        torch.tensor([3, 9, 60]),
+        cos_sin,
+        *caches,
+        torch.tensor([5, -1, 77]),
+        hq,
+        hk,
+        d,
+    )
+    ctx = [37, 1, 64, 20]
+    batch = random_batch([1] * len(ctx), ctx, nb)
+    q = rand(len(ctx), hq, d, dtype=dtype)
+    for fused in (True, False):
+        both(attention.decode_attention, q, *caches, batch.block_tables, batch.context_lens, batch.max_context_len,
+             d**-0.5, num_splits=3, fused_merge=fused)  # fmt: skip
