@@ -1,7 +1,6 @@
 """Programmatic dependent launch policies side by side: per-token decode latency with CUDA graphs.
 
-Each variant sets the PDL knobs (kernels/pdl.py, kernels/norm_linear.py, kernels/attention.py),
-captures its own graphs of the same model and KV cache, and all variants are timed interleaved in one
+Each variant is a kernels.pdl.PdlPolicy (or None: no PDL) on the backend, captures its own graphs of the same model and KV cache, and all variants are timed interleaved in one
 process (best of `--rounds` medians each), so the ratios are side by side.
 
     python bench/decode_pdl.py --models 8b,135m --batches 1,8 --contexts 512
@@ -22,32 +21,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
 from bench.decode import config_of, decode_batch, random_weights, time_fn  # noqa: E402
-from kernels import norm_linear as nl  # noqa: E402
-from kernels import pdl as pdl_mod  # noqa: E402
 from kernels.backend import select_backend  # noqa: E402
+from kernels.pdl import PdlPolicy  # noqa: E402
 from models.decoder import Decoder  # noqa: E402
 from server.cuda_graphs import DecodeGraphs  # noqa: E402
 
-# name: (pdl, multi-wave trigger, weight prefetch bytes per GEMM, multi-wave grids prefetch,
-#        programs per SM that count as one wave)
-VARIANTS = {
-    "no PDL": (False, "late", 8 << 20, True, 1),
-    "PDL": (True, "late", 8 << 20, True, 1),
-    "PDL exit trigger": (True, "exit", 8 << 20, True, 1),
-    "PDL one-wave prefetch only": (True, "late", 8 << 20, False, 1),
-    "PDL 16 MB prefetch": (True, "late", 16 << 20, True, 1),
-    "PDL 4 MB prefetch": (True, "late", 4 << 20, True, 1),
-    "PDL 2 programs/SM wave": (True, "late", 8 << 20, True, 2),
+VARIANTS: dict[str, PdlPolicy | None] = {
+    "no PDL": None,
+    "PDL": PdlPolicy(),
+    "PDL exit trigger": PdlPolicy(multiwave_trigger="exit"),
+    "PDL one-wave prefetch only": PdlPolicy(prefetch_multiwave=False),
+    "PDL 16 MB prefetch": PdlPolicy(prefetch_budget=16 << 20),
+    "PDL 4 MB prefetch": PdlPolicy(prefetch_budget=4 << 20),
+    "PDL 2 programs/SM wave": PdlPolicy(one_wave_programs_per_sm=2),
 }
 
 
-def apply(variant: tuple, model: Decoder) -> None:
-    pdl, trigger, budget, multiwave, per_sm = variant
-    model.backend.pdl = pdl
-    nl.PDL_MULTIWAVE_TRIGGER = trigger
-    nl.PREFETCH_BUDGET = budget
-    nl.PREFETCH_MULTIWAVE = multiwave
-    pdl_mod.ONE_WAVE_PROGRAMS_PER_SM = per_sm
+def apply(variant: PdlPolicy | None, model: Decoder) -> None:
+    model.backend.pdl = variant if variant is not None else False
 
 
 def main() -> None:

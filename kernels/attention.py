@@ -17,7 +17,7 @@ import triton.language as tl
 
 from kernels.batch import PagedBatch
 from kernels.norm_linear import cast, mma
-from kernels.pdl import launch_options, one_wave, pdl_wait, prefetch_l2
+from kernels.pdl import PdlPolicy, pdl_args, pdl_wait, prefetch_l2
 from kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
 
 LOG2E = 1.4426950408889634
@@ -330,7 +330,6 @@ DECODE_POLICY = "fill"
 DECODE_FUSED_MERGE: bool | None = None
 DECODE_FUSED_MERGE_MAX_PROGRAMS = 16
 DECODE_MIN_SPLIT_TOKENS = 0  # fused merge only: each split covers at least this many tokens
-DECODE_PREFETCH_TOKENS = 128  # cached tokens per program pulled into L2 before the PDL wait
 DECODE_SINGLE_SPLIT_CTX = 0  # fused merge only: contexts up to this length take one program, no merge
 
 
@@ -376,7 +375,7 @@ def decode_attention(
     fused_merge: bool | None = None,
     min_split_tokens: int | None = None,
     single_split_ctx: int | None = None,
-    pdl: bool = False,
+    pdl: PdlPolicy | None = None,
 ) -> torch.Tensor:
     """One new query per sequence: q [B, Hq, D] over its cached context → o [B, Hq, D].
 
@@ -450,14 +449,12 @@ def decode_attention(
         MERGE_S=2 if INTERPRET else max(1, min(32, 8192 // (block_gg * block_d))),
         UPCAST=INTERPRET,
         IEEE=q.dtype == torch.float32,
-        PDL=pdl,
-        EARLY=one_wave(bsz * hk * num_splits, q.device),
-        PF_TOKENS=min(block_n, DECODE_PREFETCH_TOKENS),
+        **pdl_args(pdl, bsz * hk * num_splits, q.device),
+        PF_TOKENS=min(block_n, pdl.attention_prefetch_tokens) if pdl is not None else 16,
         D_LINES=max(1, next_pow2(d * k_cache.element_size()) // 128),
         LINE=128 // k_cache.element_size(),
         num_warps=1 if INTERPRET else 4,
         num_stages=1 if INTERPRET else 3,
-        **launch_options(pdl),
     )
     if split and not fused:
         _decode_reduce_kernel[(bsz, hq)](
@@ -471,10 +468,8 @@ def decode_attention(
             D=d,
             BLOCK_D=block_d,
             BLOCK_S=max(2, next_pow2(num_splits)),
-            PDL=pdl,
-            EARLY=one_wave(bsz * hq, q.device),
+            **pdl_args(pdl, bsz * hq, q.device),
             num_warps=1 if INTERPRET else 4,
-            **launch_options(pdl),
         )
     return o
 
@@ -614,7 +609,7 @@ def paged_attention(
     v_cache: torch.Tensor,
     batch: PagedBatch,
     scale: float,
-    pdl: bool = False,
+    pdl: PdlPolicy | None = None,
 ) -> torch.Tensor:
     """reference.paged_attention: the decode kernel for all-decode steps, the prefill kernel otherwise."""
     if batch.is_decode_only and q.shape[0] == batch.num_seqs:

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_options, one_wave, pdl_wait
+from kernels.pdl import PdlPolicy, pdl_args, pdl_wait
 from kernels.triton_env import INTERPRET
 
 
@@ -41,7 +41,7 @@ def _embedding_kernel(
 
 
 def embedding(
-    ids: torch.Tensor, table: torch.Tensor, want_stats: bool = False, pdl: bool = False
+    ids: torch.Tensor, table: torch.Tensor, want_stats: bool = False, pdl: PdlPolicy | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """reference.embedding: rows of `table` [V, K] for `ids` [T]; optional Σx² [T, 1]."""
     ids = ids.reshape(-1)
@@ -62,9 +62,7 @@ def embedding(
             out.stride(0),
             WANT_STATS=want_stats,
             BLOCK=block,
-            PDL=pdl,
-            EARLY=one_wave(t, table.device),
+            **pdl_args(pdl, t, table.device),
             num_warps=1 if INTERPRET else 4,
-            **launch_options(pdl),
         )
     return out, stats

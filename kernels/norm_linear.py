@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_options, one_wave, pdl_trigger, pdl_wait, prefetch_l2
+from kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2
 from kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
 
 _ROUND_FIX = tl.constexpr(INTERPRET)
@@ -346,18 +346,6 @@ TUNED: dict[tuple[int, int, int, bool], Config] = {
 }
 
 
-# Weight lines per row a program prefetches into L2 before its PDL wait: up to 32 (4 KB of bf16: all
-# of a small model's K; bench/decode_pdl.py: 32 beat 8 and none on 135M), and at most
-# PREFETCH_BUDGET bytes per GEMM, or the prefetch thrashes L2 (8B with 4 KB of every row: 6% slower).
-# PREFETCH_MULTIWAVE: grids of several waves prefetch too (their first wave runs before the wait).
-PREFETCH_LINES_MAX = 32
-PREFETCH_BUDGET = 8 << 20
-PREFETCH_MULTIWAVE = True
-# When a grid of several waves lets its PDL dependent launch: "exit" (implicitly, as its last program
-# exits: the dependent's programs then spread over idle SMs) or "late" (after each program's K loop).
-PDL_MULTIWAVE_TRIGGER = "late"
-
-
 def m_bucket(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
@@ -425,7 +413,7 @@ def _launch(
     gate_up: bool = False,
     config=None,
     out: torch.Tensor | None = None,
-    pdl: bool = False,
+    pdl: PdlPolicy | None = None,
 ):
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]
     if x.stride(1) != 1:
@@ -468,7 +456,8 @@ def _launch(
         cnt = arrival_counters(x.device, n_tiles * m_tiles, "split_k", minimum=1 << 16)
     else:
         ws = cnt = dummy
-    early = one_wave(n_tiles * m_tiles * split, x.device)
+    launch = pdl_args(pdl, n_tiles * m_tiles * split, x.device)
+    early = launch["EARLY"]
     _linear_kernel[(n_tiles, m_tiles, split)](
         x,
         weight,
@@ -511,24 +500,22 @@ def _launch(
         BLOCK_K=bk,
         BLOCK_P=min(128, next_pow2(p)),
         SPLIT_K=split,
-        PDL=pdl,
-        EARLY=early,
-        LATE_TRIGGER=pdl and not early and PDL_MULTIWAVE_TRIGGER == "late",
-        PF_LINES=prefetch_lines(k_per_split * bk, x.element_size(), n * (2 if gate_up else 1) * split)
-        if early or PREFETCH_MULTIWAVE
+        LATE_TRIGGER=pdl is not None and not early and pdl.multiwave_trigger == "late",
+        PF_LINES=prefetch_lines(k_per_split * bk, x.element_size(), n * (2 if gate_up else 1) * split, pdl)
+        if pdl is not None and (early or pdl.prefetch_multiwave)
         else 0,
         LINE=128 // x.element_size(),
         num_warps=warps,
         num_stages=stages,
-        **launch_options(pdl),
+        **launch,
     )
     return y, stats, sums
 
 
-def prefetch_lines(span: int, elt: int, rows: int) -> int:
+def prefetch_lines(span: int, elt: int, rows: int, policy: PdlPolicy) -> int:
     """128-byte lines per weight row (of `rows` in all, K splits counted) to prefetch before the PDL
-    wait: the whole K span of a program, within PREFETCH_LINES_MAX and the PREFETCH_BUDGET bytes."""
-    cap = min(PREFETCH_LINES_MAX, PREFETCH_BUDGET // max(1, rows * 128))
+    wait: the whole K span of a program, within the policy's lines per row and bytes per GEMM."""
+    cap = min(policy.prefetch_lines_max, policy.prefetch_budget // max(1, rows * 128))
     if cap < 1:
         return 0
     return min(1 << (cap.bit_length() - 1), next_pow2(-(-span * elt // 128)))
@@ -543,7 +530,7 @@ def linear(
     eps: float = 1e-6,
     want_stats: bool = False,
     config=None,
-    pdl: bool = False,
+    pdl: PdlPolicy | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """reference.linear as one Triton GEMM: returns (y [M, N], Σy² partials [M, n_tiles] or None)."""
     y, stats, _ = _launch(
@@ -567,7 +554,7 @@ def gate_up_silu(
     row_stats: torch.Tensor | None = None,
     eps: float = 1e-6,
     config=None,
-    pdl: bool = False,
+    pdl: PdlPolicy | None = None,
 ) -> torch.Tensor:
     """reference.gate_up_silu in one kernel: silu(r * x Wg^T) * (r * x Wu^T), W = [gate; up] of [2I, K]."""
     assert w_gate_up.shape[0] % 2 == 0
@@ -595,7 +582,7 @@ def linear_layernorm(
     residual: torch.Tensor | None = None,
     want_stats: bool = False,
     config=None,
-    pdl: bool = False,
+    pdl: PdlPolicy | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Deferred LayerNorm: y = rsqrt(var + eps) * (x W'^T - mean * c) + b' (+ residual).
 

@@ -11,7 +11,7 @@ it reads activations and writes outputs. `pdl_wait` also releases kernel n+2 to 
 wave; larger ones do after their main loop), so at most two kernels overlap and the next one's
 prefetch runs under this one's tail.
 
-Rules for a kernel launched with `launch_options(True)`: no load of data a preceding kernel may have
+Rules for a kernel launched with PDL (`pdl_args` with a policy): no load of data a preceding kernel may have
 written, and no store, before `pdl_wait(PDL)`. Under the CPU interpreter (and on GPUs before sm90 or a
 Triton without the griddepcontrol ops) PDL is off: the constexpr branches vanish.
 """
@@ -19,6 +19,7 @@ Triton without the griddepcontrol ops) PDL is off: the constexpr branches vanish
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -88,15 +89,27 @@ def pdl_available(device: torch.device | str) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-# A grid counts as one wave up to this many programs per SM (its dependents launch at its start).
-ONE_WAVE_PROGRAMS_PER_SM = 1
+@dataclass(frozen=True)
+class PdlPolicy:
+    """How the decode kernels use PDL. The defaults are bench/decode_pdl.py's winners on the H100: on the
+    135M model prefetching all of K (32 lines) beat 8 lines and none; on the 8B, 4 KB of every weight row
+    thrashed L2 (6% slower), hence the per-GEMM budget; releasing a multi-wave grid's successor after its
+    K loop beat releasing it at exit by ~0.5%; counting 2 programs per SM as one wave was 3% slower."""
+
+    prefetch_lines_max: int = 32  # 128-byte lines per weight row a GEMM program prefetches, at most
+    prefetch_budget: int = 8 << 20  # weight bytes a whole GEMM prefetches, at most
+    prefetch_multiwave: bool = True  # grids of several waves prefetch too (their first wave starts early)
+    multiwave_trigger: str = "late"  # several waves: release the successor after the K loop, or at "exit"
+    one_wave_programs_per_sm: int = 1  # a grid of up to this many programs per SM counts as one wave
+    attention_prefetch_tokens: int = 128  # cached tokens per decode-attention program prefetched
+
+    def one_wave(self, programs: int, device: torch.device) -> bool:
+        """Whether a grid fits the SMs in one wave: then its successor may launch at its start."""
+        return programs <= self.one_wave_programs_per_sm * sm_count(device)
 
 
-def one_wave(programs: int, device: torch.device) -> bool:
-    """Whether a grid fits the SMs at one program each: then its dependents may launch at its start."""
-    return programs <= ONE_WAVE_PROGRAMS_PER_SM * sm_count(device)
-
-
-def launch_options(pdl: bool) -> dict:
-    """Extra launch keywords of a kernel call: the PDL launch attribute when on."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_args(policy: PdlPolicy | None, programs: int, device: torch.device) -> dict:
+    """The PDL / EARLY constexprs and the launch keyword of one kernel call (policy None: PDL off)."""
+    if policy is None:
+        return {"PDL": False, "EARLY": False}
+    return {"PDL": True, "EARLY": policy.one_wave(programs, device), "launch_pdl": True}

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.norm_linear import cast
-from kernels.pdl import launch_options, one_wave, pdl_wait
+from kernels.pdl import PdlPolicy, pdl_args, pdl_wait
 from kernels.triton_env import INTERPRET, next_pow2
 
 
@@ -65,7 +65,7 @@ def _norm_kernel(
     tl.store(y_ptr + row * stride_y + offs, cast(y, y_ptr.dtype.element_ty), mask=mask)
 
 
-def _norm(x, residual, weight, bias, eps, layer, pdl=False):
+def _norm(x, residual, weight, bias, eps, layer, pdl: PdlPolicy | None = None):
     assert x.dim() == 2
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -95,16 +95,14 @@ def _norm(x, residual, weight, bias, eps, layer, pdl=False):
             HAS_B=bias is not None,
             LAYER=layer,
             BLOCK=block,
-            PDL=pdl,
-            EARLY=one_wave(t, x.device),
+            **pdl_args(pdl, t, x.device),
             num_warps=_warps(block),
-            **launch_options(pdl),
         )
     return y, h
 
 
 def rmsnorm(
-    x: torch.Tensor, eps: float, weight: torch.Tensor | None = None, pdl: bool = False
+    x: torch.Tensor, eps: float, weight: torch.Tensor | None = None, pdl: PdlPolicy | None = None
 ) -> torch.Tensor:
     """reference.rmsnorm as one kernel (gains normally folded into the next weight: weight=None)."""
     return _norm(x, None, weight, None, eps, False, pdl)[0]

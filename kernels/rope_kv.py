@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.norm_linear import cast
-from kernels.pdl import launch_options, one_wave, pdl_wait
+from kernels.pdl import PdlPolicy, pdl_args, pdl_wait
 from kernels.triton_env import INTERPRET, next_pow2
 
 
@@ -184,7 +184,7 @@ def rope_kv_write(
     k: int = 1,
     eps: float = 1e-6,
     bias: torch.Tensor | None = None,
-    pdl: bool = False,
+    pdl: PdlPolicy | None = None,
 ) -> torch.Tensor:
     """qkv [T, (Hq + 2 Hk) D] → q [T, Hq, D] rotated; k rotated and v into caches [blocks, bs, Hk, D].
 
@@ -239,9 +239,7 @@ def rope_kv_write(
         BLOCK_HALF=block_half,
         BLOCK_D=next_pow2(head_dim),
         BLOCK_P=min(128, next_pow2(p)),
-        PDL=pdl,
-        EARLY=one_wave(t, qkv.device),
+        **pdl_args(pdl, t, qkv.device),
         num_warps=warps,
-        **launch_options(pdl),
     )
     return q

@@ -21,26 +21,34 @@ from kernels import norm_linear as _nl
 from kernels import rmsnorm as _norm
 from kernels import rope_kv as _rope
 from kernels.batch import PagedBatch
-from kernels.pdl import pdl_available
+from kernels.pdl import PdlPolicy, pdl_available
 
 
 class TritonBackend:
-    """`pdl`: launch the small-M (decode) kernels with programmatic dependent launch (kernels/pdl.py);
-    None turns it on where the GPU and Triton support it. A plain attribute: set it before capturing
-    graphs. Large-M steps never use it: their neighbours are cuBLAS GEMMs, which it cannot overlap
-    (H100: 135M batch 64 at 4k context 2% slower with it)."""
+    """`pdl`: the programmatic-dependent-launch policy of the small-M (decode) kernels (kernels/pdl.py):
+    a PdlPolicy, True (the default policy), False (off) or, at construction, None (on where the GPU and
+    Triton support it). Set it before capturing graphs. Large-M steps never use it: their neighbours
+    are cuBLAS GEMMs, which it cannot overlap (H100: 135M batch 64 at 4k context 2% slower with it)."""
 
     name = "triton"
 
-    def __init__(self, small_m_max: int = 32, pdl: bool | None = None):
+    def __init__(self, small_m_max: int = 32, pdl: PdlPolicy | bool | None = None):
         self.small_m_max = small_m_max
         self.pdl = pdl_available("cuda") if pdl is None else pdl
+
+    @property
+    def pdl(self) -> PdlPolicy | None:
+        return self._pdl_policy
+
+    @pdl.setter
+    def pdl(self, value: PdlPolicy | bool) -> None:
+        self._pdl_policy = value if isinstance(value, PdlPolicy) else (PdlPolicy() if value else None)
 
     def _small(self, x: torch.Tensor) -> bool:
         return x.shape[0] <= self.small_m_max
 
-    def _pdl(self, x: torch.Tensor) -> bool:
-        return self.pdl and self._small(x)
+    def _pdl(self, x: torch.Tensor) -> PdlPolicy | None:
+        return self._pdl_policy if self._small(x) else None
 
     def embedding(
         self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool
@@ -61,7 +69,7 @@ class TritonBackend:
         want_stats: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._small(x):
-            return _nl.linear(x, weight, bias, residual, row_stats, eps, want_stats, pdl=self.pdl)
+            return _nl.linear(x, weight, bias, residual, row_stats, eps, want_stats, pdl=self._pdl_policy)
         k = x.shape[-1]
         if row_stats is None and (bias is None or residual is None):
             # Raw cuBLAS with its own epilogue; the producer statistic is one row pass over h.
@@ -95,7 +103,7 @@ class TritonBackend:
         eps: float,
     ) -> torch.Tensor:
         if self._small(x):
-            qkv, _ = _nl.linear(x, w_qkv, bias=b_qkv, row_stats=row_stats, eps=eps, pdl=self.pdl)
+            qkv, _ = _nl.linear(x, w_qkv, bias=b_qkv, row_stats=row_stats, eps=eps, pdl=self._pdl_policy)
             scale_stats, bias = None, None
         else:
             qkv = F.linear(x, w_qkv)
@@ -126,5 +134,5 @@ class TritonBackend:
         self, x: torch.Tensor, row_stats: torch.Tensor | None, w_gate_up: torch.Tensor, eps: float
     ) -> torch.Tensor:
         if self._small(x):
-            return _nl.gate_up_silu(x, w_gate_up, row_stats, eps, pdl=self.pdl)
+            return _nl.gate_up_silu(x, w_gate_up, row_stats, eps, pdl=self._pdl_policy)
         return _nl.silu_mul(F.linear(x, w_gate_up), row_stats, x.shape[-1], eps)

@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_pdl_is_off_without_hopper():
     assert not pdl.pdl_available("cpu")
-    assert pdl.launch_options(False) == {}
-    assert pdl.launch_options(True) == {"launch_pdl": True}
+    assert pdl.pdl_args(None, 1, torch.device("cpu")) == {"PDL": False, "EARLY": False}
+    on = pdl.pdl_args(pdl.PdlPolicy(), 1, torch.device("cpu"))
+    assert on == {"PDL": True, "EARLY": True, "launch_pdl": True}
+    assert not pdl.pdl_args(pdl.PdlPolicy(), 1000, torch.device("cpu"))["EARLY"]  # several waves
 
 
 def test_pdl_env_switch(monkeypatch):
@@ -44,19 +46,24 @@ def test_pdl_env_switch(monkeypatch):
 
 
 def test_prefetch_budget():
+    policy = pdl.PdlPolicy()
     # 135M: the whole K of every row fits (576 bf16 = 9 lines -> 16, clamped in the kernel).
-    assert nl.prefetch_lines(576, 2, rows=960) == 16
+    assert nl.prefetch_lines(576, 2, 960, policy) == 16
     # 8B gate/up: 28672 rows of 4096; the 8 MB budget leaves 2 lines per row, not 32.
-    assert nl.prefetch_lines(4096, 2, rows=28672) == 2
-    assert nl.prefetch_lines(4096, 2, rows=28672) * 128 * 28672 <= nl.PREFETCH_BUDGET
+    assert nl.prefetch_lines(4096, 2, 28672, policy) == 2
+    assert nl.prefetch_lines(4096, 2, 28672, policy) * 128 * 28672 <= policy.prefetch_budget
     # The 8B LM head (128256 rows) prefetches nothing.
-    assert nl.prefetch_lines(4096, 2, rows=128256) == 0
+    assert nl.prefetch_lines(4096, 2, 128256, policy) == 0
 
 
 def test_backend_uses_pdl_for_small_steps_only():
     be = TritonBackend(small_m_max=32, pdl=True)
-    assert be._pdl(torch.zeros(32, 8)) and not be._pdl(torch.zeros(33, 8))
-    assert not TritonBackend(pdl=False)._pdl(torch.zeros(1, 8))
+    assert be.pdl == pdl.PdlPolicy() and be._pdl(torch.zeros(32, 8)) == be.pdl
+    assert be._pdl(torch.zeros(33, 8)) is None
+    assert TritonBackend(pdl=False)._pdl(torch.zeros(1, 8)) is None
+    be.pdl = pdl.PdlPolicy(prefetch_budget=1 << 20)
+    assert be._pdl(torch.zeros(1, 8)).prefetch_budget == 1 << 20
+    assert TritonBackend().pdl is None  # auto: off without a Hopper GPU
 
 
 @pytest.mark.skipif(not pdl.HAVE_GDC, reason="this Triton has no griddepcontrol ops")
@@ -85,8 +92,8 @@ def test_pdl_kernels_compile_for_hopper_and_keep_the_rules(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_pdl_variants_compute_what_plain_launches_do(dtype):
-    """Every kernel wrapper with pdl=True (the one-wave early release, the multi-wave late trigger, the
-    prefetch budget, the restructured split bounds of decode attention) gives the pdl=False result bit
+    """Every kernel wrapper with a PDL policy (the one-wave early release, the multi-wave late trigger, the
+    prefetch budget, the restructured split bounds of decode attention) gives the PDL-off result bit
     for bit. Under the interpreter the griddepcontrol / prefetch instructions themselves compile away."""
     from kernels import attention, embedding, rmsnorm, rope_kv
     from tests.test_kernels_attention import random_batch
@@ -94,7 +101,7 @@ def test_pdl_variants_compute_what_plain_launches_do(dtype):
 
     def both(fn, *args, **kw):
         clones = [[a.clone() if isinstance(a, torch.Tensor) else a for a in args] for _ in range(2)]
-        outs = [fn(*c, **kw, pdl=p) for c, p in zip(clones, (False, True))]
+        outs = [fn(*c, **kw, pdl=p) for c, p in zip(clones, (None, pdl.PdlPolicy()))]
         flat = [
             [t for t in (o if isinstance(o, tuple) else (o,)) if t is not None] + c
             for o, c in zip(outs, clones)
