@@ -11,9 +11,12 @@ it reads activations and writes outputs. `pdl_wait` also releases kernel n+2 to 
 wave; larger ones do after their main loop), so at most two kernels overlap and the next one's
 prefetch runs under this one's tail.
 
-Rules for a kernel launched with PDL (`pdl_args` with a policy): no load of data a preceding kernel may have
-written, and no store, before `pdl_wait(PDL)`. Under the CPU interpreter (and on GPUs before sm90 or a
-Triton without the griddepcontrol ops) PDL is off: the constexpr branches vanish.
+Rules for a kernel launched with PDL (`pdl_args` with a policy): before `pdl_wait(PDL)` no store and no
+load of anything a kernel of this step writes; weights, past K/V and the step inputs the host copied
+before the step (positions, slots, block tables, context lengths) may be read. tests/test_kernels_pdl.py
+checks the compiled PTX. `pdl_available` is false under the CPU interpreter, on GPUs before sm90 and with
+a Triton without the griddepcontrol ops; the interpreter compiles the PDL instructions away even when a
+test asks for them.
 """
 
 from __future__ import annotations
