@@ -37,7 +37,7 @@ from kernels.backend import select_backend  # noqa: E402
 from kernels.batch import PagedBatch  # noqa: E402
 from kernels.pdl import pdl_available  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from models.decoder import Decoder  # noqa: E402
+from models.decoder import Decoder, KVCache  # noqa: E402
 from models.loader import LayerWeights, ModelWeights  # noqa: E402
 from server.cuda_graphs import DecodeGraphs  # noqa: E402
 
@@ -130,6 +130,41 @@ def decode_batch(batch: int, ctx: int, block_size: int) -> tuple[PagedBatch, tor
     )
 
 
+def filled_kv_cache(model: Decoder, batch: int, ctx: int) -> KVCache:
+    """A paged cache with room for `batch` sequences at `ctx` + 1 tokens, filled with random K/V."""
+    kv = model.allocate_kv_cache(batch * -(-(ctx + 1) // 16), 16)
+    for t in kv.k + kv.v:
+        t.normal_()
+    return kv
+
+
+def best_of_interleaved(
+    model: Decoder,
+    kv: KVCache,
+    batch: int,
+    ctx: int,
+    variants: dict,
+    apply,
+    fused_modes=(True, False),
+    rounds=2,
+) -> dict[tuple, float]:
+    """Side-by-side decode-step times (ms) of graph variants: `apply(variant)` sets each up before its
+    own graphs are captured; then every (variant, fused) is timed in turn, `rounds` times, best kept."""
+    pb, ids, pos = decode_batch(batch, ctx, 16)
+    graphs = {}
+    for name, variant in variants.items():
+        apply(variant)
+        graphs[name] = DecodeGraphs(model, kv, max_batch=batch, batch_sizes=(batch,))
+        graphs[name].capture()
+    best: dict[tuple, float] = {}
+    for _ in range(rounds):
+        for name, g in graphs.items():
+            for fused in fused_modes:
+                t = time_fn(lambda f=fused, g=g: g.run(ids, pos, pb, f)) * 1e3
+                best[(name, fused)] = min(best.get((name, fused), 1e9), t)
+    return best
+
+
 def bench_ours(
     name: str, batches: list[int], contexts: list[int], results: list[dict], bw: float, pdl_modes=(True,)
 ) -> Decoder:
@@ -143,30 +178,21 @@ def bench_ours(
     model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=max_len)
     for ctx in contexts:
         for b in batches:
-            blocks = b * -(-(ctx + 1) // 16)
             try:
-                kv = model.allocate_kv_cache(blocks, 16)
+                kv = filled_kv_cache(model, b, ctx)
             except torch.OutOfMemoryError:
                 results.append(dict(model=name, batch=b, ctx=ctx, engine="fusionserve", note="OOM"))
                 continue
-            for t in kv.k + kv.v:
-                t.normal_()
-            pb, ids, pos = decode_batch(b, ctx, 16)
-            by_pdl = {}
-            for pdl in pdl_modes:
-                model.backend.pdl = pdl
-                by_pdl[pdl] = DecodeGraphs(model, kv, max_batch=b, batch_sizes=(b,))
-                by_pdl[pdl].capture()
+            # Key suffix per PDL mode: none for the headline (first) mode.
+            suffixes = {
+                ("" if i == 0 else f"_pdl_{'on' if p else 'off'}"): p for i, p in enumerate(pdl_modes)
+            }
+            best = best_of_interleaved(
+                model, kv, b, ctx, suffixes, lambda p: setattr(model.backend, "pdl", p)
+            )
             row = dict(model=name, batch=b, ctx=ctx)
-            for _ in range(2):  # interleaved twice; keep the best of each
-                for i, pdl in enumerate(pdl_modes):
-                    for fused in (True, False):
-                        g = by_pdl[pdl]
-                        t = time_fn(lambda f=fused, g=g, i=ids, q=pos, bb=pb: g.run(i, q, bb, f))
-                        key = ("fused" if fused else "off") + (
-                            "" if i == 0 else f"_pdl_{'on' if pdl else 'off'}"
-                        )
-                        row[key + "_ms"] = min(row.get(key + "_ms", 1e9), t * 1e3)
+            for (suffix, fused), ms in best.items():
+                row[("fused" if fused else "off") + suffix + "_ms"] = ms
             model.backend.pdl = pdl_modes[0]
             roof = (weight_bytes(cfg) + kv_bytes(cfg, b, ctx)) / bw
             row["roofline_ms"] = roof * 1e3
@@ -175,7 +201,7 @@ def bench_ours(
             row["fused_pct_of_roofline"] = 100 * row["roofline_ms"] / row["fused_ms"]
             results.append(row)
             print(row, flush=True)
-            by_pdl = kv = None
+            kv = None
             gc.collect()
             torch.cuda.empty_cache()
     return model

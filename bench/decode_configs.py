@@ -17,16 +17,14 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
-from bench.decode import config_of, decode_batch, random_weights, time_fn  # noqa: E402
+from bench.decode import best_of_interleaved, config_of, filled_kv_cache, random_weights  # noqa: E402
 from kernels import norm_linear as nl  # noqa: E402
 from kernels.backend import select_backend  # noqa: E402
 from models.decoder import Decoder  # noqa: E402
-from server.cuda_graphs import DecodeGraphs  # noqa: E402
 
 # (N, K, M bucket, gate_up) -> alternatives (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)
 CANDIDATES = {
@@ -55,27 +53,21 @@ def main() -> None:
     args = ap.parse_args()
     cfg = config_of(args.model)
     model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=args.ctx + 16)
-    kv = model.allocate_kv_cache(args.batch * -(-(args.ctx + 1) // 16), 16)
-    for t in kv.k + kv.v:
-        t.normal_()
-    pb, ids, pos = decode_batch(args.batch, args.ctx, 16)
-    variants: list[tuple[str, tuple | None, tuple | None]] = [("baseline", None, None)]
+    kv = filled_kv_cache(model, args.batch, args.ctx)
+    variants: dict[str, tuple | None] = {"baseline": None}
     for key, alts in CANDIDATES[args.model].items():
-        variants += [(f"{key[:2]}{' gate_up' if key[3] else ''} -> {alt}", key, alt) for alt in alts]
-    graphs = {}
-    for name, key, alt in tqdm(variants, desc="capture"):
-        saved = nl.TUNED.get(key) if key else None
-        if key:
-            nl.TUNED[key] = alt
-        graphs[name] = DecodeGraphs(model, kv, max_batch=args.batch, batch_sizes=(args.batch,))
-        graphs[name].capture()
-        if key:
-            nl.TUNED[key] = saved
-    best: dict[str, float] = {}
-    for _ in tqdm(range(args.rounds), desc="rounds"):
-        for name, g in graphs.items():
-            t = time_fn(lambda g=g: g.run(ids, pos, pb, True)) * 1e3
-            best[name] = min(best.get(name, 1e9), t)
+        variants.update({f"{key[:2]}{' gate_up' if key[3] else ''} -> {alt}": (key, alt) for alt in alts})
+    tuned = dict(nl.TUNED)
+
+    def apply(replacement: tuple | None) -> None:
+        nl.TUNED.clear()
+        nl.TUNED.update(tuned)
+        if replacement is not None:
+            nl.TUNED[replacement[0]] = replacement[1]
+
+    timed = best_of_interleaved(model, kv, args.batch, args.ctx, variants, apply, (True,), args.rounds)
+    apply(None)
+    best = {name: ms for (name, _), ms in timed.items()}
     base = best["baseline"]
     rows = [[name, round(ms, 4), f"{100 * (base / ms - 1):+.2f}%"] for name, ms in best.items()]
     env = environment()
@@ -90,7 +82,7 @@ def main() -> None:
         f"decode_configs_{args.model}_b{args.batch}_{gpu}", {"env": env, "ms": best}, table, out=args.out
     )
     print(table)
-    del graphs, kv, model
+    del kv, model
     gc.collect()
     torch.cuda.empty_cache()
 

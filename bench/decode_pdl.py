@@ -1,6 +1,6 @@
 """Programmatic dependent launch policies side by side: per-token decode latency with CUDA graphs.
 
-Each variant is a kernels.pdl.PdlPolicy (or None: no PDL) on the backend, captures its own graphs of the same model and KV cache, and all variants are timed interleaved in one
+Each variant is a kernels.pdl.PdlPolicy (or False: no PDL) set on the backend, captures its own graphs of the same model and KV cache, and all variants are timed interleaved in one
 process (best of `--rounds` medians each), so the ratios are side by side.
 
     python bench/decode_pdl.py --models 8b,135m --batches 1,8 --contexts 512
@@ -20,14 +20,13 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
-from bench.decode import config_of, decode_batch, random_weights, time_fn  # noqa: E402
+from bench.decode import best_of_interleaved, config_of, filled_kv_cache, random_weights  # noqa: E402
 from kernels.backend import select_backend  # noqa: E402
 from kernels.pdl import PdlPolicy  # noqa: E402
 from models.decoder import Decoder  # noqa: E402
-from server.cuda_graphs import DecodeGraphs  # noqa: E402
 
-VARIANTS: dict[str, PdlPolicy | None] = {
-    "no PDL": None,
+VARIANTS: dict[str, PdlPolicy | bool] = {  # the backend's `pdl` for each
+    "no PDL": False,
     "PDL": PdlPolicy(),
     "PDL exit trigger": PdlPolicy(multiwave_trigger="exit"),
     "PDL one-wave prefetch only": PdlPolicy(prefetch_multiwave=False),
@@ -35,10 +34,6 @@ VARIANTS: dict[str, PdlPolicy | None] = {
     "PDL 4 MB prefetch": PdlPolicy(prefetch_budget=4 << 20),
     "PDL 2 programs/SM wave": PdlPolicy(one_wave_programs_per_sm=2),
 }
-
-
-def apply(variant: PdlPolicy | None, model: Decoder) -> None:
-    model.backend.pdl = variant if variant is not None else False
 
 
 def main() -> None:
@@ -58,29 +53,18 @@ def main() -> None:
         model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=max(contexts) + 16)
         for ctx in contexts:
             for b in [int(x) for x in args.batches.split(",")]:
-                kv = model.allocate_kv_cache(b * -(-(ctx + 1) // 16), 16)
-                for t in kv.k + kv.v:
-                    t.normal_()
-                pb, ids, pos = decode_batch(b, ctx, 16)
-                graphs = {}
-                for v in names:
-                    apply(VARIANTS[v], model)
-                    graphs[v] = DecodeGraphs(model, kv, max_batch=b, batch_sizes=(b,))
-                    graphs[v].capture()
+                kv = filled_kv_cache(model, b, ctx)
+                best = best_of_interleaved(
+                    model, kv, b, ctx, {v: VARIANTS[v] for v in names}, lambda p, m=model: setattr(m.backend, "pdl", p),
+                    rounds=args.rounds,
+                )  # fmt: skip
                 row = dict(model=name, batch=b, ctx=ctx)
-                for _ in range(args.rounds):
-                    for v in names:
-                        for fused in (True, False):
-                            g = graphs[v]
-                            t = time_fn(lambda f=fused, g=g, i=ids, q=pos, bb=pb: g.run(i, q, bb, f)) * 1e3
-                            key = f"{v} | {'fused' if fused else 'off'}"
-                            row[key] = min(row.get(key, 1e9), t)
+                row.update({f"{v} | {'fused' if fused else 'off'}": ms for (v, fused), ms in best.items()})
                 results.append(row)
                 print(row, flush=True)
-                graphs = kv = None
+                kv = None
                 gc.collect()
                 torch.cuda.empty_cache()
-        apply(VARIANTS["PDL"], model)
         del model
         gc.collect()
         torch.cuda.empty_cache()

@@ -228,7 +228,6 @@ def _decode_kernel(
     d = tl.arange(0, BLOCK_D)
     out_mask = g_mask[:, None] & (d < D)[None, :]
     o_offs = b * stride_ot + heads[:, None] * stride_oh + d[None, :]
-    n_active = n_splits
     if SPLIT and FUSED:
         # Splits of at least min_split tokens, and one split for contexts up to single_ctx: only the
         # first n_active programs of (b, kvh) work. Each stores its partial and takes a ticket; the

@@ -501,9 +501,9 @@ def _launch(
         BLOCK_P=min(128, next_pow2(p)),
         SPLIT_K=split,
         LATE_TRIGGER=pdl is not None and not early and pdl.multiwave_trigger == "late",
-        PF_LINES=prefetch_lines(k_per_split * bk, x.element_size(), n * (2 if gate_up else 1) * split, pdl)
-        if pdl is not None and (early or pdl.prefetch_multiwave)
-        else 0,
+        PF_LINES=prefetch_lines(
+            k_per_split * bk, x.element_size(), n * (2 if gate_up else 1) * split, pdl, early
+        ),
         LINE=128 // x.element_size(),
         num_warps=warps,
         num_stages=stages,
@@ -512,9 +512,12 @@ def _launch(
     return y, stats, sums
 
 
-def prefetch_lines(span: int, elt: int, rows: int, policy: PdlPolicy) -> int:
+def prefetch_lines(span: int, elt: int, rows: int, policy: PdlPolicy | None, early: bool = True) -> int:
     """128-byte lines per weight row (of `rows` in all, K splits counted) to prefetch before the PDL
-    wait: the whole K span of a program, within the policy's lines per row and bytes per GEMM."""
+    wait: the whole K span of a program, within the policy's lines per row and bytes per GEMM; none
+    without PDL, or for a grid of several waves (`early` False) if the policy says so."""
+    if policy is None or not (early or policy.prefetch_multiwave):
+        return 0
     cap = min(policy.prefetch_lines_max, policy.prefetch_budget // max(1, rows * 128))
     if cap < 1:
         return 0
