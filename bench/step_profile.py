@@ -5,7 +5,7 @@ decode steps. This profiles exactly those, on random weights of the real shapes:
 of CUDA-event samples), kernels per step, GPU time by category, the top kernels, and the GEMMs' share
 against cuBLAS timed alone on the same shapes (the ceiling a step made only of GEMMs would reach).
 
-    python bench/step_profile.py --model 8b --prefill 16x512 --decode 256x576,64x576
+    python bench/step_profile.py --model 8b --prefill 16x512 --decode 256x576,64x576 --mixed 240x576+14x512
 
 Prefill runs eagerly (as in the server: prompt chunks are not graph-captured) with the LM head on each
 sequence's last row; decode replays the product's CUDA graph for that batch size.
@@ -14,6 +14,7 @@ sequence's last row; decode replays the product's CUDA graph for that batch size
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -141,6 +142,39 @@ def profile_prefill(model: Decoder, n_seqs: int, length: int) -> list[dict]:
     return rows
 
 
+def profile_mixed(model: Decoder, n_dec: int, ctx: int, n_prompts: int, length: int) -> list[dict]:
+    """A serving step that mixes decodes (first, as the scheduler plans them) with prompt chunks, with
+    the decodes' attention on the decode kernel (the product) and, for comparison, all of it on the
+    prefill kernel (num_decodes = 0)."""
+    query_lens = [1] * n_dec + [length] * n_prompts
+    context_lens = [ctx + 1] * n_dec + [length] * n_prompts
+    pb = contiguous_batch(query_lens, context_lens, 16).to("cuda")
+    kv = model.allocate_kv_cache(sum(-(-c // 16) for c in context_lens), 16)
+    t = sum(query_lens)
+    ids = torch.randint(0, 1000, (t,), device="cuda")
+    pos = torch.cat([torch.full((n_dec,), ctx), torch.arange(length).repeat(n_prompts)]).to("cuda")
+    last = pb.query_start[1:].long() - 1
+    floor = cublas_floor(model, t, n_dec + n_prompts)
+    rows = []
+    for split in (True, False):
+        batch = pb if split else dataclasses.replace(pb, num_decodes=0)
+        for fused in (True, False):
+
+            def step(f=fused, b=batch):
+                hidden = model.forward(ids, pos, b, kv, fusion=f)
+                return model.logits(hidden.rows(last))
+
+            ms = time_fn(step, inner=2, outer=7) * 1e3
+            s = summarize_events(profiled(step), 3)
+            case = f"mixed {n_dec}x{ctx} + {n_prompts}x{length}" + (
+                "" if split else " (all on prefill kernel)"
+            )
+            rows.append(dict(case=case, fused=fused, step_ms=ms, **s, cublas_floor_ms=floor["ms"],
+                             cublas_tflops=floor["tflops"], cublas_per_gemm=floor["per_gemm"]))  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
 def profile_decode(model: Decoder, batch: int, ctx: int) -> list[dict]:
     kv = filled_kv_cache(model, batch, ctx)
     pb, ids, pos = decode_batch(batch, ctx, 16)
@@ -190,6 +224,9 @@ def main() -> None:
     ap.add_argument("--model", default="8b")
     ap.add_argument("--prefill", default="16x512", help="comma list of SEQSxLEN prefill chunks")
     ap.add_argument("--decode", default="256x576,64x576", help="comma list of BATCHxCTX decode steps")
+    ap.add_argument(
+        "--mixed", default="240x576+14x512", help="comma list of DECODESxCTX+PROMPTSxLEN mixed steps"
+    )
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--tag", default="")
@@ -198,10 +235,14 @@ def main() -> None:
     cfg = config_of(args.model)
     model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=args.max_model_len)
     rows: list[dict] = []
-    cases = [("prefill", c) for c in args.prefill.split(",") if c] + [
-        ("decode", c) for c in args.decode.split(",") if c
+    cases = [
+        (kind, c) for kind in ("prefill", "decode", "mixed") for c in getattr(args, kind).split(",") if c
     ]
     for kind, case in tqdm(cases, desc="cases"):
+        if kind == "mixed":
+            (a, b), (c, d) = ((int(v) for v in part.split("x")) for part in case.split("+"))
+            rows += profile_mixed(model, a, b, c, d)
+            continue
         a, b = (int(v) for v in case.split("x"))
         rows += profile_prefill(model, a, b) if kind == "prefill" else profile_decode(model, a, b)
         gc.collect()

@@ -483,6 +483,7 @@ def _prefill_kernel(
     ctx_ptr,
     o_ptr,
     n_m_blocks,
+    first_seq,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -503,7 +504,7 @@ def _prefill_kernel(
 ):
     h = tl.program_id(0)
     mb = n_m_blocks - 1 - tl.program_id(1)  # the longest (most causal work) blocks first
-    b = tl.program_id(2)
+    b = tl.program_id(2) + first_seq
     q_start = tl.load(qs_ptr + b)
     n = tl.load(qs_ptr + b + 1) - q_start
     if mb * BLOCK_M < n:
@@ -552,13 +553,16 @@ def prefill_attention(
     scale: float,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
+    first_seq: int = 0,
 ) -> torch.Tensor:
-    """Causal attention of packed new queries q [T, Hq, D] over each sequence's paged context."""
+    """Causal attention of packed new queries q [T, Hq, D] over each sequence's paged context.
+
+    Sequences before `first_seq` are skipped (their rows of `out` are left as they are)."""
     t, hq, d = q.shape
     hk, page = k_cache.shape[2], k_cache.shape[1]
     assert hq % hk == 0 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
     o = out if out is not None else torch.empty_like(q)
-    if t == 0 or batch.num_seqs == 0:
+    if t == 0 or batch.num_seqs <= first_seq:
         return o
     block_d = next_pow2(d)
     if config is None:
@@ -570,7 +574,7 @@ def prefill_attention(
             config = (128, 64, 8, 3)
     bm, bn, warps, stages = config
     n_m = triton.cdiv(max(batch.max_query_len, 1), bm)
-    _prefill_kernel[(hq, n_m, batch.num_seqs)](
+    _prefill_kernel[(hq, n_m, batch.num_seqs - first_seq)](
         q,
         k_cache,
         v_cache,
@@ -579,6 +583,7 @@ def prefill_attention(
         batch.context_lens,
         o,
         n_m,
+        first_seq,
         q.stride(0),
         q.stride(1),
         o.stride(0),
@@ -610,9 +615,22 @@ def paged_attention(
     scale: float,
     pdl: PdlPolicy | None = None,
 ) -> torch.Tensor:
-    """reference.paged_attention: the decode kernel for all-decode steps, the prefill kernel otherwise."""
+    """reference.paged_attention: the decode kernel for all-decode steps, the prefill kernel otherwise.
+
+    A mixed step's leading one-token sequences (batch.num_decodes) take the decode kernel too: in
+    the prefill kernel each would occupy a BLOCK_M-row tile for one row (measured on the 8B shape: a
+    ~240-decode + 7k-prompt-token serving step spent tens of ms there).
+    """
     if batch.is_decode_only and q.shape[0] == batch.num_seqs:
         return decode_attention(
             q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.max_context_len, scale, pdl=pdl
         )
-    return prefill_attention(q, k_cache, v_cache, batch, scale)
+    nd = min(batch.num_decodes, batch.num_seqs)
+    if nd == 0:
+        return prefill_attention(q, k_cache, v_cache, batch, scale)
+    o = torch.empty_like(q)
+    decode_attention(
+        q[:nd], k_cache, v_cache, batch.block_tables[:nd], batch.context_lens[:nd], batch.max_context_len,
+        scale, out=o[:nd], pdl=pdl,
+    )  # fmt: skip
+    return prefill_attention(q, k_cache, v_cache, batch, scale, out=o, first_seq=nd)

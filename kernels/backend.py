@@ -35,7 +35,12 @@ class Backend(Protocol):
         row_stats: torch.Tensor | None = None,
         eps: float = 1e-6,
         want_stats: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x W^T (+ bias) (+ residual), optionally row-scaled / emitting Σy² (kernels/reference.py).
+
+        `residual` is consumed: a backend may write the result into it (the residual stream is
+        never read again once the next h exists), which saves a copy of it per large-M GEMM."""
+        ...
 
     def attn_input(
         self,

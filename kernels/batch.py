@@ -22,6 +22,9 @@ class PagedBatch:
     block_tables: [B, max_blocks] int32, physical block ids (-1 = unused).
     slot_mapping: [T] int64, flat cache slot (block * block_size + offset) of each
                   new token; a negative slot means "do not write" (padding).
+    num_decodes:  how many leading sequences bring exactly one new token (known on the host). In a
+                  mixed step (decodes + prompt chunks) their queries take the decode kernel: the
+                  prefill kernel would spend a whole BLOCK_M-row tile on each of them.
     """
 
     query_start: torch.Tensor
@@ -31,6 +34,7 @@ class PagedBatch:
     max_query_len: int
     max_context_len: int
     block_size: int
+    num_decodes: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -55,6 +59,7 @@ class PagedBatch:
             max_query_len=self.max_query_len,
             max_context_len=self.max_context_len,
             block_size=self.block_size,
+            num_decodes=self.num_decodes,
         )
 
 
@@ -83,4 +88,15 @@ def contiguous_batch(
         max_query_len=max(query_lens),
         max_context_len=max(context_lens),
         block_size=block_size,
+        num_decodes=leading_ones(query_lens),
     )
+
+
+def leading_ones(query_lens) -> int:
+    """How many sequences at the front bring one new token each (PagedBatch.num_decodes)."""
+    n = 0
+    for q in query_lens:
+        if q != 1:
+            break
+        n += 1
+    return n

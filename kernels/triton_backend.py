@@ -73,8 +73,8 @@ class TritonBackend:
         k = x.shape[-1]
         if row_stats is None and (bias is None or residual is None):
             # Raw cuBLAS with its own epilogue; the producer statistic is one row pass over h.
-            if residual is not None:
-                y = torch.addmm(residual, x, weight.t())
+            if residual is not None:  # in place: an out-of-place addmm first copies residual to y
+                y = residual.addmm_(x, weight.t())
             else:
                 y = F.linear(x, weight, bias)
             return y, (_norm.row_stats(y) if want_stats else None)

@@ -670,6 +670,11 @@ class _Stream:
     queue: asyncio.Queue
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
+
+
 class AsyncEngine:
     """The engine loop on its own thread, fed through a thread-safe queue; see server/CONTRACT.md."""
 
@@ -787,14 +792,23 @@ class AsyncEngine:
     # -- the loop thread --------------------------------------------------------------
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand a step's outputs to their consumers with one wake-up per event loop, not one per
+        request: each call_soon_threadsafe writes the loop's self-pipe and invites a GIL hand-off,
+        and 256 of them per step kept the engine thread (and so the GPU) waiting."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         with self._lock:
-            stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop is closed
-            pass
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the consumer's event loop is closed
+                pass
 
     def _apply_ops(self) -> None:
         eng = self.engine
@@ -830,8 +844,8 @@ class AsyncEngine:
                 self._busy = True
                 outputs = eng.step()
                 self._busy = False
-                for out in outputs:
-                    self._deliver(out.request_id, out)
+                if outputs:
+                    self._deliver_all([(out.request_id, out) for out in outputs])
         except BaseException as exc:  # noqa: BLE001 - any death must reach every waiting consumer
             self._error = exc
             dead = EngineDeadError(f"engine loop died: {exc!r}")

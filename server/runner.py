@@ -150,6 +150,8 @@ class ModelRunner:
         query_start = np.zeros(b + 1, dtype=np.int64)
         np.cumsum(ns, out=query_start[1:])
         max_query_len, max_context_len = int(ns.max()), int(ends.max())
+        not_one = np.flatnonzero(ns != 1)
+        num_decodes = int(not_one[0]) if len(not_one) else b  # decodes lead every plan
         if self.device.type == "cpu":
             batch = PagedBatch(
                 query_start=torch.from_numpy(query_start.astype(np.int32)),
@@ -157,6 +159,7 @@ class ModelRunner:
                 block_tables=torch.from_numpy(table_arr.astype(np.int32)),
                 slot_mapping=torch.from_numpy(slots),
                 max_query_len=max_query_len, max_context_len=max_context_len, block_size=bs,
+                num_decodes=num_decodes,
             )  # fmt: skip
             ids_t, pos_t, logit_t = (
                 torch.from_numpy(ids),
@@ -185,6 +188,7 @@ class ModelRunner:
                 query_start=qs_t.to(torch.int32), context_lens=cl_t.to(torch.int32),
                 block_tables=tab_t.view(b, width).to(torch.int32), slot_mapping=slot_t,
                 max_query_len=max_query_len, max_context_len=max_context_len, block_size=bs,
+                num_decodes=num_decodes,
             )  # fmt: skip
         # The layout the torch attention reads on the host: from our arrays, not a device sync.
         batch.__dict__["host_layout"] = (query_start.tolist(), ends.tolist())

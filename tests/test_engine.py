@@ -371,3 +371,23 @@ def test_abort_while_a_step_is_in_flight_frees_every_block(tiny):
     assert eng.has_unfinished()  # the launched step is still to be collected
     assert eng.step() == [] and not eng.has_unfinished()
     assert eng.blocks.check_all_free()
+
+
+def test_prepare_counts_the_leading_decodes(tiny):
+    """A mixed step's PagedBatch says how many leading sequences bring one token (the decode kernel's share)."""
+    from server.kv_cache import BlockTable
+    from server.runner import ModelRunner
+    from server.scheduler import Sequence
+
+    runner = ModelRunner(tiny[1], num_blocks=16, block_size=16)
+
+    def seq(i, n_tokens, computed, blocks):
+        return Sequence(i, list(range(3, 3 + n_tokens)), num_prompt=n_tokens - 1 if computed else n_tokens,
+                        num_computed=computed, table=BlockTable(blocks=blocks))  # fmt: skip
+
+    decodes = [(seq(0, 20, 19, [0, 1]), 1), (seq(1, 5, 4, [2]), 1)]
+    chunk = [(seq(2, 30, 0, [3, 4]), 30)]
+    mixed = runner.prepare(decodes + chunk, [False] * 3)
+    assert mixed.batch.num_decodes == 2 and mixed.batch.max_query_len == 30
+    assert runner.prepare(chunk + decodes, [False] * 3).batch.num_decodes == 0
+    assert runner.prepare(decodes, [False] * 2).batch.num_decodes == 2

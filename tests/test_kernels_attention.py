@@ -7,7 +7,7 @@ import torch
 
 from kernels import reference as ref
 from kernels.attention import decode_attention, paged_attention, prefill_attention
-from kernels.batch import PagedBatch
+from kernels.batch import PagedBatch, leading_ones
 from kernels.triton_env import arrival_counters
 from tests.test_kernels_common import DEVICE, DTYPES, check, poison_outputs, rand  # noqa: F401
 
@@ -36,6 +36,7 @@ def random_batch(query_lens, context_lens, num_blocks, spare=0):
         max_query_len=max(query_lens),
         max_context_len=max(context_lens),
         block_size=BS,
+        num_decodes=leading_ones(query_lens),
     )
 
 
@@ -74,6 +75,27 @@ def test_prefill_attention_with_cached_prefix(dtype, hq, hk, d):
     out = prefill_attention(q, k_cache, v_cache, batch.to(DEVICE), scale)
     check(out, want, dtype)
     check(paged_attention(q, k_cache, v_cache, batch.to(DEVICE), scale), want, dtype)
+
+
+@pytest.mark.parametrize("hq,hk,d", [(4, 2, 16), (3, 1, 24)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixed_step_decodes_take_the_decode_kernel(dtype, hq, hk, d):
+    """A serving step: three decodes lead, then prompt chunks (one of them a single token)."""
+    query_lens = [1, 1, 1, 7, 1, 20]
+    context_lens = [30, 1, 64, 7, 15, 50]
+    batch = random_batch(query_lens, context_lens, 30)
+    assert batch.num_decodes == 3
+    k_cache, v_cache = _caches(30, hk, d, dtype)
+    q = rand(sum(query_lens), hq, d, dtype=dtype)
+    scale = d**-0.5
+    want = ref.paged_attention(q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu(), batch, scale)
+    b = batch.to(DEVICE)
+    check(paged_attention(q, k_cache, v_cache, b, scale), want, dtype)
+    check(prefill_attention(q, k_cache, v_cache, b, scale), want, dtype)  # the one-kernel path agrees
+    # The prefill kernel leaves the skipped sequences' rows alone.
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, k_cache, v_cache, b, scale, out=out, first_seq=3)
+    assert torch.isnan(out[:3]).all() and not torch.isnan(out[3:]).any()
 
 
 SPLIT_VARIANTS = {
