@@ -473,7 +473,7 @@ def decode_attention(
     return o
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_seq"])  # one compiled kernel whatever the mixed step's decode count
 def _prefill_kernel(
     q_ptr,
     k_ptr,

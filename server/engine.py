@@ -15,6 +15,7 @@ import itertools
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,7 +307,8 @@ class LLMEngine:
         self.num_steps = 0
         self._path_steps = {True: 0, False: 0}
         self._seq_ids = itertools.count()
-        self._inflight: _InFlight | None = None
+        self._inflight: deque[_InFlight] = deque()  # launched, ids not read yet (at most two)
+        self._last_collect = 0.0
 
     # -- requests --------------------------------------------------------------------
 
@@ -382,7 +384,7 @@ class LLMEngine:
         return outputs
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or self._inflight is not None
+        return bool(self.requests) or bool(self._inflight)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -398,9 +400,12 @@ class LLMEngine:
     # sampled ids reach the host (the one wait) and only what the next schedule needs is done at
     # once (append, eos / stop token ids / max_tokens, freeing blocks). The slower per-token work
     # (detokenization, stop strings, logprob formatting, outputs) comes after. With `overlap`
-    # the next step is launched between the two, so that work runs while the device computes;
-    # a sequence cut by a stop string then may sit in the launched step: it is finished at once
-    # (its blocks freed) and the extra token is dropped when that step is collected.
+    # step n+1 is launched *before* step n is collected (launch-ahead): its decodes read their
+    # input ids, sampled by step n, on the device, so the GPU goes from step to step without
+    # waiting for the host's schedule/prepare; all the host work of step n runs while n+1
+    # computes. A sequence that step n finishes (eos, stop token) may sit in step n+1: its blocks
+    # are freed when n is collected (later steps run after n+1 on the stream) and the extra token
+    # is dropped when n+1 is collected; one cut by a stop string is treated the same way.
 
     def step(self) -> list[RequestOutput]:
         if not self.config.overlap:
@@ -408,21 +413,47 @@ class LLMEngine:
             done = self._collect()
             outputs = self._process(*done) if done is not None else []
         else:  # one call still returns the outputs of one step (the first call launches two)
-            if self._inflight is None:
+            if not self._inflight:
                 self._launch()
+            ahead = self._launch_ahead()
             done = self._collect()
-            self._launch()
+            if not ahead:
+                self._launch()
             outputs = self._process(*done) if done is not None else []
         self._update_gauges()
         return outputs
 
-    def _launch(self) -> None:
-        """Schedule and queue one step on the device (model + sampling); no wait for its result."""
+    def _launch_ahead(self) -> bool:
+        """Launch the next step while the one in flight still runs; False when it must wait for the ids.
+
+        Each live row of the step in flight gets a placeholder token whose id the next step gathers
+        on the device. Rows whose sampling reads the host's token history (penalties) need the real
+        ids first; a row that reaches max_tokens / max_model_len with this token is held back.
+        """
+        if len(self._inflight) != 1:
+            return False
+        inf = self._inflight[0]
+        live = [(i, s) for i, s in enumerate(inf.rows) if s.status is Status.RUNNING]
+        if any(s.data.request.params.has_penalties for _, s in live):
+            return False
+        for i, seq in live:
+            seq.pending_at, seq.pending_row = len(seq.tokens), i
+            seq.tokens.append(-1)
+            p = seq.data.request.params
+            seq.hold = (
+                len(seq.tokens) - seq.num_prompt >= p.max_tokens or len(seq.tokens) >= self.max_model_len
+            )
+        return self._launch(ahead_of=inf)
+
+    def _launch(self, ahead_of: _InFlight | None = None) -> bool:
+        """Schedule and queue one step on the device (model + sampling); no wait for its result.
+
+        `ahead_of`: the step still in flight whose sampled ids this one's pending decodes read."""
         plan = self.scheduler.schedule()
         if plan.preempted and self.metrics is not None:
             self.metrics.inc_preemptions(len(plan.preempted))
         if not plan.items:
-            return
+            return False
         fused = self.fusion.step_mode()
         # Count steps per path, so `ab` with an even interval still times both paths.
         every, self._path_steps[fused] = self.config.layer_timing_every, self._path_steps[fused] + 1
@@ -435,7 +466,16 @@ class LLMEngine:
         params = [s.data.request.params for s, _ in plan.items]
         # Plain greedy rows need no final-norm scale on the fused path (argmax is scale-invariant).
         scaled = not fused or any(want_prompt) or any(p.needs_scaled_logits for p in params)
-        inputs = self.runner.prepare(plan.items, want_prompt)
+        pending_ids = pending_rows = None
+        if ahead_of is not None and ahead_of.handle is not None:
+            pending_rows = []
+            for seq, n in plan.items:
+                if seq.pending_at >= 0:
+                    # Only a running decode can hold a placeholder (a preempted one is not admitted).
+                    assert n == 1 and seq.pending_at == seq.num_computed, "placeholder inside a chunk"
+                pending_rows.append(seq.pending_row if seq.pending_at >= 0 else -1)
+            pending_ids = ahead_of.handle.chosen
+        inputs = self.runner.prepare(plan.items, want_prompt, pending_ids, pending_rows)
         logits = self.runner.execute(inputs, fused, timer, scaled)
         self.scheduler.advance(plan)
 
@@ -461,22 +501,31 @@ class LLMEngine:
         for (seq, _), span, start in zip(plan.items, inputs.prompt_index, starts):
             if span is not None:  # prompt logprobs (echo) wait for the device here: rare, prefill only
                 self._add_prompt_logprobs(seq, logits[span[0] : span[0] + span[1]], start)
-        self._inflight = _InFlight(rows, handle, fused, phase, timer, t0)
+        self._inflight.append(_InFlight(rows, handle, fused, phase, timer, t0))
+        return True
 
     def _collect(self) -> tuple[SampleHandle | None, list[tuple[Sequence, int, int]]] | None:
-        """Wait for the launched step's ids; account what the next schedule needs."""
-        inf, self._inflight = self._inflight, None
-        if inf is None:
+        """Wait for the oldest launched step's ids; account what the next schedule needs."""
+        if not self._inflight:
             return None
+        inf = self._inflight.popleft()
         token_ids = inf.handle.token_ids() if inf.handle is not None else []
-        self._observe_step(inf.fused, inf.phase, time.perf_counter() - inf.t0, inf.timer)
+        # Launched ahead, a step queues behind the previous one: its latency starts when that one ended.
+        end = time.perf_counter()
+        self._observe_step(inf.fused, inf.phase, end - max(inf.t0, self._last_collect), inf.timer)
+        self._last_collect = end
         now = time.monotonic()
         metrics, eos, max_len = self.metrics, self.eos_token_ids, self.max_model_len
         done: list[tuple[Sequence, int, int]] = []
         for i, (seq, tok) in enumerate(zip(inf.rows, token_ids)):
+            if seq.pending_at >= 0:  # the placeholder a step launched ahead has read on the device
+                seq.tokens[seq.pending_at] = tok
+                seq.pending_at = seq.pending_row = -1
+                seq.hold = False
+            elif seq.status is not Status.FINISHED:
+                seq.tokens.append(tok)
             if seq.status is Status.FINISHED:  # aborted, or cut by a stop string while in flight
                 continue
-            seq.tokens.append(tok)
             ch: _Choice = seq.data
             req, p = ch.request, ch.request.params
             ch.new_ids.append(tok)

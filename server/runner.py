@@ -85,9 +85,19 @@ class ModelRunner:
 
     # -- inputs --------------------------------------------------------------------
 
-    def prepare(self, items: list[tuple[Sequence, int]], prompt_rows: list[bool]) -> StepInputs:
+    def prepare(
+        self,
+        items: list[tuple[Sequence, int]],
+        prompt_rows: list[bool],
+        pending_ids: torch.Tensor | None = None,
+        pending_rows: list[int] | None = None,
+    ) -> StepInputs:
         """Pack the planned chunks. `items` are (sequence, new tokens). `prompt_rows[i]` asks for the logits
         of every prompt position of sequence i in this chunk (prompt logprobs).
+
+        Launch-ahead: item i with `pending_rows[i] >= 0` is a one-token decode whose input id was
+        sampled by the step still in flight and lives only on the device, at
+        `pending_ids[pending_rows[i]]`; it is gathered there (queued after that step).
 
         Built with numpy in one pass: per sequence only O(1) Python work (plus its chunk's token ids),
         block tables are flattened in C and scattered into a padded array; on CUDA everything travels
@@ -152,6 +162,11 @@ class ModelRunner:
         max_query_len, max_context_len = int(ns.max()), int(ends.max())
         not_one = np.flatnonzero(ns != 1)
         num_decodes = int(not_one[0]) if len(not_one) else b  # decodes lead every plan
+        gather_dst = gather_src = np.zeros(0, dtype=np.int64)
+        if pending_rows is not None:
+            src = np.asarray(pending_rows, dtype=np.int64)
+            gather_dst = query_start[:-1][src >= 0]  # an item's first (only) token
+            gather_src = src[src >= 0]
         if self.device.type == "cpu":
             batch = PagedBatch(
                 query_start=torch.from_numpy(query_start.astype(np.int32)),
@@ -166,9 +181,20 @@ class ModelRunner:
                 torch.from_numpy(positions),
                 torch.from_numpy(logit_rows),
             )
+            dst_t, src_t = torch.from_numpy(gather_dst), torch.from_numpy(gather_src)
         else:
             # One pinned buffer (two, alternating: the previous step's copy may still be in flight).
-            parts = (ids, positions, slots, logit_rows, query_start, ends, table_arr.reshape(-1))
+            parts = (
+                ids,
+                positions,
+                slots,
+                logit_rows,
+                query_start,
+                ends,
+                gather_dst,
+                gather_src,
+                table_arr.reshape(-1),
+            )
             sizes = [len(p) for p in parts]
             total = sum(sizes)
             self._pin_turn ^= 1
@@ -183,13 +209,15 @@ class ModelRunner:
                 host[off : off + n] = p
                 off += n
             dev = buf[:total].to(self.device, non_blocking=True)
-            ids_t, pos_t, slot_t, logit_t, qs_t, cl_t, tab_t = dev.split(sizes)
+            ids_t, pos_t, slot_t, logit_t, qs_t, cl_t, dst_t, src_t, tab_t = dev.split(sizes)
             batch = PagedBatch(
                 query_start=qs_t.to(torch.int32), context_lens=cl_t.to(torch.int32),
                 block_tables=tab_t.view(b, width).to(torch.int32), slot_mapping=slot_t,
                 max_query_len=max_query_len, max_context_len=max_context_len, block_size=bs,
                 num_decodes=num_decodes,
             )  # fmt: skip
+        if len(gather_dst):
+            ids_t[dst_t] = pending_ids[src_t]
         # The layout the torch attention reads on the host: from our arrays, not a device sync.
         batch.__dict__["host_layout"] = (query_start.tolist(), ends.tolist())
         return StepInputs(
@@ -268,4 +296,29 @@ class ModelRunner:
                     hidden = self.decoder.forward(ids, pos, batch, self.kv, fused, self.make_timer())
                     for scaled in (True, False) if fused else (True,):  # `scaled` only matters fused
                         self.decoder.logits(hidden, scaled=scaled)
+            # Mixed steps (decodes + a prompt chunk): their decodes' attention variant depends on how
+            # many there are (split plan, PDL only when the step is small), not on what was captured.
+            for n in sizes:
+                for chunk in (8, 40, 200):
+                    for ctx in contexts[1:3]:
+                        self._warm_mixed(n, ctx, chunk, fused)
         self.synchronize()
+
+    def _warm_mixed(self, n_dec: int, ctx: int, chunk: int, fused: bool) -> None:
+        """One eager mixed step that writes nothing (slot -1) and reads only block 0."""
+        dev, bs = self.device, self.block_size
+        t = n_dec + chunk
+        ctx_all = [ctx] * n_dec + [chunk]
+        qs = list(range(n_dec + 1)) + [t]
+        batch = PagedBatch(
+            query_start=torch.tensor(qs, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(ctx_all, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((n_dec + 1, -(-max(ctx_all) // bs)), dtype=torch.int32, device=dev),
+            slot_mapping=torch.full((t,), -1, dtype=torch.int64, device=dev), max_query_len=chunk,
+            max_context_len=max(ctx_all), block_size=bs, num_decodes=n_dec,
+        )  # fmt: skip
+        pos = torch.cat([torch.full((n_dec,), ctx - 1), torch.arange(chunk)]).to(dev)
+        ids = torch.zeros(t, dtype=torch.long, device=dev)
+        hidden = self.decoder.forward(ids, pos, batch, self.kv, fused)
+        last = torch.tensor(qs[1:], device=dev) - 1
+        self.decoder.logits(hidden.rows(last), scaled=True)

@@ -40,6 +40,12 @@ class Sequence:
     pending_forks: int = 0  # n>1: siblings to fork off when the prompt is done
     use_prefix_cache: bool = True  # off when every prompt row's logits are needed
     data: Any = None  # the engine's per-sequence state (sampling, detokenizer, ...)
+    # Launch-ahead: tokens[pending_at] is a placeholder for an id sampled on the device that the host
+    # has not read yet (row `pending_row` of the in-flight step); -1: none. `hold`: known to finish
+    # when that id arrives (length), so not scheduled meanwhile.
+    pending_at: int = -1
+    pending_row: int = -1
+    hold: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -115,7 +121,12 @@ class Scheduler:
                 if budget == 0:
                     break
                 remaining = seq.num_tokens - seq.num_computed
-                if seq.status is not Status.RUNNING or seq in planned or (remaining == 1) != decodes:
+                if (
+                    seq.status is not Status.RUNNING
+                    or seq in planned
+                    or (remaining == 1) != decodes
+                    or seq.hold
+                ):
                     continue
                 if decodes and seq.num_computed < len(seq.table.blocks) * bs:
                     planned[seq] = 1  # room left in its last block: nothing to allocate or preempt
@@ -140,6 +151,8 @@ class Scheduler:
         bs, blocks = self.blocks.block_size, self.blocks
         while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if seq.pending_at >= 0:  # preempted with an id still on the device: after it arrives
+                break
             if self.running and len(self.running) + 1 + seq.pending_forks > self.config.max_num_seqs:
                 break
             table = blocks.match_prefix(seq.tokens) if seq.use_prefix_cache else BlockTable()
@@ -175,8 +188,10 @@ class Scheduler:
         bs, caching = self.blocks.block_size, self.blocks.enable_prefix_caching
         for seq, n in plan.items:
             seq.num_computed += n
-            if caching and seq.num_computed // bs > seq.table.num_hashed:  # a block was completed
-                self.blocks.commit(seq.table, seq.tokens, seq.num_computed)
+            # A block holding a launch-ahead placeholder is hashed later, once its id is known.
+            known = seq.num_computed if seq.pending_at < 0 else min(seq.num_computed, seq.pending_at)
+            if caching and known // bs > seq.table.num_hashed:  # a block was completed
+                self.blocks.commit(seq.table, seq.tokens, known)
 
     def add_running(self, seq: Sequence) -> None:
         """A forked sibling that already holds its blocks joins the running set as the newest."""

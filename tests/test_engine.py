@@ -391,3 +391,31 @@ def test_prepare_counts_the_leading_decodes(tiny):
     assert mixed.batch.num_decodes == 2 and mixed.batch.max_query_len == 30
     assert runner.prepare(chunk + decodes, [False] * 3).batch.num_decodes == 0
     assert runner.prepare(decodes, [False] * 2).batch.num_decodes == 2
+    runner._warm_mixed(3, 40, 8, fused=True)  # the start-up warm-up of mixed steps runs anywhere
+    runner._warm_mixed(1, 1, 20, fused=False)
+
+
+def test_launch_ahead_feeds_device_ids_and_hashes_generated_blocks(tiny, monkeypatch):
+    """Steps launched before the previous one is collected read their input ids on the device; the
+    generated tokens still land in the prefix cache with their real ids (a follow-up prompt that
+    repeats prompt + answer hits the blocks holding the answer)."""
+    eng = engine(tiny)
+    launched_ahead = []
+    real = LLMEngine._launch_ahead
+    monkeypatch.setattr(
+        LLMEngine, "_launch_ahead", lambda self: launched_ahead.append(real(self)) or launched_ahead[-1]
+    )
+    prompt = prompts(1, 20, 20, seed=11)[0]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    answer = ids(eng.generate([prompt], params))[0]
+    assert sum(launched_ahead) >= 30  # nearly every step was launched ahead
+    assert answer == ids(engine(tiny, overlap=False).generate([prompt], params))[0]
+    hits_before = eng.blocks.prefix_hit_rate
+    follow = prompt + answer[:36]  # 56 tokens: blocks 0-2 full, block 2 = tokens 32..47 (generated)
+    table = eng.blocks.match_prefix(follow)
+    assert len(table.blocks) == 3  # every full block the answer filled was hashed with real ids
+    eng.blocks.free(table)
+    again = ids(eng.generate([follow], GREEDY))
+    assert eng.blocks.prefix_hit_rate > hits_before
+    assert again == ids(engine(tiny, enable_prefix_caching=False).generate([follow], GREEDY))
+    assert eng.blocks.check_all_free()
