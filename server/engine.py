@@ -517,6 +517,7 @@ class LLMEngine:
         now = time.monotonic()
         metrics, eos, max_len = self.metrics, self.eos_token_ids, self.max_model_len
         done: list[tuple[Sequence, int, int]] = []
+        itls: list[float] = []
         for i, (seq, tok) in enumerate(zip(inf.rows, token_ids)):
             if seq.pending_at >= 0:  # the placeholder a step launched ahead has read on the device
                 seq.tokens[seq.pending_at] = tok
@@ -533,7 +534,7 @@ class LLMEngine:
                 if req.first_token_at is None:
                     metrics.observe_ttft(now - req.arrival)
                 elif ch.last_token_at is not None:
-                    metrics.observe_itl(now - ch.last_token_at)
+                    itls.append(now - ch.last_token_at)
             if req.first_token_at is None:
                 req.first_token_at = now
             ch.last_token_at = now
@@ -544,6 +545,8 @@ class LLMEngine:
             if ch.stop_reason is not None:
                 self.scheduler.finish(seq)
             done.append((seq, tok, i))
+        if itls:
+            metrics.observe_itls(itls)
         self.num_steps += 1
         return inf.handle, done
 

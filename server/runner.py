@@ -63,7 +63,8 @@ class LayerTimer:
     def results(self) -> list[tuple[int, str, float]]:
         """(layer, part, seconds) for every timed part, plus part="block" = attn + mlp."""
         if self.cuda:
-            torch.cuda.synchronize()
+            if self._records:  # this step's last event, not the device: a step launched ahead may run
+                self._records[-1][3].synchronize()
             timed = [(la, p, s.elapsed_time(e) / 1e3) for la, p, s, e in self._records]
         else:
             timed = [(la, p, e - s) for la, p, s, e in self._records]
