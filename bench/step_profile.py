@@ -33,6 +33,7 @@ from kernels.batch import contiguous_batch  # noqa: E402
 from models.decoder import Decoder  # noqa: E402
 from server.cuda_graphs import DecodeGraphs  # noqa: E402
 
+DEV = "cuda"  # the device the profiled steps run on (a CPU smoke test sets "cpu" under the interpreter)
 CATEGORIES = ("gemm", "attention", "norm", "rope/kv", "silu", "other")
 
 
@@ -100,16 +101,16 @@ def cublas_floor(model: Decoder, m: int, lm_rows: int) -> dict:
     total_ms, flops = 0.0, 0.0
     per = {}
     for name, n, k, res in gemm_shapes(model):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        r = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
+        r = torch.randn(m, n, device=DEV, dtype=torch.bfloat16)
         fn = (lambda r=r, x=x, w=w: torch.addmm(r, x, w.t())) if res else (lambda x=x, w=w: F.linear(x, w))
         ms = time_fn(fn, inner=10, outer=9) * 1e3
         per[name] = dict(ms=ms, tflops=2 * m * n * k / ms / 1e9)
         total_ms += ms * model.config.num_layers
         flops += 2 * m * n * k * model.config.num_layers
     v, h = model.weights.lm_head.shape
-    x = torch.randn(lm_rows, h, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(lm_rows, h, device=DEV, dtype=torch.bfloat16)
     ms = time_fn(lambda: F.linear(x, model.weights.lm_head), inner=10, outer=9) * 1e3
     per["lm_head"] = dict(ms=ms, tflops=2 * lm_rows * v * h / ms / 1e9)
     total_ms += ms
@@ -118,10 +119,10 @@ def cublas_floor(model: Decoder, m: int, lm_rows: int) -> dict:
 
 
 def profile_prefill(model: Decoder, n_seqs: int, length: int) -> list[dict]:
-    pb = contiguous_batch([length] * n_seqs, [length] * n_seqs, 16).to("cuda")
+    pb = contiguous_batch([length] * n_seqs, [length] * n_seqs, 16).to(DEV)
     kv = model.allocate_kv_cache(n_seqs * -(-length // 16), 16)
-    ids = torch.randint(0, 1000, (n_seqs * length,), device="cuda")
-    pos = torch.arange(length, device="cuda").repeat(n_seqs)
+    ids = torch.randint(0, model.config.vocab_size, (n_seqs * length,), device=DEV)
+    pos = torch.arange(length, device=DEV).repeat(n_seqs)
     last = pb.query_start[1:].long() - 1
     floor = cublas_floor(model, n_seqs * length, n_seqs)
     rows = []
@@ -148,11 +149,11 @@ def profile_mixed(model: Decoder, n_dec: int, ctx: int, n_prompts: int, length: 
     prefill kernel (num_decodes = 0)."""
     query_lens = [1] * n_dec + [length] * n_prompts
     context_lens = [ctx + 1] * n_dec + [length] * n_prompts
-    pb = contiguous_batch(query_lens, context_lens, 16).to("cuda")
+    pb = contiguous_batch(query_lens, context_lens, 16).to(DEV)
     kv = model.allocate_kv_cache(sum(-(-c // 16) for c in context_lens), 16)
     t = sum(query_lens)
-    ids = torch.randint(0, 1000, (t,), device="cuda")
-    pos = torch.cat([torch.full((n_dec,), ctx), torch.arange(length).repeat(n_prompts)]).to("cuda")
+    ids = torch.randint(0, model.config.vocab_size, (t,), device=DEV)
+    pos = torch.cat([torch.full((n_dec,), ctx), torch.arange(length).repeat(n_prompts)]).to(DEV)
     last = pb.query_start[1:].long() - 1
     floor = cublas_floor(model, t, n_dec + n_prompts)
     rows = []
