@@ -126,7 +126,8 @@ class ServerMetrics:
         )
         self.step_latency = Histogram(
             STEP_LATENCY,
-            "Wall time of one engine step (model forward + sampling) by phase and fusion path.",
+            "Wall time of one engine step (model forward + sampling; from the previous step's end when "
+            "launched ahead) by phase and fusion path.",
             ["phase", "fusion"],
             buckets=STEP_BUCKETS,
             registry=r,
