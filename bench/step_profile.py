@@ -118,35 +118,11 @@ def cublas_floor(model: Decoder, m: int, lm_rows: int) -> dict:
     return dict(ms=total_ms, tflops=flops / total_ms / 1e9, per_gemm=per, flops=flops)
 
 
-def profile_prefill(model: Decoder, n_seqs: int, length: int) -> list[dict]:
-    pb = contiguous_batch([length] * n_seqs, [length] * n_seqs, 16).to(DEV)
-    kv = model.allocate_kv_cache(n_seqs * -(-length // 16), 16)
-    ids = torch.randint(0, model.config.vocab_size, (n_seqs * length,), device=DEV)
-    pos = torch.arange(length, device=DEV).repeat(n_seqs)
-    last = pb.query_start[1:].long() - 1
-    floor = cublas_floor(model, n_seqs * length, n_seqs)
-    rows = []
-    for fused in (True, False):
-
-        def step(f=fused):
-            hidden = model.forward(ids, pos, pb, kv, fusion=f)
-            return model.logits(hidden.rows(last))
-
-        ms = time_fn(step, inner=2, outer=7) * 1e3
-        s = summarize_events(profiled(step), 3)
-        gemm_ms = s["category_us"]["gemm"] / 1e3
-        rows.append(dict(case=f"prefill {n_seqs}x{length}", fused=fused, step_ms=ms, **s,
-                         gemm_tflops=floor["flops"] / gemm_ms / 1e9 if gemm_ms else 0.0,
-                         cublas_floor_ms=floor["ms"], cublas_tflops=floor["tflops"],
-                         cublas_per_gemm=floor["per_gemm"]))  # fmt: skip
-        print(rows[-1], flush=True)
-    return rows
-
-
-def profile_mixed(model: Decoder, n_dec: int, ctx: int, n_prompts: int, length: int) -> list[dict]:
-    """A serving step that mixes decodes (first, as the scheduler plans them) with prompt chunks, with
-    the decodes' attention on the decode kernel (the product) and, for comparison, all of it on the
-    prefill kernel (num_decodes = 0)."""
+def profile_eager(model: Decoder, n_dec: int, ctx: int, n_prompts: int, length: int) -> list[dict]:
+    """An eager step of `n_dec` decodes at context `ctx` (first, as the scheduler plans them) and
+    `n_prompts` prompt chunks of `length` tokens: a prefill step when n_dec = 0, else a mixed serving
+    step, timed with the decodes' attention on the decode kernel (the product) and, for comparison,
+    all of it on the prefill kernel (num_decodes = 0)."""
     query_lens = [1] * n_dec + [length] * n_prompts
     context_lens = [ctx + 1] * n_dec + [length] * n_prompts
     pb = contiguous_batch(query_lens, context_lens, 16).to(DEV)
@@ -156,8 +132,9 @@ def profile_mixed(model: Decoder, n_dec: int, ctx: int, n_prompts: int, length: 
     pos = torch.cat([torch.full((n_dec,), ctx), torch.arange(length).repeat(n_prompts)]).to(DEV)
     last = pb.query_start[1:].long() - 1
     floor = cublas_floor(model, t, n_dec + n_prompts)
+    name = f"mixed {n_dec}x{ctx} + {n_prompts}x{length}" if n_dec else f"prefill {n_prompts}x{length}"
     rows = []
-    for split in (True, False):
+    for split in (True, False) if n_dec else (True,):
         batch = pb if split else dataclasses.replace(pb, num_decodes=0)
         for fused in (True, False):
 
@@ -167,11 +144,11 @@ def profile_mixed(model: Decoder, n_dec: int, ctx: int, n_prompts: int, length: 
 
             ms = time_fn(step, inner=2, outer=7) * 1e3
             s = summarize_events(profiled(step), 3)
-            case = f"mixed {n_dec}x{ctx} + {n_prompts}x{length}" + (
-                "" if split else " (all on prefill kernel)"
-            )
-            rows.append(dict(case=case, fused=fused, step_ms=ms, **s, cublas_floor_ms=floor["ms"],
-                             cublas_tflops=floor["tflops"], cublas_per_gemm=floor["per_gemm"]))  # fmt: skip
+            gemm_ms = s["category_us"]["gemm"] / 1e3
+            rows.append(dict(case=name + ("" if split else " (all on prefill kernel)"), fused=fused, step_ms=ms,
+                             **s, gemm_tflops=floor["flops"] / gemm_ms / 1e9 if gemm_ms else 0.0,
+                             cublas_floor_ms=floor["ms"], cublas_tflops=floor["tflops"],
+                             cublas_per_gemm=floor["per_gemm"]))  # fmt: skip
             print(rows[-1], flush=True)
     return rows
 
@@ -240,12 +217,15 @@ def main() -> None:
         (kind, c) for kind in ("prefill", "decode", "mixed") for c in getattr(args, kind).split(",") if c
     ]
     for kind, case in tqdm(cases, desc="cases"):
-        if kind == "mixed":
+        if kind == "decode":
+            a, b = (int(v) for v in case.split("x"))
+            rows += profile_decode(model, a, b)
+        elif kind == "prefill":  # an eager step without decodes
+            n, length = (int(v) for v in case.split("x"))
+            rows += profile_eager(model, 0, 0, n, length)
+        else:
             (a, b), (c, d) = ((int(v) for v in part.split("x")) for part in case.split("+"))
-            rows += profile_mixed(model, a, b, c, d)
-            continue
-        a, b = (int(v) for v in case.split("x"))
-        rows += profile_prefill(model, a, b) if kind == "prefill" else profile_decode(model, a, b)
+            rows += profile_eager(model, a, b, c, d)
         gc.collect()
         torch.cuda.empty_cache()
         report(rows, args.model, args.out, args.tag)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 
@@ -94,9 +95,5 @@ def contiguous_batch(
 
 def leading_ones(query_lens) -> int:
     """How many sequences at the front bring one new token each (PagedBatch.num_decodes)."""
-    n = 0
-    for q in query_lens:
-        if q != 1:
-            break
-        n += 1
-    return n
+    not_one = np.flatnonzero(np.asarray(query_lens) != 1)
+    return int(not_one[0]) if len(not_one) else len(query_lens)

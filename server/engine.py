@@ -439,10 +439,7 @@ class LLMEngine:
         for i, seq in live:
             seq.pending_at, seq.pending_row = len(seq.tokens), i
             seq.tokens.append(-1)
-            p = seq.data.request.params
-            seq.hold = (
-                len(seq.tokens) - seq.num_prompt >= p.max_tokens or len(seq.tokens) >= self.max_model_len
-            )
+            seq.hold = self._at_length_limit(seq)
         return self._launch(ahead_of=inf)
 
     def _launch(self, ahead_of: _InFlight | None = None) -> bool:
@@ -515,7 +512,7 @@ class LLMEngine:
         self._observe_step(inf.fused, inf.phase, end - max(inf.t0, self._last_collect), inf.timer)
         self._last_collect = end
         now = time.monotonic()
-        metrics, eos, max_len = self.metrics, self.eos_token_ids, self.max_model_len
+        metrics, eos = self.metrics, self.eos_token_ids
         done: list[tuple[Sequence, int, int]] = []
         itls: list[float] = []
         for i, (seq, tok) in enumerate(zip(inf.rows, token_ids)):
@@ -540,7 +537,7 @@ class LLMEngine:
             ch.last_token_at = now
             if tok in p.stop_token_ids or (not p.ignore_eos and tok in eos):
                 ch.stop_reason = "stop"
-            elif len(seq.tokens) - seq.num_prompt >= p.max_tokens or len(seq.tokens) >= max_len:
+            elif self._at_length_limit(seq):
                 ch.stop_reason = "length"
             if ch.stop_reason is not None:
                 self.scheduler.finish(seq)
@@ -549,6 +546,10 @@ class LLMEngine:
             metrics.observe_itls(itls)
         self.num_steps += 1
         return inf.handle, done
+
+    def _at_length_limit(self, seq: Sequence) -> bool:
+        """Its last token (placeholder or real) reaches max_tokens or max_model_len."""
+        return seq.num_output >= seq.data.request.params.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _process(
         self, handle: SampleHandle | None, done: list[tuple[Sequence, int, int]]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kernels.batch import PagedBatch
+from kernels.batch import PagedBatch, leading_ones
 from models.decoder import Decoder, KVCache
 
 if TYPE_CHECKING:
@@ -161,8 +161,7 @@ class ModelRunner:
         query_start = np.zeros(b + 1, dtype=np.int64)
         np.cumsum(ns, out=query_start[1:])
         max_query_len, max_context_len = int(ns.max()), int(ends.max())
-        not_one = np.flatnonzero(ns != 1)
-        num_decodes = int(not_one[0]) if len(not_one) else b  # decodes lead every plan
+        num_decodes = leading_ones(ns)  # decodes lead every plan
         gather_dst = gather_src = np.zeros(0, dtype=np.int64)
         if pending_rows is not None:
             src = np.asarray(pending_rows, dtype=np.int64)
@@ -278,48 +277,37 @@ class ModelRunner:
         first use would stall that step (measured: hundreds of ms on an H100).
         The warm-up writes nothing (slot -1) and reads only block 0.
         """
-        dev, bs = self.device, self.block_size
         contexts = sorted({1, min(max_context, 200), min(max_context, 3000), max_context})
         sizes = sorted({1, 3, min(max_batch, 17), min(max_batch, 33), max_batch})
         for fused in (True, False):
             for n in sizes:
                 for ctx in contexts:
-                    width = -(-ctx // bs)
-                    batch = PagedBatch(
-                        query_start=torch.arange(n + 1, dtype=torch.int32, device=dev),
-                        context_lens=torch.full((n,), ctx, dtype=torch.int32, device=dev),
-                        block_tables=torch.zeros((n, width), dtype=torch.int32, device=dev),
-                        slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
-                        max_query_len=1, max_context_len=ctx, block_size=bs,
-                    )  # fmt: skip
-                    ids = torch.zeros(n, dtype=torch.long, device=dev)
-                    pos = torch.full((n,), ctx - 1, dtype=torch.long, device=dev)
-                    hidden = self.decoder.forward(ids, pos, batch, self.kv, fused, self.make_timer())
-                    for scaled in (True, False) if fused else (True,):  # `scaled` only matters fused
-                        self.decoder.logits(hidden, scaled=scaled)
+                    self._warm_step(n, ctx, 0, fused)
             # Mixed steps (decodes + a prompt chunk): their decodes' attention variant depends on how
             # many there are (split plan, PDL only when the step is small), not on what was captured.
             for n in sizes:
                 for chunk in (8, 40, 200):
                     for ctx in contexts[1:3]:
-                        self._warm_mixed(n, ctx, chunk, fused)
+                        self._warm_step(n, ctx, chunk, fused)
         self.synchronize()
 
-    def _warm_mixed(self, n_dec: int, ctx: int, chunk: int, fused: bool) -> None:
-        """One eager mixed step that writes nothing (slot -1) and reads only block 0."""
+    def _warm_step(self, n_dec: int, ctx: int, chunk: int, fused: bool) -> None:
+        """One eager, timed step of `n_dec` decodes at context `ctx` plus (chunk > 0) a prompt chunk of
+        `chunk` tokens; it writes nothing (slot -1) and reads only block 0."""
         dev, bs = self.device, self.block_size
         t = n_dec + chunk
-        ctx_all = [ctx] * n_dec + [chunk]
-        qs = list(range(n_dec + 1)) + [t]
+        ctx_all = [ctx] * n_dec + ([chunk] if chunk else [])
+        qs = list(range(n_dec + 1)) + ([t] if chunk else [])
         batch = PagedBatch(
             query_start=torch.tensor(qs, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(ctx_all, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros((n_dec + 1, -(-max(ctx_all) // bs)), dtype=torch.int32, device=dev),
-            slot_mapping=torch.full((t,), -1, dtype=torch.int64, device=dev), max_query_len=chunk,
+            block_tables=torch.zeros((len(ctx_all), -(-max(ctx_all) // bs)), dtype=torch.int32, device=dev),
+            slot_mapping=torch.full((t,), -1, dtype=torch.int64, device=dev), max_query_len=max(chunk, 1),
             max_context_len=max(ctx_all), block_size=bs, num_decodes=n_dec,
         )  # fmt: skip
         pos = torch.cat([torch.full((n_dec,), ctx - 1), torch.arange(chunk)]).to(dev)
         ids = torch.zeros(t, dtype=torch.long, device=dev)
-        hidden = self.decoder.forward(ids, pos, batch, self.kv, fused)
+        hidden = self.decoder.forward(ids, pos, batch, self.kv, fused, self.make_timer())
         last = torch.tensor(qs[1:], device=dev) - 1
-        self.decoder.logits(hidden.rows(last), scaled=True)
+        for scaled in (True, False) if fused else (True,):  # `scaled` only matters fused
+            self.decoder.logits(hidden.rows(last), scaled=scaled)

@@ -391,8 +391,9 @@ def test_prepare_counts_the_leading_decodes(tiny):
     assert mixed.batch.num_decodes == 2 and mixed.batch.max_query_len == 30
     assert runner.prepare(chunk + decodes, [False] * 3).batch.num_decodes == 0
     assert runner.prepare(decodes, [False] * 2).batch.num_decodes == 2
-    runner._warm_mixed(3, 40, 8, fused=True)  # the start-up warm-up of mixed steps runs anywhere
-    runner._warm_mixed(1, 1, 20, fused=False)
+    runner._warm_step(3, 40, 8, fused=True)  # the start-up warm-up steps (mixed and decode) run anywhere
+    runner._warm_step(1, 1, 20, fused=False)
+    runner._warm_step(4, 30, 0, fused=True)
 
 
 def test_launch_ahead_feeds_device_ids_and_hashes_generated_blocks(tiny, monkeypatch):
