@@ -77,6 +77,7 @@ class RunSummary:
     itl_p50_ms: float
     itl_p99_ms: float
     e2e_p50_ms: float
+    client_cpu_cores: float = 0.0  # this load generator's CPU seconds / wall: near 1 means it limits
 
 
 def build_prompts(
@@ -289,10 +290,13 @@ async def main_async(args: argparse.Namespace) -> int:
                     await set_fusion(client, mode, args.admin_key)
                 prompts = build_prompts(spec, vocab_size, special, base + i)
                 label = f"{i + 1}"
+                cpu0 = time.process_time()
                 results, duration = await run_load(
                     client, model, prompts, spec, f"run {label} fusion={mode}", True
                 )
-                runs.append(summarize(label, mode, results, duration, spec))
+                run = summarize(label, mode, results, duration, spec)
+                run.client_cpu_cores = round((time.process_time() - cpu0) / duration, 3)
+                runs.append(run)
                 errors = [r.error for r in results if not r.ok]
                 if errors:
                     print(f"run {label}: {len(errors)} failed, e.g. {errors[0]}", file=sys.stderr)

@@ -129,7 +129,7 @@ EOF
             if [ "$rate" = inf ] && [ "$mode" = off ] && [ -x /tmp/site/bin/py-spy ]; then
                 # where the server's CPU time goes (both modes behave alike on the host side)
                 (sleep 3; timeout 20 /tmp/site/bin/py-spy record --pid "$SPID" --duration 6 --rate 50 --nonblocking \
-                    --threads --format raw --output "$W/pyspy_inf_off.txt" >"$W/pyspy.log" 2>&1) &
+                    --threads --subprocesses --format raw --output "$W/pyspy_inf_off.txt" >"$W/pyspy.log" 2>&1) &
             fi
             timeout "$RUN_TIMEOUT" python3 bench/serve.py "${common[@]}" -n "$N" --output-len "$OUTLEN" \
                 --rate "$rate" --prompt-seed "$pseed" --warmup-requests 0 --out-dir "$W" --tag "r${rate}_${mode}" \
@@ -163,7 +163,7 @@ EOF
 }
 
 summarize() {
-    python3 - "$W" "$OUT" "$N" "$IN" "$OUTLEN" <<'EOF'
+    SEQS="$SEQS" MBT="$MBT" SERVE_EXTRA="$SERVE_EXTRA" python3 - "$W" "$OUT" "$N" "$IN" "$OUTLEN" <<'EOF'
 import glob, json, math, os, re, sys, time
 from datetime import datetime
 W, OUT, N, IN, OUTLEN = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
@@ -246,7 +246,9 @@ for path in sorted(glob.glob(f"{W}/serve_r*.json")):
     srv["gen_tokens"] = delta(a, b, "fusionserve_generation_tokens_total")
     srv["prompt_tokens"] = delta(a, b, "fusionserve_prompt_tokens_total")
     srv["preemptions"] = delta(a, b, "fusionserve_preemptions_total")
-    srv["cpu_s"] = delta(a, b, "process_cpu_seconds_total")
+    srv["http_cpu_s"] = delta(a, b, "process_cpu_seconds_total")
+    srv["engine_cpu_s"] = delta(a, b, "fusionserve_engine_process_cpu_seconds_total")  # 0: engine thread
+    srv["cpu_s"] = srv["http_cpu_s"] + srv["engine_cpu_s"]
     dur = r["duration_s"]
     srv["cpu_cores"] = srv["cpu_s"] / dur if dur else math.nan
     srv["in_step_frac"] = busy / dur if dur else math.nan
@@ -273,17 +275,18 @@ order = {"inf": 0}
 runs.sort(key=lambda r: (order.get(r["rate"], 1), r["fusion"] != "on"))
 lines = [f"# Serving benchmark: fusionserve vs HF generate_batch, {env.get('gpu', '?')}", "",
          f"Llama-3.1-8B shape, random bf16 weights; {N} requests x {IN} in / {OUTLEN} out (ignore_eos, greedy), "
-         f"max-num-seqs 256, max-num-batched-tokens 8192; torch {env.get('torch')}, triton {env.get('triton')}, "
+         f"max-num-seqs {os.environ['SEQS']}, max-num-batched-tokens {os.environ['MBT']}, server options '{os.environ['SERVE_EXTRA']}'; torch {env.get('torch')}, triton {env.get('triton')}, "
          f"transformers {env.get('transformers')}, python {env.get('python')}. Phases (s): {phases}", "",
-         "| rate | fusion | ok/fail | req/s | out tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | prefill steps (mean ms) | decode steps (mean/p50 ms) | tok/step | in-step % | outside step ms/step | server CPU cores | GPU util % | preempt |",
-         "|" + "---|" * 17]
+         "| rate | fusion | ok/fail | req/s | out tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | prefill steps (mean ms) | decode steps (mean/p50 ms) | tok/step | in-step % | outside step ms/step | server CPU cores (engine) | client CPU cores | GPU util % | preempt |",
+         "|" + "---|" * 18]
 for r in runs:
     s = r["server"]
     lines.append(f"| {r['rate']} | {r['fusion']} | {r['completed']}/{r['failed']} | {r['req_per_s']:.2f} | {r['output_tok_per_s']:.0f} "
                  f"| {fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p99_ms'])} | {fmt(r['itl_p50_ms'])} | {fmt(r['itl_p99_ms'])} "
                  f"| {s['prefill']['steps']} ({fmt(s['prefill']['mean_ms'])}) | {s['decode']['steps']} ({fmt(s['decode']['mean_ms'])}/{fmt(s['decode']['p50_ms'])}) "
                  f"| {fmt(s['tokens_per_step'])} | {fmt(100 * s['in_step_frac'], 0)} | {fmt(s['outside_step_ms_per_step'], 2)} "
-                 f"| {fmt(s['cpu_cores'], 2)} | {fmt(s['gpu_util_mean'], 0)} | {int(s['preemptions'])} |")
+                 f"| {fmt(s['cpu_cores'], 2)} ({fmt(s['engine_cpu_s'] / r['duration_s'], 2)}) | {fmt(r.get('client_cpu_cores'), 2)} "
+                 f"| {fmt(s['gpu_util_mean'], 0)} | {int(s['preemptions'])} |")
 lines.append("")
 if hf:
     h = hf["summary"]
@@ -315,8 +318,8 @@ lines += ["", "Goals:"] + [f"- {g}" for g in goals]
 lines += ["", "Columns: prefill steps = steps with any prompt chunk (mixed with decodes), decode = decode-only (CUDA graphs; "
           "every 50th per path is an eager timed step, not counted); tok/step = generated tokens / steps; in-step % = time "
           "inside engine.step() (prepare + forward + sample + sync) / run wall time; outside step = the rest per step "
-          "(token bookkeeping, detokenize, HTTP streaming, GIL); server CPU cores = process CPU seconds / wall (from "
-          "/metrics); GPU util = nvidia-smi utilization.gpu mean over the run."]
+          "(token bookkeeping, detokenize, HTTP streaming, GIL); server CPU cores = CPU seconds / wall of the HTTP "
+          "process + the engine process (in brackets; from /metrics); client CPU cores = the load generator's; GPU util = nvidia-smi utilization.gpu mean over the run."]
 prof = {}
 if os.path.isfile(f"{W}/pyspy_inf_off.txt"):
     threads, incl, leaf, total = {}, {}, {}, 0
@@ -326,7 +329,8 @@ if os.path.isfile(f"{W}/pyspy_inf_off.txt"):
             continue
         n = int(n)
         frames = [re.sub(r" \((?:.*/)?([^/]+?):\d+\)$", r" (\1)", f) for f in stack.split(";")[1:]]
-        kind = ("engine thread" if any("._run (engine.py)" in f for f in frames) else
+        kind = ("engine thread" if any("._run (engine.py)" in f or "_Core.run (engine_process.py)" in f for f in frames) else
+                "engine process pipe" if any("EngineProcess._read" in f for f in frames) else
                 "asyncio/HTTP thread" if any("asyncio" in f or "uvicorn" in f or "base_events" in f for f in frames)
                 else "other")
         threads[kind] = threads.get(kind, 0) + n
@@ -343,7 +347,8 @@ if os.path.isfile(f"{W}/pyspy_inf_off.txt"):
                   "a sample = a thread on CPU): " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in threads.items()), "",
                   "| thread | function (inclusive) | % of samples |", "|---|---|---|"]
         skip = ("(threading.py)", "runpy>)", "(base_events.py)", "(runners.py)", "(cli.py)", "(_contextlib.py)",
-                "(events.py)", "run_serve (serve.py)", "Server.run (server.py)", "._run (engine.py)")
+                "(events.py)", "run_serve (serve.py)", "Server.run (server.py)", "._run (engine.py)",
+                "_Core.run (engine_process.py)", "core_main (engine_process.py)", "(process.py)", "(spawn.py)")
         shown = 0
         for kind, f, v in prof["inclusive"]:
             if f.endswith(skip) or 100 * v / total < 2:

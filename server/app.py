@@ -10,6 +10,7 @@ envelope and never reaches the engine.
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -508,13 +509,14 @@ def create_app(
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
         refresh_gauges()
-        body, content_type = metrics.render()
+        collect = getattr(engine, "collect_metrics", None)  # an engine in its own process
+        body, content_type = metrics.render(await collect() if collect is not None else None)
         return Response(body, media_type=content_type)
 
     @app.get("/admin/fusion")
     async def get_fusion(request: Request) -> dict[str, Any]:
         check_admin(request)
-        return fusion_state()
+        return await fusion_state()
 
     @app.post("/admin/fusion")
     async def set_fusion(request: Request) -> dict[str, Any]:
@@ -523,7 +525,7 @@ def create_app(
         engine.fusion.set_mode(req.mode)
         metrics.set_fusion_mode(req.mode)
         log.info("fusion mode set to %s", req.mode)
-        return fusion_state()
+        return await fusion_state()
 
     def refresh_gauges() -> None:
         """Queue and KV gauges read at scrape time: the engine sets them after each step, but an
@@ -536,8 +538,18 @@ def create_app(
         except Exception:  # a scrape must never fail because of the engine
             log.debug("engine.stats() failed", exc_info=True)
 
-    def fusion_state() -> dict[str, Any]:
-        return {"mode": engine.fusion.mode, "summary": engine.fusion.summary()}
+    async def fusion_state() -> dict[str, Any]:
+        mode = engine.fusion.mode
+        summary = engine.fusion.summary()  # an engine in its own process answers over its pipe
+        if inspect.isawaitable(summary):
+            try:
+                summary = await summary
+            except Exception as exc:
+                mapped = engine_error(exc, settings.retry_after_s)
+                raise mapped or ProtocolError(
+                    "The engine did not answer", status=503, type="service_unavailable_error"
+                ) from None
+        return {"mode": mode, "summary": summary}
 
     started = now()
     return app

@@ -242,7 +242,26 @@ def kv_cache_blocks(config: EngineConfig, decoder: Decoder) -> int:
     return n
 
 
-def _load_tokenizer(model_dir: Path | None):
+def check_request(
+    prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int, has_tokenizer: bool
+) -> None:
+    """Raise ValueError / RequestTooLongError for a request no engine of these limits can run; both
+    fronts call it before a request is queued, so a bad one fails before its response starts."""
+    if not prompt_ids:
+        raise ValueError("the prompt must hold at least one token")
+    if any(not (0 <= int(t) < vocab_size) for t in prompt_ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    params.validate(vocab_size)
+    if params.stop and not has_tokenizer:
+        raise ValueError("stop strings need a tokenizer; this model has none")
+    if len(prompt_ids) + params.max_tokens > max_model_len:
+        raise RequestTooLongError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+            f"max_model_len ({max_model_len})"
+        )
+
+
+def load_tokenizer(model_dir: Path | None):
     if model_dir is None or not (Path(model_dir) / "tokenizer.json").is_file():
         return None
     from models.tokenizer import Tokenizer
@@ -275,7 +294,7 @@ class LLMEngine:
         elif config.model_dir is not None:
             model_dir = Path(config.model_dir)
         self.decoder = decoder
-        self.tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_dir)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
         self.model_name = config.served_model_name or (model_dir.name if model_dir else "model")
         self.vocab_size = decoder.config.vocab_size
         num_blocks = kv_cache_blocks(config, decoder)
@@ -314,18 +333,7 @@ class LLMEngine:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError / RequestTooLongError for a request the engine cannot run."""
-        if not prompt_ids:
-            raise ValueError("the prompt must hold at least one token")
-        if any(not (0 <= int(t) < self.vocab_size) for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        params.validate(self.vocab_size)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model has none")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise RequestTooLongError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"max_model_len ({self.max_model_len})"
-            )
+        check_request(prompt_ids, params, self.vocab_size, self.max_model_len, self.tokenizer is not None)
 
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None
@@ -420,7 +428,7 @@ class LLMEngine:
             if not ahead:
                 self._launch()
             outputs = self._process(*done) if done is not None else []
-        self._update_gauges()
+        self.update_gauges()
         return outputs
 
     def _launch_ahead(self) -> bool:
@@ -675,7 +683,7 @@ class LLMEngine:
                 reason, time.monotonic() - req.arrival, len(req.prompt_ids), completion
             )
 
-    def _update_gauges(self) -> None:
+    def update_gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.set_queue(len(self.scheduler.running), len(self.scheduler.waiting))
             self.metrics.set_kv_usage(self.blocks.usage)
@@ -714,7 +722,7 @@ def merge_output(merged: dict[tuple[str, int], RequestOutput], out: RequestOutpu
     acc.completion_tokens = out.completion_tokens
 
 
-# -- asyncio front ------------------------------------------------------------------------
+# -- asyncio fronts ----------------------------------------------------------------------
 
 
 @dataclass
@@ -728,81 +736,45 @@ def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
         q.put_nowait(item)
 
 
-class AsyncEngine:
-    """The engine loop on its own thread, fed through a thread-safe queue; see server/CONTRACT.md."""
+class StreamFront:
+    """What both asyncio fronts share: a request's deltas reach its consumer through an asyncio queue
+    that another thread (the engine loop here, the pipe reader of server/engine_process.py) fills.
 
-    WEDGED_AFTER_S = 120.0  # a loop iteration longer than this counts as wedged
+    Subclasses say how a request is checked and submitted (`_admit`, `_submit`, `abort`) and
+    whether their engine still runs (`_engine_running`); see server/CONTRACT.md.
+    """
 
-    def __init__(
-        self,
-        config: EngineConfig,
-        metrics: ServerMetrics | None = None,
-        *,
-        engine: LLMEngine | None = None,
-    ):
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.engine = engine if engine is not None else LLMEngine(config, metrics)
-        self.tokenizer = self.engine.tokenizer
-        self.model_name = self.engine.model_name
-        self.max_model_len = self.engine.max_model_len
-        self.kernel_path = self.engine.kernel_path
-        self.fusion = self.engine.fusion
-        self._ops: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self._draining = False
         self._error: BaseException | None = None
-        self._beat = time.monotonic()
-        self._busy = False
-
-    # -- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="fusionserve-engine", daemon=True)
-        self._thread.start()
-
-    def is_alive(self) -> bool:
-        t = self._thread
-        if t is None or not t.is_alive() or self._error is not None or self._stop.is_set():
-            return False
-        return not self._busy or time.monotonic() - self._beat < self.WEDGED_AFTER_S
-
-    def stats(self) -> EngineStats:
-        return self.engine.stats()
 
     def begin_drain(self) -> None:
         self._draining = True
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """True once no request is in flight (within `timeout` seconds)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                busy = bool(self._streams)
-            if not busy and not self.engine.has_unfinished() and self._ops.empty():
-                return True
-            await asyncio.sleep(0.02)
-        return False
+    def _has_streams(self) -> bool:
+        with self._lock:
+            return bool(self._streams)
 
-    def shutdown(self) -> None:
-        """Stop the loop thread; every request still in flight finishes with 'abort'."""
-        self._draining = True
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
+    def _engine_running(self) -> bool:
+        raise NotImplementedError
 
-    # -- requests --------------------------------------------------------------------
+    def _admit(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise for a request this engine cannot take now (bad input, too long, queue full)."""
+        raise NotImplementedError
+
+    def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float) -> None:
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
+        raise NotImplementedError
 
     def _check_accepting(self) -> None:
         if self._error is not None:
             raise EngineDeadError(f"engine loop died: {self._error!r}")
-        if self._stop.is_set() or (self._thread is not None and not self._thread.is_alive()):
+        if not self._engine_running():
             raise EngineDeadError("engine is stopped")
         if self._draining:
             raise EngineShuttingDownError("server is shutting down")
@@ -813,18 +785,15 @@ class AsyncEngine:
         """Stream deltas of one request; leaving the iteration early aborts it and frees its blocks."""
         self._check_accepting()
         prompt_ids = [int(t) for t in prompt_ids]
-        self.engine.validate(prompt_ids, params)
-        if len(self.engine.scheduler.waiting) + self._ops.qsize() >= self.config.max_queue:
-            raise QueueFullError(f"{self.config.max_queue} requests are already waiting")
+        self._admit(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._streams[request_id] = stream
-        self._ops.put(("add", request_id, prompt_ids, params, time.monotonic()))
-        self._wake.set()
         finished: set[int] = set()
         try:
+            self._submit(request_id, prompt_ids, params, time.monotonic())
             while len(finished) < params.n:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -837,15 +806,6 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             if len(finished) < params.n:
                 self.abort(request_id)
-
-    def abort(self, request_id: str) -> None:
-        self._ops.put(("abort", request_id))
-        self._wake.set()
-
-    # -- the loop thread --------------------------------------------------------------
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        self._deliver_all([(request_id, item)])
 
     def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
         """Hand a step's outputs to their consumers with one wake-up per event loop, not one per
@@ -863,13 +823,101 @@ class AsyncEngine:
             except RuntimeError:  # the consumer's event loop is closed
                 pass
 
+    def _fail_all(self, exc: BaseException) -> None:
+        """Every waiting consumer gets `exc` (the engine died)."""
+        with self._lock:
+            rids = list(self._streams)
+        self._deliver_all([(rid, exc) for rid in rids])
+
+
+class AsyncEngine(StreamFront):
+    """The engine loop on a thread of this process, fed through a thread-safe queue; see
+    server/CONTRACT.md. Simple and what the tests drive; the server runs EngineProcess by default."""
+
+    WEDGED_AFTER_S = 120.0  # a loop iteration longer than this counts as wedged
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        metrics: ServerMetrics | None = None,
+        *,
+        engine: LLMEngine | None = None,
+    ):
+        super().__init__(config)
+        self.engine = engine if engine is not None else LLMEngine(config, metrics)
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model_name
+        self.max_model_len = self.engine.max_model_len
+        self.kernel_path = self.engine.kernel_path
+        self.fusion = self.engine.fusion
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._beat = time.monotonic()
+        self._busy = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="fusionserve-engine", daemon=True)
+        self._thread.start()
+
+    def _engine_running(self) -> bool:
+        return not self._stop.is_set() and (self._thread is None or self._thread.is_alive())
+
+    def is_alive(self) -> bool:
+        if self._thread is None or self._error is not None or not self._engine_running():
+            return False
+        return not self._busy or time.monotonic() - self._beat < self.WEDGED_AFTER_S
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no request is in flight (within `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._has_streams() and not self.engine.has_unfinished() and self._ops.empty():
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    def shutdown(self) -> None:
+        """Stop the loop thread; every request still in flight finishes with 'abort'."""
+        self._draining = True
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    # -- requests --------------------------------------------------------------------
+
+    def _admit(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine.validate(prompt_ids, params)
+        if len(self.engine.scheduler.waiting) + self._ops.qsize() >= self.config.max_queue:
+            raise QueueFullError(f"{self.config.max_queue} requests are already waiting")
+
+    def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float) -> None:
+        self._ops.put(("add", request_id, prompt_ids, params, arrival))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._ops.put(("abort", request_id))
+        self._wake.set()
+
+    # -- the loop thread --------------------------------------------------------------
+
     def _apply_ops(self) -> None:
         eng = self.engine
+        delivered: list[tuple[str, RequestOutput | BaseException]] = []
         while True:
             try:
                 op = self._ops.get_nowait()
             except queue.Empty:
-                return
+                break
             if op[0] == "add":
                 _, rid, prompt, params, arrival = op
                 with self._lock:
@@ -879,10 +927,11 @@ class AsyncEngine:
                 try:
                     eng.add_request(rid, prompt, params, arrival)
                 except Exception as exc:  # validated already; a race (duplicate id) lands here
-                    self._deliver(rid, exc)
+                    delivered.append((rid, exc))
             else:
-                for out in eng.abort_request(op[1]):
-                    self._deliver(out.request_id, out)
+                delivered.extend((out.request_id, out) for out in eng.abort_request(op[1]))
+        if delivered:
+            self._deliver_all(delivered)
 
     def _run(self) -> None:
         eng = self.engine
@@ -901,17 +950,13 @@ class AsyncEngine:
                     self._deliver_all([(out.request_id, out) for out in outputs])
         except BaseException as exc:  # noqa: BLE001 - any death must reach every waiting consumer
             self._error = exc
-            dead = EngineDeadError(f"engine loop died: {exc!r}")
-            with self._lock:
-                rids = list(self._streams)
-            for rid in rids:
-                self._deliver(rid, dead)
+            self._fail_all(EngineDeadError(f"engine loop died: {exc!r}"))
             raise
         finally:
             self._busy = False
             try:
-                for rid in list(eng.requests):
-                    for out in eng.abort_request(rid):
-                        self._deliver(out.request_id, out)
+                self._deliver_all(
+                    [(o.request_id, o) for rid in list(eng.requests) for o in eng.abort_request(rid)]
+                )
             except Exception:  # noqa: BLE001 - state may be broken after a crash; consumers were told
                 pass

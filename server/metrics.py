@@ -12,6 +12,7 @@ checks that every metric those files query is exported here.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,6 +24,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 
 PREFIX = "fusionserve_"
 
@@ -265,6 +267,31 @@ class ServerMetrics:
         for m in FUSION_MODES:
             self.fusion_mode.labels(mode=m).set(1.0 if m == mode else 0.0)
 
-    def render(self) -> tuple[bytes, str]:
-        """The exposition for ``GET /metrics``: (body, content type)."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def engine_families(self) -> list[Metric]:
+        """This registry's series without the HTTP side's: what an engine process hands its server."""
+        http = {REQUESTS.removesuffix("_total")}
+        return [f for f in self.registry.collect() if f.name not in http]
+
+    def render(self, engine_families: list[Metric] | None = None) -> tuple[bytes, str]:
+        """The exposition for ``GET /metrics``: (body, content type).
+
+        ``engine_families``: the series of an engine in another process (server/engine_process.py).
+        A family of the same name there replaces ours: the engine's series are recorded over there,
+        ours stay at zero.
+        """
+        if not engine_families:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(_Merged(self.registry, engine_families)), CONTENT_TYPE_LATEST
+
+
+class _Merged:
+    """A collector view of one registry plus families collected elsewhere, theirs winning."""
+
+    def __init__(self, registry: CollectorRegistry, families: list[Metric]) -> None:
+        self.registry = registry
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        theirs = {f.name for f in self.families}
+        yield from (f for f in self.registry.collect() if f.name not in theirs)
+        yield from self.families

@@ -66,9 +66,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-cuda-graphs", action="store_true", default=not _env_flag("CUDA_GRAPHS", True))
     e.add_argument("--no-prefix-caching", action="store_true", default=not _env_flag("PREFIX_CACHING", True))
     e.add_argument(
+        "--engine-core", default=_env("ENGINE_CORE", "process"), choices=("process", "thread"),
+        help="where the engine loop runs: its own process (default; no GIL shared with the HTTP "
+        "streams) or a thread of the server process (one process: debugging, profiling)",
+    )  # fmt: skip
+    e.add_argument(
         "--gil-switch-ms", type=float, default=_env("GIL_SWITCH_MS", 0.5),
-        help="Python's thread switch interval: how long the engine thread can wait for the GIL "
-        "while the HTTP thread streams (the GPU idles meanwhile; Python's default is 5 ms)",
+        help="Python's thread switch interval: how long a thread waiting for the GIL waits at most "
+        "(with --engine-core thread the GPU idles meanwhile; Python's default is 5 ms)",
     )  # fmt: skip
     h = p.add_argument_group("http")
     h.add_argument("--host", default=_env("HOST", "127.0.0.1"))
@@ -176,7 +181,8 @@ def run_serve(args: argparse.Namespace) -> int:
         sys.setswitchinterval(args.gil_switch_ms / 1e3)
     from models.registry import resolve_model
     from server.app import ServerSettings, create_app
-    from server.engine import AsyncEngine, EngineConfig
+    from server.engine import AsyncEngine, EngineConfig, EngineError
+    from server.engine_process import EngineProcess
     from server.metrics import ServerMetrics
 
     try:
@@ -205,8 +211,11 @@ def run_serve(args: argparse.Namespace) -> int:
         cuda_graphs=not args.no_cuda_graphs,
     )
     try:
-        engine = AsyncEngine(config, metrics=metrics)
-    except (ValueError, FileNotFoundError) as exc:
+        if args.engine_core == "process":
+            engine = EngineProcess(config, switch_ms=args.gil_switch_ms, log_level=args.log_level)
+        else:
+            engine = AsyncEngine(config, metrics=metrics)
+    except (ValueError, FileNotFoundError, EngineError) as exc:
         log.error("cannot start the engine: %s", exc)
         return 2
     engine.start()

@@ -96,6 +96,36 @@ def test_engine_on_cuda_with_graphs_and_overlap(ckpt):
     assert results[True] == results[False]
 
 
+def test_engine_process_on_cuda_equals_in_process(ckpt):
+    """The engine core in its own (spawned) process on the GPU gives the in-process engine's tokens."""
+    import asyncio
+    import random
+
+    from server.engine import EngineConfig, LLMEngine, SamplingParams
+    from server.engine_process import EngineProcess
+
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 60))] for _ in range(8)]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    cfg = EngineConfig(model_dir=str(ckpt), device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=8,
+                       layer_timing_every=3)  # fmt: skip
+    want = [o[0].token_ids for o in LLMEngine(cfg).generate(prompts, greedy)]
+    front = EngineProcess(cfg)
+    front.start()
+
+    async def one(i, p):
+        return [t async for o in front.generate(f"g{i}", p, greedy) for t in o.token_ids]
+
+    async def main():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    try:
+        assert "CUDA graphs" in front.kernel_path
+        assert asyncio.run(main()) == want
+    finally:
+        front.shutdown()
+
+
 def test_pdl_replays_equal_plain_launches(ckpt):
     """Programmatic dependent launch changes when kernels start, never what they compute: graph replays
     with PDL (repeated, to give a missing wait a chance to race) equal the same graphs without it, bit

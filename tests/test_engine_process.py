@@ -1,0 +1,164 @@
+"""The engine core in its own process (server/engine_process.py), on a tiny random model on the CPU:
+same tokens as the in-process engine, aborts free the child's blocks, limits are checked before a
+request is queued, metrics and the fusion switch cross the pipe, a dead child fails its streams."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.engine import (
+    EngineConfig,
+    EngineDeadError,
+    LLMEngine,
+    QueueFullError,
+    RequestTooLongError,
+    SamplingParams,
+)
+from server.engine_process import EngineProcess, EngineStartError
+from server.metrics import ServerMetrics
+from tests.tiny_models import make_tiny_checkpoint
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+PROMPTS = [[5, 6, 7], [9] * 20, list(range(3, 40)), [200, 100]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_proc"), arch="llama")
+
+
+def config(path, **kw) -> EngineConfig:
+    kw.setdefault("num_kv_blocks", 64)
+    kw.setdefault("layer_timing_every", 2)
+    return EngineConfig(model_dir=str(path), **kw)
+
+
+@pytest.fixture(scope="module")
+def proc(tiny_dir):
+    front = EngineProcess(config(tiny_dir, max_queue=8))
+    front.start()
+    yield front
+    front.shutdown()
+
+
+async def collect(front, rid, prompt, params):
+    return [o async for o in front.generate(rid, prompt, params)]
+
+
+def test_same_tokens_as_the_engine_in_process(proc, tiny_dir):
+    want = LLMEngine(config(tiny_dir)).generate(PROMPTS, [GREEDY, GREEDY, SamplingParams(max_tokens=6, n=2, temperature=0.9, seed=3), GREEDY])  # fmt: skip
+
+    async def main():
+        params = [GREEDY, GREEDY, SamplingParams(max_tokens=6, n=2, temperature=0.9, seed=3), GREEDY]
+        return await asyncio.gather(
+            *(collect(proc, f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(PROMPTS, params)))
+        )
+
+    got = asyncio.run(main())
+    for outs, ref in zip(got, want):
+        for choice in ref:
+            mine = [o for o in outs if o.index == choice.index]
+            assert [t for o in mine for t in o.token_ids] == choice.token_ids
+            assert mine[-1].finished and mine[-1].finish_reason == "length"
+            assert mine[-1].completion_tokens == len(choice.token_ids)
+    assert proc.is_alive() and proc.kernel_path.endswith("engine process")
+
+
+def test_leaving_early_aborts_in_the_child(proc):
+    async def main():
+        agen = proc.generate("long", [5, 6], LONG)
+        assert (await agen.__anext__()).token_ids
+        await agen.aclose()
+        assert await proc.wait_idle(10)
+
+    asyncio.run(main())
+    st = proc.stats()
+    assert (st.running, st.waiting, st.free_blocks) == (0, 0, st.num_blocks)
+
+
+def test_limits_are_checked_before_queueing(proc):
+    async def first(params, prompt=(5,)):
+        return await proc.generate("bad", list(prompt), params).__anext__()
+
+    with pytest.raises(RequestTooLongError):
+        asyncio.run(first(SamplingParams(max_tokens=10**6)))
+    with pytest.raises(ValueError, match="token ids"):
+        asyncio.run(first(GREEDY, prompt=(10**7,)))
+    with pytest.raises(ValueError, match="stop strings"):
+        asyncio.run(first(SamplingParams(stop=("x",))))
+
+
+def test_metrics_and_fusion_cross_the_pipe(proc):
+    async def main():
+        await collect(proc, "m", [5, 6, 7], GREEDY)
+        proc.fusion.set_mode("off")
+        assert proc.fusion.mode == "off"
+        await collect(proc, "m2", [5, 6, 7], GREEDY)
+        return await proc.collect_metrics(), await proc.fusion.summary()
+
+    families, summary = asyncio.run(main())
+    assert summary["mode"] == "off" and {"on", "off"} <= summary["steps"].keys()
+    http = ServerMetrics(model_name="tiny", process_metrics=False)
+    http.count_request("/v1/completions", 200)
+    text = http.render(families)[0].decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    steps = {s.labels["fusion"] for s in fams["fusionserve_step_latency_seconds"].samples if s.name.endswith("_count") and s.value > 0}  # fmt: skip
+    assert steps == {"on", "off"}
+    assert any(s.value == 1 for s in fams["fusionserve_requests"].samples)  # the HTTP side's own series
+    assert fams["fusionserve_engine_process_cpu_seconds"].samples[0].value > 0
+    assert {s.labels["mode"]: s.value for s in fams["fusionserve_fusion_mode"].samples}["off"] == 1.0
+    assert len([n for n in fams if n == "fusionserve_fusion_mode"]) == 1
+    proc.fusion.set_mode("on")
+
+
+def test_queue_full_counts_requests_the_child_has_not_seen(tiny_dir):
+    front = EngineProcess(config(tiny_dir, max_queue=0))
+    front.start()
+    try:
+        with pytest.raises(QueueFullError):
+            asyncio.run(front.generate("q", [5], GREEDY).__anext__())
+    finally:
+        front.shutdown()
+
+
+def test_shutdown_aborts_and_a_killed_child_fails_its_streams(tiny_dir):
+    front = EngineProcess(config(tiny_dir))
+    front.start()
+
+    async def main():
+        agen = front.generate("k", [5, 6], LONG)
+        assert (await agen.__anext__()).token_ids
+        os.kill(front._proc.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError):
+            async for _ in agen:
+                pass
+        with pytest.raises(EngineDeadError):
+            await front.generate("after", [5], GREEDY).__anext__()
+
+    asyncio.run(main())
+    assert not front.is_alive()
+    front.shutdown()
+
+    front = EngineProcess(config(tiny_dir))
+    front.start()
+
+    async def drained():
+        agen = front.generate("s", [5, 6], LONG)
+        assert (await agen.__anext__()).token_ids
+        await asyncio.get_running_loop().run_in_executor(None, front.shutdown)
+        return [o async for o in agen]
+
+    rest = asyncio.run(drained())
+    assert rest[-1].finished and rest[-1].finish_reason == "abort"
+    assert front._proc.exitcode == 0 and not front.is_alive()
+
+
+def test_start_up_failure_is_reported(tiny_dir):
+    with pytest.raises(EngineStartError, match="KV cache"):
+        EngineProcess(EngineConfig(model_dir=str(tiny_dir), kv_cache_gb=1e-9))
