@@ -22,6 +22,7 @@
 # Knobs (environment): N=500 IN=512 OUTLEN=128 RATES="inf 8" HF_N=256 (0: skip HF)
 #   MODEL=/tmp/llama8b PRESET=llama-3.1-8b SEQS=256 MBT=8192 PORT=8000 SERVE_EXTRA=""
 #   WHL=.whl_serve CACHE=.serve_cache (a triton_cache.tgz there is unpacked first) SAVE_TRITON=0
+#   CLIENT_PROCS=4 (load-generator processes: one saturates near 16k SSE chunks/s)
 #   RUN_TIMEOUT=200 HF_TIMEOUT=240 HEALTH_TIMEOUT=420
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ OUT=${OUT:-$ROOT/bench/results/serve_gpu_local}
 N=${N:-500} IN=${IN:-512} OUTLEN=${OUTLEN:-128} RATES=${RATES:-"inf 8"} HF_N=${HF_N:-256}
 MODEL=${MODEL:-/tmp/llama8b} PRESET=${PRESET:-llama-3.1-8b} SEQS=${SEQS:-256} MBT=${MBT:-8192}
 PORT=${PORT:-8000} KEY=${KEY:-k} SERVE_EXTRA=${SERVE_EXTRA:-}
-WHL=${WHL:-.whl_serve} CACHE=${CACHE:-.serve_cache} SAVE_TRITON=${SAVE_TRITON:-0}
+WHL=${WHL:-.whl_serve} CACHE=${CACHE:-.serve_cache} SAVE_TRITON=${SAVE_TRITON:-0} CLIENT_PROCS=${CLIENT_PROCS:-4}
 RUN_TIMEOUT=${RUN_TIMEOUT:-200} HF_TIMEOUT=${HF_TIMEOUT:-240} HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-420}
 W=${W:-/tmp/serve_gpu}   # raw files; tarred into $OUT/details.tgz
 URL=http://127.0.0.1:$PORT
@@ -132,7 +133,7 @@ EOF
                     --threads --subprocesses --format raw --output "$W/pyspy_inf_off.txt" >"$W/pyspy.log" 2>&1) &
             fi
             timeout "$RUN_TIMEOUT" python3 bench/serve.py "${common[@]}" -n "$N" --output-len "$OUTLEN" \
-                --rate "$rate" --prompt-seed "$pseed" --warmup-requests 0 --out-dir "$W" --tag "r${rate}_${mode}" \
+                --rate "$rate" --prompt-seed "$pseed" --warmup-requests 0 --client-procs "$CLIENT_PROCS" --out-dir "$W" --tag "r${rate}_${mode}" \
                 2>"$W/serve_r${rate}_${mode}.err" | tail -n 3
             echo "exit ${PIPESTATUS[0]}"
             mark "run end rate=$rate fusion=$mode"
