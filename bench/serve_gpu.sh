@@ -348,11 +348,11 @@ if os.path.isfile(f"{W}/pyspy_inf_off.txt"):
                   "a sample = a thread on CPU): " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in threads.items()), "",
                   "| thread | function (inclusive) | % of samples |", "|---|---|---|"]
         skip = ("(threading.py)", "runpy>)", "(base_events.py)", "(runners.py)", "(cli.py)", "(_contextlib.py)",
-                "(events.py)", "run_serve (serve.py)", "Server.run (server.py)", "._run (engine.py)",
+                "(events.py)", "run_serve (serve.py)", "Server.run (server.py)", "._run (engine.py)", "<module> (<string>)",
                 "_Core.run (engine_process.py)", "core_main (engine_process.py)", "(process.py)", "(spawn.py)")
         shown = 0
         for kind, f, v in prof["inclusive"]:
-            if f.endswith(skip) or 100 * v / total < 2:
+            if f.endswith(skip) or f.startswith(("process ", "thread (", " spawn_main")) or 100 * v / total < 2:
                 continue
             lines.append(f"| {kind} | {f} | {100 * v / total:.0f} |")
             shown += 1

@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
+import queue
 import signal
 import sys
 import threading
@@ -242,7 +243,7 @@ class EngineProcess(StreamFront):
         self._proc.start()
         ops_child.close()
         out_child.close()
-        self._send_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.tokenizer = load_tokenizer(model_dir)  # while the child loads the weights
         info = self._wait_ready(start_timeout_s)
         self.model_name = info.model_name
@@ -258,6 +259,7 @@ class EngineProcess(StreamFront):
         self._call_ids = itertools.count()
         self.fusion = _RemoteFusion(self, config.fusion)
         self._reader = threading.Thread(target=self._read, name="fusionserve-engine-pipe", daemon=True)
+        self._sender = threading.Thread(target=self._write, name="fusionserve-engine-ops", daemon=True)
 
     def _wait_ready(self, timeout_s: float) -> CoreInfo:
         deadline = time.monotonic() + timeout_s
@@ -286,6 +288,7 @@ class EngineProcess(StreamFront):
     def start(self) -> None:
         if not self._reader.is_alive() and not self._stopping:
             self._reader.start()
+            self._sender.start()
 
     def _engine_running(self) -> bool:
         return not self._stopping and self._proc.is_alive()
@@ -313,10 +316,13 @@ class EngineProcess(StreamFront):
         self._draining = True
         if not self._stopping:
             self._stopping = True
-            try:
+            if self._sender.is_alive():
                 self._send(("stop",))
-            except OSError:
-                pass
+            else:  # never started
+                try:
+                    self._ops.send(("stop",))
+                except OSError:
+                    pass
         if self._reader.is_alive() and self._reader is not threading.current_thread():
             self._reader.join(timeout=30)
         self._proc.join(timeout=10)
@@ -333,8 +339,10 @@ class EngineProcess(StreamFront):
     # -- requests --------------------------------------------------------------------
 
     def _send(self, op: tuple) -> None:
-        with self._send_lock:
-            self._ops.send(op)
+        """Queue an op for the child. A pipe write blocks while the child is inside a step and the
+        pipe is full (500 prompts arriving at once are ~1 MB of ops): the sender thread waits
+        then, never the event loop."""
+        self._outbox.put(op)
 
     def _admit(self, prompt_ids: list[int], params: SamplingParams) -> None:
         check_request(prompt_ids, params, self.vocab_size, self.max_model_len, self._has_tokenizer)
@@ -346,10 +354,7 @@ class EngineProcess(StreamFront):
         self._send(("add", request_id, prompt_ids, params, arrival))
 
     def abort(self, request_id: str) -> None:
-        try:
-            self._send(("abort", request_id))
-        except OSError:  # the child is gone: nothing runs to abort
-            pass
+        self._send(("abort", request_id))
 
     # -- calls -----------------------------------------------------------------------
 
@@ -393,7 +398,17 @@ class EngineProcess(StreamFront):
         except RuntimeError:
             pass
 
-    # -- the pipe reader thread ------------------------------------------------------
+    # -- the pipe threads -------------------------------------------------------------
+
+    def _write(self) -> None:
+        while True:
+            op = self._outbox.get()
+            try:
+                self._ops.send(op)
+            except OSError:  # the child is gone; the reader reports it
+                return
+            if op[0] == "stop":
+                return
 
     def _read(self) -> None:
         reason = "the engine process exited"
