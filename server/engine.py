@@ -761,6 +761,19 @@ class StreamFront:
     def _engine_running(self) -> bool:
         raise NotImplementedError
 
+    def _idle(self) -> bool:
+        """No consumer waits and the engine holds no request."""
+        raise NotImplementedError
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no request is in flight (within `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._idle():
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
     def _admit(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise for a request this engine cannot take now (bad input, too long, queue full)."""
         raise NotImplementedError
@@ -876,14 +889,8 @@ class AsyncEngine(StreamFront):
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """True once no request is in flight (within `timeout` seconds)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._has_streams() and not self.engine.has_unfinished() and self._ops.empty():
-                return True
-            await asyncio.sleep(0.02)
-        return False
+    def _idle(self) -> bool:
+        return not self._has_streams() and not self.engine.has_unfinished() and self._ops.empty()
 
     def shutdown(self) -> None:
         """Stop the loop thread; every request still in flight finishes with 'abort'."""

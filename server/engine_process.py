@@ -301,15 +301,9 @@ class EngineProcess(StreamFront):
     def stats(self) -> EngineStats:
         return self._stats
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """True once no request is in flight (within `timeout` seconds)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            st = self._stats
-            if not self._has_streams() and st.running == 0 and st.waiting == 0:
-                return True
-            await asyncio.sleep(0.02)
-        return False
+    def _idle(self) -> bool:
+        st = self._stats  # as of the child's last message (every step, or every 0.5 s when idle)
+        return not self._has_streams() and st.running == 0 and st.waiting == 0
 
     def shutdown(self) -> None:
         """Stop the child; every request still in flight finishes with 'abort'."""
