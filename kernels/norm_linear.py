@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2
+from kernels.reference import stats_are_rows
 from kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
 
 _ROUND_FIX = tl.constexpr(INTERPRET)
@@ -34,6 +35,34 @@ def cast(x, ty: tl.constexpr):
         b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
         x = b.to(tl.float32, bitcast=True)
     return x.to(ty)
+
+
+@triton.jit
+def row_scale(stats_ptr, row, P, stride_s, inv_k, eps, BLOCK_P: tl.constexpr, FROM_ROWS: tl.constexpr):
+    """rsqrt(Σ/K + eps) for one row: Σ of its P partial sums of squares, or (FROM_ROWS) of the squares
+    of its K values of x itself (reference.stats_are_rows)."""
+    ss = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        v = tl.load(stats_ptr + row * stride_s + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)
+        if FROM_ROWS:
+            v = v * v
+        ss += v
+    return tl.math.rsqrt(tl.sum(ss, 0) * inv_k + eps)
+
+
+def stats_operand(row_stats: torch.Tensor | None, k: int) -> tuple[torch.Tensor | None, int, int, bool, int]:
+    """A consumer kernel's view of `row_stats`: (tensor, P, row stride, FROM_ROWS, BLOCK_P). Partials go
+    in as fp32; rows of x as they are (no cast pass)."""
+    if row_stats is None:
+        return None, 1, 0, False, 1
+    if stats_are_rows(row_stats, k):
+        if row_stats.stride(-1) != 1:
+            row_stats = row_stats.contiguous()
+        return row_stats, k, row_stats.stride(0), True, min(256 if INTERPRET else 1024, next_pow2(k))
+    row_stats = row_stats.float().contiguous()
+    p = row_stats.shape[1]
+    return row_stats, p, row_stats.stride(0), False, min(128, next_pow2(p))
 
 
 @triton.jit
@@ -629,6 +658,7 @@ def _silu_mul_kernel(
     inv_k,
     eps,
     HAS_SCALE: tl.constexpr,
+    FROM_ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -638,11 +668,7 @@ def _silu_mul_kernel(
     g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * stride_g + n_half + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        ss = tl.zeros([BLOCK_P], dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            ss += tl.load(stats_ptr + row * stride_s + offs_p, mask=offs_p < P, other=0.0)
-        r = tl.math.rsqrt(tl.sum(ss, 0) * inv_k + eps)
+        r = row_scale(stats_ptr, row, P, stride_s, inv_k, eps, BLOCK_P, FROM_ROWS)
         g = g * r
         u = u * r
     y = silu(g) * u
@@ -660,24 +686,23 @@ def silu_mul(
     out = torch.empty((t, i), device=gate_up.device, dtype=gate_up.dtype)
     if t == 0:
         return out
-    p = row_stats.shape[1] if row_stats is not None else 1
-    if row_stats is not None:
-        row_stats = row_stats.float().contiguous()
+    stats, p, stride_s, from_rows, block_p = stats_operand(row_stats, k)
     block = min(1024 if not INTERPRET else 256, next_pow2(i))
     _silu_mul_kernel[(t, triton.cdiv(i, block))](
         gate_up,
         out,
-        row_stats if row_stats is not None else out,
+        stats if stats is not None else out,
         i,
         p,
         gate_up.stride(0),
         out.stride(0),
-        row_stats.stride(0) if row_stats is not None else 0,
+        stride_s,
         1.0 / k,
         eps,
-        HAS_SCALE=row_stats is not None,
+        HAS_SCALE=stats is not None,
+        FROM_ROWS=from_rows,
         BLOCK=block,
-        BLOCK_P=min(128, next_pow2(p)),
+        BLOCK_P=block_p,
         num_warps=4,
     )
     return out
@@ -700,6 +725,7 @@ def _row_epilogue_kernel(
     inv_k,
     eps,
     HAS_SCALE: tl.constexpr,
+    FROM_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     WANT_STATS: tl.constexpr,
@@ -708,11 +734,7 @@ def _row_epilogue_kernel(
 ):
     row = tl.program_id(0)
     if HAS_SCALE:
-        ss = tl.zeros([BLOCK_P], dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            ss += tl.load(stats_ptr + row * stride_s + offs_p, mask=offs_p < P, other=0.0)
-        r = tl.math.rsqrt(tl.sum(ss, 0) * inv_k + eps)
+        r = row_scale(stats_ptr, row, P, stride_s, inv_k, eps, BLOCK_P, FROM_ROWS)
     acc_sq = tl.zeros([BLOCK], dtype=tl.float32)
     for n0 in range(0, N, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
@@ -751,30 +773,29 @@ def row_epilogue(
         return out, stats
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous()
-    p = row_stats.shape[1] if row_stats is not None else 1
-    if row_stats is not None:
-        row_stats = row_stats.float().contiguous()
+    scale, p, stride_s, from_rows, block_p = stats_operand(row_stats, k)
     _row_epilogue_kernel[(t,)](
         y,
         out,
         bias if bias is not None else y,
         residual if residual is not None else y,
-        row_stats if row_stats is not None else y,
+        scale if scale is not None else y,
         stats if stats is not None else y,
         n,
         p,
         y.stride(0),
         out.stride(0),
         residual.stride(0) if residual is not None else 0,
-        row_stats.stride(0) if row_stats is not None else 0,
+        stride_s,
         1.0 / k,
         eps,
-        HAS_SCALE=row_stats is not None,
+        HAS_SCALE=scale is not None,
+        FROM_ROWS=from_rows,
         HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
         WANT_STATS=want_stats,
         BLOCK=min(1024 if not INTERPRET else 256, next_pow2(n)),
-        BLOCK_P=min(128, next_pow2(p)),
+        BLOCK_P=block_p,
         num_warps=4,
     )
     return out, stats

@@ -22,9 +22,20 @@ def row_sumsq(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(xf, xf).unsqueeze(-1)
 
 
+def stats_are_rows(row_stats: torch.Tensor, k: int) -> bool:
+    """`row_stats` of K columns are the rows of x themselves, not partial sums (a producer emits at most
+    one partial per 16 output columns): the consumer squares and sums them. The Triton backend hands
+    the rows on at medium M, where a separate Σx² pass would cost a launch per norm."""
+    return k > 1 and row_stats.shape[-1] == k
+
+
 def row_rsqrt(row_stats: torch.Tensor, k: int, eps: float) -> torch.Tensor:
-    """The deferred RMSNorm scale 1/rms(x) for each row, from the producer's partials: [T, 1] fp32."""
-    total = row_stats if row_stats.shape[-1] == 1 else row_stats.sum(-1, keepdim=True)
+    """The deferred RMSNorm scale 1/rms(x) for each row, from the producer's partials (or the rows of x,
+    see stats_are_rows): [T, 1] fp32."""
+    if stats_are_rows(row_stats, k):
+        total = row_sumsq(row_stats)
+    else:
+        total = row_stats if row_stats.shape[-1] == 1 else row_stats.sum(-1, keepdim=True)
     return torch.rsqrt(total / k + eps)
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.norm_linear import cast
+from kernels.norm_linear import cast, row_scale, stats_operand
 from kernels.pdl import PdlPolicy, pdl_args, pdl_wait
 from kernels.triton_env import INTERPRET, next_pow2
 
@@ -105,6 +105,7 @@ def _rope_kv_kernel(
     D: tl.constexpr,
     HALF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    FROM_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
@@ -124,11 +125,7 @@ def _rope_kv_kernel(
     pdl_wait(PDL, EARLY)
     r = 1.0
     if HAS_SCALE:
-        ss = tl.zeros([BLOCK_P], dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            ss += tl.load(stats_ptr + t * stride_s + offs_p, mask=offs_p < P, other=0.0)
-        r = tl.math.rsqrt(tl.sum(ss, 0) * inv_k + eps)
+        r = row_scale(stats_ptr, t, P, stride_s, inv_k, eps, BLOCK_P, FROM_ROWS)
     row = qkv_ptr + t * stride_t
     _rotate_store(
         row,
@@ -188,8 +185,9 @@ def rope_kv_write(
 ) -> torch.Tensor:
     """qkv [T, (Hq + 2 Hk) D] → q [T, Hq, D] rotated; k rotated and v into caches [blocks, bs, Hk, D].
 
-    With row_stats ([T, P] Σx² partials of the GEMM input, K = k) each row is first scaled by
-    rsqrt(Σ/k + eps); `bias` ([(Hq + 2 Hk) D]) is added after the scale.
+    With row_stats ([T, P] Σx² partials of the GEMM input, K = k, or the rows of x: see
+    reference.stats_are_rows) each row is first scaled by rsqrt(Σ/k + eps); `bias` ([(Hq + 2 Hk) D])
+    is added after the scale.
     """
     t = qkv.shape[0]
     assert qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim and head_dim % 2 == 0
@@ -203,9 +201,7 @@ def rope_kv_write(
     cos_sin = cos_sin.float()
     if cos_sin.stride(1) != 1:
         cos_sin = cos_sin.contiguous()
-    p = row_stats.shape[1] if row_stats is not None else 1
-    if row_stats is not None:
-        row_stats = row_stats.float().contiguous()
+    stats, p, stride_s, from_rows, block_p = stats_operand(row_stats, k)
     half = head_dim // 2
     block_half = next_pow2(half)
     block_hq = next_pow2(num_heads)
@@ -218,7 +214,7 @@ def rope_kv_write(
         slot_mapping,
         positions,
         cos_sin,
-        row_stats if row_stats is not None else cos_sin,
+        stats if stats is not None else cos_sin,
         bias if bias is not None else qkv,
         num_heads,
         num_kv_heads,
@@ -227,18 +223,19 @@ def rope_kv_write(
         q.stride(0),
         k_cache.stride(1),
         cos_sin.stride(0),
-        row_stats.stride(0) if row_stats is not None else 0,
+        stride_s,
         1.0 / k,
         eps,
         D=head_dim,
         HALF=half,
-        HAS_SCALE=row_stats is not None,
+        HAS_SCALE=stats is not None,
+        FROM_ROWS=from_rows,
         HAS_BIAS=bias is not None,
         BLOCK_HQ=block_hq,
         BLOCK_HK=next_pow2(num_kv_heads),
         BLOCK_HALF=block_half,
         BLOCK_D=next_pow2(head_dim),
-        BLOCK_P=min(128, next_pow2(p)),
+        BLOCK_P=block_p,
         **pdl_args(pdl, t, qkv.device),
         num_warps=warps,
     )

@@ -2,9 +2,13 @@
 
 Decode / small M (M <= small_m_max = 32; measured: our tile loop matches or beats cuBLAS up to 32): Triton GEMMs whose epilogues carry the norm: producers (o_proj,
 down_proj with the residual add) emit Σh² partials per output tile, consumers (qkv, gate_up, LM head)
-scale their rows by rsqrt(Σ/K + eps). Prefill / large M: cuBLAS on raw x (the residual add fused as
-torch.addmm), a per-row Σh² pass, and the deferred scale (and bias, which must follow it) applied by
-the elementwise consumer that runs anyway: RoPE + KV write for q/k/v, silu*mul for gate/up.
+scale their rows by rsqrt(Σ/K + eps). Large M: cuBLAS on raw x (the residual add fused as
+torch.addmm), and the deferred scale (and bias, which must follow it) applied by the elementwise
+consumer that runs anyway: RoPE + KV write for q/k/v, silu*mul for gate/up. Up to
+rows_stats_max_m rows (big decode batches) the producer hands on h itself as the statistic and those
+consumers square and sum its row (reference.stats_are_rows): no Σh² pass of its own, two launches
+fewer per layer than the unfused path's two RMSNorms. Beyond (prefill), silu*mul's column blocks
+would each re-read a row from HBM, so a per-row Σh² pass runs after the GEMM instead.
 
 On CPU tensors this works only under TRITON_INTERPRET=1 (the tests); select_backend picks the torch
 backend for CPU devices.
@@ -22,6 +26,7 @@ from kernels import rmsnorm as _norm
 from kernels import rope_kv as _rope
 from kernels.batch import PagedBatch
 from kernels.pdl import PdlPolicy, pdl_available
+from kernels.reference import stats_are_rows
 
 
 class TritonBackend:
@@ -32,8 +37,11 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, small_m_max: int = 32, pdl: PdlPolicy | bool | None = None):
+    def __init__(
+        self, small_m_max: int = 32, pdl: PdlPolicy | bool | None = None, rows_stats_max_m: int = 512
+    ):
         self.small_m_max = small_m_max
+        self.rows_stats_max_m = rows_stats_max_m
         self.pdl = pdl_available("cuda") if pdl is None else pdl
 
     @property
@@ -49,6 +57,14 @@ class TritonBackend:
 
     def _pdl(self, x: torch.Tensor) -> PdlPolicy | None:
         return self._pdl_policy if self._small(x) else None
+
+    @staticmethod
+    def _partials(row_stats: torch.Tensor | None, k: int) -> torch.Tensor | None:
+        """The small-M GEMM epilogue reads partial sums: rows of x handed on by a larger step (the LM
+        head over a few rows of a medium prefill) are summed first."""
+        if row_stats is not None and stats_are_rows(row_stats, k):
+            return _norm.row_stats(row_stats)
+        return row_stats
 
     def embedding(
         self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool
@@ -68,16 +84,20 @@ class TritonBackend:
         eps: float = 1e-6,
         want_stats: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._small(x):
-            return _nl.linear(x, weight, bias, residual, row_stats, eps, want_stats, pdl=self._pdl_policy)
         k = x.shape[-1]
+        if self._small(x):
+            row_stats = self._partials(row_stats, k)
+            return _nl.linear(x, weight, bias, residual, row_stats, eps, want_stats, pdl=self._pdl_policy)
         if row_stats is None and (bias is None or residual is None):
-            # Raw cuBLAS with its own epilogue; the producer statistic is one row pass over h.
+            # Raw cuBLAS with its own epilogue; the producer statistic is h itself (its consumers
+            # square it) or, past rows_stats_max_m, one row pass over h.
             if residual is not None:  # in place: an out-of-place addmm first copies residual to y
                 y = residual.addmm_(x, weight.t())
             else:
                 y = F.linear(x, weight, bias)
-            return y, (_norm.row_stats(y) if want_stats else None)
+            if not want_stats:
+                return y, None
+            return y, (y if y.shape[0] <= self.rows_stats_max_m else _norm.row_stats(y))
         if row_stats is not None and residual is None and not want_stats and weight.shape[0] > k:
             # A wide consumer with no elementwise pass of its own (the LM head): scaling its M x K
             # input is far cheaper than a pass over the M x N output (r x) W^T = r (x W^T).
@@ -103,6 +123,7 @@ class TritonBackend:
         eps: float,
     ) -> torch.Tensor:
         if self._small(x):
+            row_stats = self._partials(row_stats, x.shape[-1])
             qkv, _ = _nl.linear(x, w_qkv, bias=b_qkv, row_stats=row_stats, eps=eps, pdl=self._pdl_policy)
             scale_stats, bias = None, None
         else:
@@ -134,5 +155,6 @@ class TritonBackend:
         self, x: torch.Tensor, row_stats: torch.Tensor | None, w_gate_up: torch.Tensor, eps: float
     ) -> torch.Tensor:
         if self._small(x):
+            row_stats = self._partials(row_stats, x.shape[-1])
             return _nl.gate_up_silu(x, w_gate_up, row_stats, eps, pdl=self._pdl_policy)
         return _nl.silu_mul(F.linear(x, w_gate_up), row_stats, x.shape[-1], eps)

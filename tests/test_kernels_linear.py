@@ -101,27 +101,48 @@ def test_layernorm_linear(dtype, m):
     check(y, hn @ w.double().t() + b.double(), dtype)
 
 
+def sumsq_of(stats: torch.Tensor, width: int) -> torch.Tensor:
+    """Σy² per row from a producer's statistic: its partials, or the rows of y themselves."""
+    if ref.stats_are_rows(stats, width):
+        return ref.row_sumsq(stats.double()).squeeze(-1)
+    return stats.double().sum(-1)
+
+
+@pytest.mark.parametrize("rows_stats_max_m", [512, 0], ids=["rows", "row_pass"])
 @pytest.mark.parametrize("m", [3, 17])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_large_m_paths(dtype, m):
-    """small_m_max=2 sends M = 3, 17 down the prefill path: cuBLAS + row pass / consumer kernels."""
-    be = TritonBackend(small_m_max=2)
+def test_large_m_paths(dtype, m, rows_stats_max_m):
+    """small_m_max=2 sends M = 3, 17 down the large-M path: cuBLAS + consumer kernels, the producer
+    statistic being h itself (rows_stats_max_m=512, big decode batches) or a row pass (0, prefill)."""
+    be = TritonBackend(small_m_max=2, rows_stats_max_m=rows_stats_max_m)
     for case in CASES.values():
         x, w, bias, residual, stats = _args(m, dtype, case)
         want = ref_linear64(x, w, bias, residual, stats)  # first: the backend may consume `residual`
         y, st = be.linear(x, w, bias, residual, stats, EPS, case.get("want_stats", False))
         check(y, want, dtype)
         if case.get("want_stats"):
-            check(st.sum(-1), ref.row_sumsq(y.double()).squeeze(-1), torch.float32)
+            # h itself only where no epilogue pass runs anyway (a scaled consumer's pass sums squares)
+            assert ref.stats_are_rows(st, N) == (rows_stats_max_m > 0 and stats is None)
+            check(sumsq_of(st, N), ref.row_sumsq(y.double()).squeeze(-1), torch.float32)
     x, w2 = rand(m, K, dtype=dtype), rand(2 * N, K, dtype=dtype, scale=K**-0.5)
-    stats = producer_stats(m)
-    g = ref_linear64(x, w2, row_stats=stats)
-    check(be.mlp_input(x, stats, w2, EPS), torch.nn.functional.silu(g[:, :N]) * g[:, N:], dtype)
-    # A wide consumer (the LM head, N > K) scales its input rows instead of a pass over the output.
     w_wide, b_wide = rand(3 * K, K, dtype=dtype, scale=K**-0.5), rand(3 * K, dtype=dtype)
-    y, st = be.linear(x, w_wide, b_wide, None, stats, EPS)
-    check(y, ref_linear64(x, w_wide, b_wide, row_stats=stats), dtype)
-    assert st is None
+    h = rand(m, K, dtype=dtype)  # a producer's output handed on as its own statistic
+    for stats in (producer_stats(m), h):
+        g = ref_linear64(x, w2, row_stats=stats.double() ** 2 if stats is h else stats)
+        check(be.mlp_input(x, stats, w2, EPS), torch.nn.functional.silu(g[:, :N]) * g[:, N:], dtype)
+        # A wide consumer (the LM head, N > K) scales its input rows instead of a pass over the output.
+        y, st = be.linear(x, w_wide, b_wide, None, stats, EPS)
+        check(
+            y, ref_linear64(x, w_wide, b_wide, row_stats=stats.double() ** 2 if stats is h else stats), dtype
+        )
+        assert st is None
+        # The same statistic reaching a small-M consumer (the LM head over a few rows of the step).
+        y, _ = be.linear(x[:2], w_wide, b_wide, None, stats[:2], EPS)
+        check(
+            y,
+            ref_linear64(x[:2], w_wide, b_wide, row_stats=(stats.double() ** 2 if stats is h else stats)[:2]),
+            dtype,
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -137,6 +158,13 @@ def test_elementwise_consumers(dtype):
     out, st = nl.row_epilogue(y, K, stats, bias, res, EPS, want_stats=True)
     check(out, y.double() * r + bias.double() + res.double(), dtype)
     check(st.sum(-1), (out.double() ** 2).sum(-1), torch.float32)
+    # The rows of the GEMM input as the statistic (reference.stats_are_rows): squared and summed.
+    x = rand(m, K, dtype=dtype)
+    r = torch.rsqrt((x.double() ** 2).sum(-1, keepdim=True) / K + EPS)
+    want = torch.nn.functional.silu(gu.double()[:, :N] * r) * gu.double()[:, N:] * r
+    check(nl.silu_mul(gu, x, K, EPS), want, dtype)
+    out, _ = nl.row_epilogue(y, K, x, bias, None, EPS)
+    check(out, y.double() * r + bias.double(), dtype)
 
 
 def test_config_tables_are_valid():

@@ -16,10 +16,11 @@ EPS = 1e-5
 HIDDEN = 40
 
 
-@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("scaled", [False, True, "rows"])
 @pytest.mark.parametrize("m", M_VALUES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_kv_write(dtype, m, scaled):
+    """`scaled`: partial sums of squares, or ("rows") the GEMM input rows themselves as the statistic."""
     width = (HQ + 2 * HK) * D
     qkv = rand(m, width, dtype=dtype)
     cos_sin = rope_cos_sin(64, D, 500000.0, {"rope_type": "llama3", "factor": 8.0,
@@ -34,9 +35,14 @@ def test_rope_kv_write(dtype, m, scaled):
     stats = bias = None
     raw = qkv.double()
     if scaled:
-        stats = (torch.rand(m, 2, dtype=torch.float64) * HIDDEN).float().to(DEVICE)
         bias = rand(width, dtype=dtype)
-        raw = raw * torch.rsqrt(stats.double().sum(-1, keepdim=True) / HIDDEN + EPS) + bias.double()
+        if scaled == "rows":
+            stats = rand(m, HIDDEN, dtype=dtype)
+            sumsq = (stats.double() ** 2).sum(-1, keepdim=True)
+        else:
+            stats = (torch.rand(m, 2, dtype=torch.float64) * HIDDEN).float().to(DEVICE)
+            sumsq = stats.double().sum(-1, keepdim=True)
+        raw = raw * torch.rsqrt(sumsq / HIDDEN + EPS) + bias.double()
     q = rope_kv_write(qkv, positions, cos_sin, k_cache, v_cache, slots, HQ, HK, D, stats, HIDDEN, EPS, bias)
     q_want, k_new = ref.rope(
         raw[:, : HQ * D].view(m, HQ, D),
