@@ -82,15 +82,13 @@ def core_main(config: EngineConfig, ops: Any, out: Any, switch_ms: float, log_le
         stream=sys.stderr,
     )
     try:
-        from prometheus_client import ProcessCollector
-
         from server.engine import LLMEngine
         from server.metrics import ServerMetrics
 
         metrics = ServerMetrics(
-            model_name=config.served_model_name or "model", fusion_mode=config.fusion, process_metrics=False
-        )
-        ProcessCollector(namespace="fusionserve_engine", registry=metrics.registry)
+            model_name=config.served_model_name or "model", fusion_mode=config.fusion, process_metrics=False,
+            engine_process=True,
+        )  # fmt: skip
         engine = LLMEngine(config, metrics)
     except BaseException as exc:  # noqa: BLE001 - whatever stops the start-up goes to the parent
         out.send(("failed", f"{type(exc).__name__}: {exc}"))

@@ -42,6 +42,8 @@ KV_CACHE_USAGE = PREFIX + "kv_cache_usage_ratio"
 PREEMPTIONS = PREFIX + "preemptions_total"
 ABORTS = PREFIX + "aborts_total"
 FUSION_MODE = PREFIX + "fusion_mode"
+#: prometheus_client's process collector of the engine process (server/engine_process.py)
+ENGINE_PROCESS_CPU = PREFIX + "engine_process_cpu_seconds_total"
 
 #: Every exported base name, as PromQL refers to it (histograms without their
 #: ``_bucket``/``_sum``/``_count`` suffixes, counters with ``_total``).
@@ -60,6 +62,7 @@ METRIC_NAMES: tuple[str, ...] = (
     PREEMPTIONS,
     ABORTS,
     FUSION_MODE,
+    ENGINE_PROCESS_CPU,
 )
 
 LAYER_PARTS = ("attn", "mlp", "block")
@@ -110,13 +113,19 @@ class ServerMetrics:
         model_name: str = "SmolLM2-135M-Instruct",
         fusion_mode: str = "on",
         process_metrics: bool | None = None,
+        engine_process: bool = False,
     ) -> None:
+        """`engine_process`: these are the series of an engine process (server/engine_process.py);
+        its CPU, memory and fds are exported as fusionserve_engine_process_* so one scrape of the
+        server shows both processes (one engine thread near 1 CPU core starves the GPU)."""
         own = registry is None
         self.registry = CollectorRegistry() if own else registry
         self.model_name = model_name
         if process_metrics if process_metrics is not None else own:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
+        if engine_process:
+            ProcessCollector(namespace=PREFIX + "engine", registry=self.registry)  # → ENGINE_PROCESS_CPU
         r = self.registry
 
         self.layer_latency = Histogram(

@@ -27,6 +27,8 @@ EXPECTED = {
     "fusionserve_preemptions_total": ("counter", set()),
     "fusionserve_aborts_total": ("counter", set()),
     "fusionserve_fusion_mode": ("gauge", {"mode"}),
+    # beyond DESIGN.md section 4: the engine process's CPU (server/engine_process.py)
+    "fusionserve_engine_process_cpu_seconds_total": ("counter", set()),
 }
 
 
@@ -83,7 +85,7 @@ def test_metric_names_match_design():
 
 
 def test_every_metric_exported_with_design_types_and_labels():
-    sm = ServerMetrics(CollectorRegistry(), model_name=MODEL)
+    sm = ServerMetrics(CollectorRegistry(), model_name=MODEL, engine_process=True)
     exercise(sm)
     fams = scrape(sm)
     for name, (mtype, labels) in EXPECTED.items():

@@ -487,6 +487,27 @@ def panels() -> list[dict]:
     out.append(
         timeseries(
             lay,
+            "Engine process CPU",
+            targets((f"sum(rate(fusionserve_engine_process_cpu_seconds_total[{RI}]))", "cores")),
+            "short",
+            w=8,
+            desc="CPU cores the engine process uses. Its loop is one thread: near 1.0 the host, not the "
+            "GPU, sets the pace. (No series with --engine-core thread: see process_cpu_seconds_total.)",
+            thresholdsStyle={"mode": "line"},
+        )
+    )
+    out[-1]["fieldConfig"]["defaults"].update(
+        {
+            "min": 0,
+            "thresholds": {
+                "mode": "absolute",
+                "steps": [{"color": "transparent", "value": None}, {"color": "orange", "value": 0.9}],
+            },
+        }
+    )
+    out.append(
+        timeseries(
+            lay,
             "Fusion mode over time",
             targets(("max by (mode) (fusionserve_fusion_mode)", "{{mode}}")),
             "none",
