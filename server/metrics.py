@@ -278,29 +278,34 @@ class ServerMetrics:
 
     def engine_families(self) -> list[Metric]:
         """This registry's series without the HTTP side's: what an engine process hands its server."""
-        http = {REQUESTS.removesuffix("_total")}
-        return [f for f in self.registry.collect() if f.name not in http]
+        return [f for f in self.registry.collect() if f.name not in HTTP_FAMILIES]
 
     def render(self, engine_families: list[Metric] | None = None) -> tuple[bytes, str]:
         """The exposition for ``GET /metrics``: (body, content type).
 
-        ``engine_families``: the series of an engine in another process (server/engine_process.py).
-        A family of the same name there replaces ours: the engine's series are recorded over there,
-        ours stay at zero.
+        ``engine_families``: the series of an engine in another process (server/engine_process.py;
+        [] while it cannot answer). Then this registry contributes only the HTTP side's series and
+        its process metrics: its own engine-side series were never recorded, and zeros in their
+        place would read as counter resets.
         """
-        if not engine_families:
+        if engine_families is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         return generate_latest(_Merged(self.registry, engine_families)), CONTENT_TYPE_LATEST
 
 
+#: Families the HTTP process records itself (prometheus_client names counters without "_total").
+HTTP_FAMILIES = frozenset({REQUESTS.removesuffix("_total")})
+
+
 class _Merged:
-    """A collector view of one registry plus families collected elsewhere, theirs winning."""
+    """A collector view: one registry's HTTP-side and process series plus an engine's families."""
 
     def __init__(self, registry: CollectorRegistry, families: list[Metric]) -> None:
         self.registry = registry
         self.families = families
 
     def collect(self) -> Iterator[Metric]:
-        theirs = {f.name for f in self.families}
-        yield from (f for f in self.registry.collect() if f.name not in theirs)
+        for f in self.registry.collect():
+            if f.name in HTTP_FAMILIES or not f.name.startswith(PREFIX):
+                yield f
         yield from self.families

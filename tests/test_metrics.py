@@ -193,3 +193,29 @@ def test_buckets_cover_design_ranges():
     assert m.ITL_BUCKETS[0] == pytest.approx(1e-3) and m.ITL_BUCKETS[-1] == pytest.approx(10.0)
     for b in (m.LAYER_BUCKETS, m.STEP_BUCKETS, m.REQUEST_BUCKETS, m.ITL_BUCKETS):
         assert list(b) == sorted(set(b))
+
+
+def test_render_merges_an_engine_process_series():
+    """/metrics of a server whose engine runs in another process: the engine's families (from the pipe)
+    plus the HTTP side's own requests_total and process metrics, each family once; while the engine
+    cannot answer, its series are absent rather than zeros that would read as counter resets."""
+    http = ServerMetrics(model_name=MODEL)  # own registry: process metrics of the HTTP process
+    http.count_request("/v1/completions", 200)
+    engine = ServerMetrics(model_name=MODEL, process_metrics=False, engine_process=True)
+    engine.observe_step("decode", "on", 0.01)
+    engine.set_fusion_mode("off")
+    assert all(f.name != "fusionserve_requests" for f in engine.engine_families())
+
+    text = http.render(engine.engine_families())[0].decode()
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names))
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert value(fams, "fusionserve_step_latency_seconds", "_count", phase="decode", fusion="on") == 1
+    assert value(fams, "fusionserve_requests", "_total", endpoint="/v1/completions", status="200") == 1
+    assert value(fams, "fusionserve_fusion_mode", mode="off") == 1
+    assert "process_cpu_seconds" in fams and "fusionserve_engine_process_cpu_seconds" in fams
+
+    fams = {f.name: f for f in text_string_to_metric_families(http.render([])[0].decode())}
+    assert "fusionserve_step_latency_seconds" not in fams and "fusionserve_fusion_mode" not in fams
+    assert value(fams, "fusionserve_requests", "_total", endpoint="/v1/completions", status="200") == 1
+    assert "process_cpu_seconds" in fams
