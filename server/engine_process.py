@@ -97,7 +97,10 @@ def core_main(config: EngineConfig, ops: Any, out: Any, switch_ms: float, log_le
         engine.model_name, engine.max_model_len, engine.kernel_path, engine.vocab_size,
         engine.tokenizer is not None, engine.stats(),
     )  # fmt: skip
-    out.send(("ready", info))
+    try:
+        out.send(("ready", info))
+    except OSError:  # the HTTP process went away while the model loaded
+        return
     _Core(engine, metrics, ops, out).run()
 
 

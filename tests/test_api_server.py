@@ -334,6 +334,9 @@ def test_metrics_scrape_has_both_fusion_paths(http: httpx.Client) -> None:
     assert mode == {"on": 0.0, "off": 0.0, "ab": 1.0}
     for name in ("fusionserve_time_to_first_token_seconds", "fusionserve_inter_token_latency_seconds"):
         assert any(s.name.endswith("_count") and s.value > 0 for s in fams[name].samples)
+    # the engine runs in its own process (the default): its CPU beside the HTTP process's
+    assert fams["fusionserve_engine_process_cpu_seconds"].samples[0].value > 0
+    assert fams["process_cpu_seconds"].samples[0].value > 0
 
 
 def test_admin_fusion_toggle(http: httpx.Client, client: openai.OpenAI) -> None:
@@ -406,6 +409,26 @@ def test_api_key_admin_disabled_and_sigterm_drain(default_model_dir: Path, tmp_p
                 pass  # the in-flight request may already be done and the listener closed
             t.join(60)
         assert result["usage"].completion_tokens == 48, result
+        assert server.proc.wait(60) == 0, server.tail()
+    finally:
+        stop_server(server)
+
+
+def test_engine_core_thread_serves_too(default_model_dir: Path, tmp_path: Path) -> None:
+    """`--engine-core thread` (the engine loop on a thread of the server process): same answers, the
+    engine's series in /metrics without an engine process's, a clean exit on SIGTERM."""
+    server = start_server(default_model_dir, tmp_path / "thread.log", "--engine-core", "thread")
+    try:
+        sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        out = sdk.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0
+        )
+        assert out.usage.completion_tokens == 6
+        text = httpx.get(server.url + "/metrics", timeout=30).text
+        vals = metric_values(text)
+        assert vals[("fusionserve_generation_tokens_total", (("model", MODEL),))] == 6
+        assert "fusionserve_engine_process_cpu_seconds_total" not in text
+        server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(60) == 0, server.tail()
     finally:
         stop_server(server)
