@@ -5,7 +5,10 @@ deferred-norm contract (DESIGN.md section 2): a producer may emit per-row
 *partial* sums of squares of the rows it writes, shaped [T, P] in fp32; a
 consumer given such `row_stats` multiplies its output rows by
 rsqrt(sum(row_stats, -1) / K + eps) before adding bias/residual. The reference
-uses P = 1; Triton producers use one column per output tile.
+uses P = 1; Triton producers use one column per output tile. A producer may also
+hand on the rows it wrote as they are ([T, K], any dtype: `stats_are_rows`),
+leaving the squares to the consumer (the Triton backend's cuBLAS path at
+medium M, where the consumers read each row anyway).
 """
 
 from __future__ import annotations
