@@ -68,7 +68,7 @@ RUN pip install /src
 ENV FUSIONSERVE_HOME=/opt/fusionserve
 WORKDIR /
 RUN mkdir -p /opt/fusionserve \
-    && python -c "from models.registry import default_model_dir; default_model_dir()"
+    && python -c "from fusionserve.models.registry import default_model_dir; default_model_dir()"
 
 # ---------------------------------------------------------------- runtime
 # hadolint ignore=DL3006

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, median, write_results  # noqa: E402
-from models.decoder import Decoder  # noqa: E402
-from models.generate import GenerateOptions, generate_ids  # noqa: E402
-from models.registry import default_model_dir  # noqa: E402
-from models.tokenizer import Tokenizer  # noqa: E402
+from fusionserve.models.decoder import Decoder  # noqa: E402
+from fusionserve.models.generate import GenerateOptions, generate_ids  # noqa: E402
+from fusionserve.models.registry import default_model_dir  # noqa: E402
+from fusionserve.models.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import copy_bandwidth, environment, markdown_table, write_results  # noqa: E402
-from kernels.backend import select_backend  # noqa: E402
-from kernels.batch import PagedBatch  # noqa: E402
-from kernels.pdl import pdl_available  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.decoder import Decoder, KVCache  # noqa: E402
-from models.loader import LayerWeights, ModelWeights  # noqa: E402
-from server.cuda_graphs import DecodeGraphs  # noqa: E402
+from fusionserve.kernels.backend import select_backend  # noqa: E402
+from fusionserve.kernels.batch import PagedBatch  # noqa: E402
+from fusionserve.kernels.pdl import pdl_available  # noqa: E402
+from fusionserve.models.config import ModelConfig  # noqa: E402
+from fusionserve.models.decoder import Decoder, KVCache  # noqa: E402
+from fusionserve.models.loader import LayerWeights, ModelWeights  # noqa: E402
+from fusionserve.server.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 
 LLAMA31_ROPE = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

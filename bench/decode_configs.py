@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
 from bench.decode import best_of_interleaved, config_of, filled_kv_cache, random_weights  # noqa: E402
-from kernels import norm_linear as nl  # noqa: E402
-from kernels.backend import select_backend  # noqa: E402
-from models.decoder import Decoder  # noqa: E402
+from fusionserve.kernels import norm_linear as nl  # noqa: E402
+from fusionserve.kernels.backend import select_backend  # noqa: E402
+from fusionserve.models.decoder import Decoder  # noqa: E402
 
 # (N, K, M bucket, gate_up) -> alternatives (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)
 CANDIDATES = {

@@ -1,6 +1,6 @@
 """Backend variants side by side: per-token decode latency with CUDA graphs.
 
-Each variant sets the TritonBackend's `pdl` (a kernels.pdl.PdlPolicy, or False: no PDL) and
+Each variant sets the TritonBackend's `pdl` (a fusionserve.kernels.pdl.PdlPolicy, or False: no PDL) and
 `small_m_max` (the largest M that runs our Triton GEMMs with the norm in their epilogues; above it,
 cuBLAS + a row pass), captures its own graphs of the same model and KV cache, and all variants are
 timed interleaved in one process (best of `--rounds` medians each), so the ratios are side by side.
@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
 from bench.decode import best_of_interleaved, config_of, filled_kv_cache, random_weights  # noqa: E402
-from kernels.backend import select_backend  # noqa: E402
-from kernels.pdl import PdlPolicy  # noqa: E402
-from kernels.triton_backend import TritonBackend  # noqa: E402
-from models.decoder import Decoder  # noqa: E402
+from fusionserve.kernels.backend import select_backend  # noqa: E402
+from fusionserve.kernels.pdl import PdlPolicy  # noqa: E402
+from fusionserve.kernels.triton_backend import TritonBackend  # noqa: E402
+from fusionserve.models.decoder import Decoder  # noqa: E402
 
 VARIANTS: dict[str, dict] = {  # the backend attributes of each (unset ones keep the product default)
     "no PDL": dict(pdl=False),

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
 from bench.decode import ARCHS, config_of, decode_batch, graph_kernel_events, random_weights, time_fn  # noqa: E402
-from kernels import attention as attn  # noqa: E402
-from kernels import triton_env  # noqa: E402
-from kernels.backend import select_backend  # noqa: E402
-from models.decoder import Decoder  # noqa: E402
-from server.cuda_graphs import DecodeGraphs  # noqa: E402
+from fusionserve.kernels import attention as attn  # noqa: E402
+from fusionserve.kernels import triton_env  # noqa: E402
+from fusionserve.kernels.backend import select_backend  # noqa: E402
+from fusionserve.models.decoder import Decoder  # noqa: E402
+from fusionserve.server.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 
 MAX_MODEL_LEN = 8192
 DEV = "cuda"

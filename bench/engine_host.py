@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, environment, markdown_table  # noqa: E402
-from models.decoder import Decoder  # noqa: E402
-from server.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from fusionserve.models.decoder import Decoder  # noqa: E402
+from fusionserve.server.engine.llm_engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from tests.tiny_models import make_tiny_checkpoint  # noqa: E402
 
 PHASES = ("schedule", "prepare", "execute", "sample", "collect", "emit", "bookkeeping")
@@ -139,8 +139,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tok = None
     if not args.no_tokenizer:
-        from models.registry import default_model_dir
-        from models.tokenizer import Tokenizer
+        from fusionserve.models.registry import default_model_dir
+        from fusionserve.models.tokenizer import Tokenizer
 
         tok = Tokenizer(default_model_dir(progress=False))
     tmp = tempfile.mkdtemp(prefix="engine_host_")

@@ -34,7 +34,7 @@ from bench.common import percentile, random_token_prompts  # noqa: E402
 
 def build_prompts(model_dir: str, n: int, input_len: int, seed: int) -> list[list[int]]:
     """bench/serve.py's prompts (same seed → same ids), without importing its HTTP client."""
-    from models.tokenizer import Tokenizer
+    from fusionserve.models.tokenizer import Tokenizer
 
     tok = Tokenizer(model_dir)
     special = set(tok.special_token_ids) | set(tok.eos_token_ids)

@@ -39,11 +39,11 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.common import copy_bandwidth  # noqa: E402
-from kernels import attention as attn  # noqa: E402
-from kernels import norm_linear as nl  # noqa: E402
-from kernels import rope_kv  # noqa: E402
-from kernels.batch import PagedBatch  # noqa: E402
-from kernels.triton_backend import TritonBackend  # noqa: E402
+from fusionserve.kernels import attention as attn  # noqa: E402
+from fusionserve.kernels import norm_linear as nl  # noqa: E402
+from fusionserve.kernels import rope_kv  # noqa: E402
+from fusionserve.kernels.batch import PagedBatch  # noqa: E402
+from fusionserve.kernels.triton_backend import TritonBackend  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -403,7 +403,7 @@ def bench_decode_attention(cases, timer, device, dtype, peak_gbs, log):
         )  # fmt: skip
         err = float("nan")
         if bsz * ctx <= 65536:
-            from kernels import reference
+            from fusionserve.kernels import reference
 
             want = reference.paged_attention(
                 q.cpu().float(), kc.cpu().float(), vc.cpu().float(), batch, d**-0.5

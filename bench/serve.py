@@ -291,10 +291,10 @@ def markdown(spec: LoadSpec, runs: list[RunSummary], meta: dict[str, Any]) -> st
 
 def load_vocab(model_dir: str | None) -> tuple[int, set[int]]:
     """Vocabulary size and special ids from the model's tokenizer (the default model if none)."""
-    from models.tokenizer import Tokenizer
+    from fusionserve.models.tokenizer import Tokenizer
 
     if model_dir is None:
-        from models.registry import default_model_dir
+        from fusionserve.models.registry import default_model_dir
 
         model_dir = str(default_model_dir())
     tok = Tokenizer(model_dir)

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
 from bench.decode import config_of, decode_batch, filled_kv_cache, random_weights, time_fn  # noqa: E402
-from kernels.backend import select_backend  # noqa: E402
-from kernels.batch import contiguous_batch  # noqa: E402
-from models.decoder import Decoder  # noqa: E402
-from server.cuda_graphs import DecodeGraphs  # noqa: E402
+from fusionserve.kernels.backend import select_backend  # noqa: E402
+from fusionserve.kernels.batch import contiguous_batch  # noqa: E402
+from fusionserve.models.decoder import Decoder  # noqa: E402
+from fusionserve.server.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 
 DEV = "cuda"  # the device the profiled steps run on (a CPU smoke test sets "cpu" under the interpreter)
 CATEGORIES = ("gemm", "attention", "norm", "rope/kv", "silu", "other")

@@ -57,7 +57,7 @@ def simulate(minutes: float = 30.0, interval: float = 15.0, seed: int = 0) -> li
     Fusion mode goes on -> off -> ab; the deferred norm saves ~8% of a decode step
     (DESIGN.md section 2 puts the prize for the 135M model at about 10%).
     """
-    from server.metrics import ServerMetrics
+    from fusionserve.server.api.metrics import ServerMetrics
 
     rng = random.Random(seed)
     sm = ServerMetrics(model_name="SmolLM2-135M-Instruct")

@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.batch import PagedBatch
-from kernels.norm_linear import cast, mma
-from kernels.pdl import PdlPolicy, pdl_args, pdl_wait, prefetch_l2
-from kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
+from fusionserve.kernels.batch import PagedBatch
+from fusionserve.kernels.norm_linear import cast, mma
+from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_wait, prefetch_l2
+from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
 
 LOG2E = 1.4426950408889634
 

@@ -13,8 +13,8 @@ from typing import Protocol
 
 import torch
 
-from kernels import reference
-from kernels.batch import PagedBatch
+from fusionserve.kernels import reference
+from fusionserve.kernels.batch import PagedBatch
 
 
 class Backend(Protocol):
@@ -103,7 +103,7 @@ def select_backend(device: torch.device | str, kind: str = "auto") -> Backend:
         return TorchBackend()
     if kind in ("auto", "triton"):
         try:
-            from kernels.triton_backend import TritonBackend
+            from fusionserve.kernels.triton_backend import TritonBackend
         except ImportError as exc:  # pragma: no cover - depends on the install
             if kind == "triton":
                 raise RuntimeError(f"Triton backend unavailable: {exc}") from exc

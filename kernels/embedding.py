@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import PdlPolicy, pdl_args, pdl_wait
-from kernels.triton_env import INTERPRET
+from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_wait
+from fusionserve.kernels.triton_env import INTERPRET
 
 
 @triton.jit

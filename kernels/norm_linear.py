@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2
-from kernels.reference import stats_are_rows
-from kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
+from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2
+from fusionserve.kernels.reference import stats_are_rows
+from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
 
 _ROUND_FIX = tl.constexpr(INTERPRET)
 

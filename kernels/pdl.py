@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_env import INTERPRET, sm_count
+from fusionserve.kernels.triton_env import INTERPRET, sm_count
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait

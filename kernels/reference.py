@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.batch import PagedBatch
+from fusionserve.kernels.batch import PagedBatch
 
 
 def row_sumsq(x: torch.Tensor) -> torch.Tensor:

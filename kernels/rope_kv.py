@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.norm_linear import cast, row_scale, stats_operand
-from kernels.pdl import PdlPolicy, pdl_args, pdl_wait
-from kernels.triton_env import INTERPRET, next_pow2
+from fusionserve.kernels.norm_linear import cast, row_scale, stats_operand
+from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_wait
+from fusionserve.kernels.triton_env import INTERPRET, next_pow2
 
 
 def rope_cos_sin(

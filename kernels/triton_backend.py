@@ -19,14 +19,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import attention as _attn
-from kernels import embedding as _emb
-from kernels import norm_linear as _nl
-from kernels import rmsnorm as _norm
-from kernels import rope_kv as _rope
-from kernels.batch import PagedBatch
-from kernels.pdl import PdlPolicy, pdl_available
-from kernels.reference import stats_are_rows
+from fusionserve.kernels import attention as _attn
+from fusionserve.kernels import embedding as _emb
+from fusionserve.kernels import norm_linear as _nl
+from fusionserve.kernels import rmsnorm as _norm
+from fusionserve.kernels import rope_kv as _rope
+from fusionserve.kernels.batch import PagedBatch
+from fusionserve.kernels.pdl import PdlPolicy, pdl_available
+from fusionserve.kernels.reference import stats_are_rows
 
 
 class TritonBackend:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from models.errors import CheckpointError
+from fusionserve.models.errors import CheckpointError
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from kernels.backend import Backend, select_backend
-from kernels.batch import PagedBatch
-from models.config import ModelConfig
-from models.loader import ModelWeights, load_weights
+from fusionserve.kernels.backend import Backend, select_backend
+from fusionserve.kernels.batch import PagedBatch
+from fusionserve.models.config import ModelConfig
+from fusionserve.models.loader import ModelWeights, load_weights
 
 # timer(layer, part) → context manager around that part; parts are "attn" and "mlp".
 LayerTimer = Callable[[int, str], AbstractContextManager]

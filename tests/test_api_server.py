@@ -1,4 +1,4 @@
-"""End to end: the official openai SDK against `python -m server.cli serve` (a real uvicorn
+"""End to end: the official openai SDK against `python -m fusionserve.server.api.cli serve` (a real uvicorn
 process) serving the default model on CPU.
 
 Two server processes for the whole module (model loading dominates on 2 CPU cores):
@@ -56,7 +56,7 @@ class Server:
 
 def start_server(model_dir: Path, log: Path, *extra: str) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "fusionserve.server.api.cli", "serve", "--model", str(model_dir), "--port", str(port),
            "--max-model-len", str(MAX_LEN), "--max-body-bytes", str(MAX_BODY), "--log-level", "warning", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:

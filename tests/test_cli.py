@@ -16,7 +16,7 @@ def cli(*args: str, env_home: Path | None = None) -> subprocess.CompletedProcess
     if env_home is not None:
         env["FUSIONSERVE_HOME"] = str(env_home)
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args],
+        [sys.executable, "-m", "fusionserve.server.api.cli", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.batch import contiguous_batch
-from models.decoder import Decoder
+from fusionserve.kernels.batch import contiguous_batch
+from fusionserve.models.decoder import Decoder
 from tests.tiny_models import make_tiny_checkpoint, rel_err
 
 LLAMA3_ROPE = {

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.batch import contiguous_batch
-from models.decoder import Decoder
-from models.generate import GenerateOptions, generate_ids
-from models.tokenizer import Tokenizer
+from fusionserve.kernels.batch import contiguous_batch
+from fusionserve.models.decoder import Decoder
+from fusionserve.models.generate import GenerateOptions, generate_ids
+from fusionserve.models.tokenizer import Tokenizer
 from tests.tiny_models import rel_err
 
 TEXT = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n# Paris 🚀 東京 café"

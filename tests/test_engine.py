@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from models.decoder import Decoder
-from server.engine import (
+from fusionserve.models.decoder import Decoder
+from fusionserve.server.engine.llm_engine import (
     AsyncEngine,
     EngineConfig,
     LLMEngine,
@@ -291,7 +291,7 @@ def test_queue_full(tiny):
 
 
 def test_engine_metrics_are_updated(tiny):
-    from server.metrics import ServerMetrics
+    from fusionserve.server.api.metrics import ServerMetrics
 
     metrics = ServerMetrics(model_name="tiny", process_metrics=False)
     path, dec = tiny
@@ -375,9 +375,9 @@ def test_abort_while_a_step_is_in_flight_frees_every_block(tiny):
 
 def test_prepare_counts_the_leading_decodes(tiny):
     """A mixed step's PagedBatch says how many leading sequences bring one token (the decode kernel's share)."""
-    from server.kv_cache import BlockTable
-    from server.runner import ModelRunner
-    from server.scheduler import Sequence
+    from fusionserve.server.engine.block_manager import BlockTable
+    from fusionserve.server.engine.model_runner import ModelRunner
+    from fusionserve.server.engine.scheduler import Sequence
 
     runner = ModelRunner(tiny[1], num_blocks=16, block_size=16)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.decoder import Decoder
-from models.tokenizer import Tokenizer
-from server.engine import EngineConfig, LLMEngine, SamplingParams
+from fusionserve.models.decoder import Decoder
+from fusionserve.models.tokenizer import Tokenizer
+from fusionserve.server.engine.llm_engine import EngineConfig, LLMEngine, SamplingParams
 
 TEXTS = [
     "The capital of France is",

@@ -11,7 +11,8 @@ import signal
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.engine import (
+from fusionserve.server.api.metrics import ServerMetrics
+from fusionserve.server.engine.llm_engine import (
     EngineConfig,
     EngineDeadError,
     LLMEngine,
@@ -19,8 +20,7 @@ from server.engine import (
     RequestTooLongError,
     SamplingParams,
 )
-from server.engine_process import EngineProcess, EngineStartError
-from server.metrics import ServerMetrics
+from fusionserve.server.engine.process_client import EngineProcess, EngineStartError
 from tests.tiny_models import make_tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.gguf_convert import ConversionError, _unpermute, convert_gguf
+from fusionserve.models.gguf_convert import ConversionError, _unpermute, convert_gguf
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -226,8 +226,8 @@ def test_registry_reads_gguf_from_downloaded_wheel(tmp_path: Path, monkeypatch) 
 
     from safetensors.numpy import load_file
 
-    from models import registry
-    from models.tokenizer import Tokenizer
+    from fusionserve.models import registry
+    from fusionserve.models.tokenizer import Tokenizer
 
     gguf_file = tmp_path / "tiny.gguf"
     expected = _write_tiny_llama_gguf(gguf_file)

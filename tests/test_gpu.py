@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.batch import contiguous_batch
-from models.decoder import Decoder
-from server.cuda_graphs import DecodeGraphs
+from fusionserve.kernels.batch import contiguous_batch
+from fusionserve.models.decoder import Decoder
+from fusionserve.server.engine.cuda_graphs import DecodeGraphs
 from tests.tiny_models import make_tiny_checkpoint, rel_err
 
 pytestmark = pytest.mark.skipif(
@@ -74,7 +74,7 @@ def test_engine_on_cuda_with_graphs_and_overlap(ckpt):
     overlap on == off, CUDA-graph decode steps used, every block freed."""
     import random
 
-    from server.engine import EngineConfig, LLMEngine, SamplingParams
+    from fusionserve.server.engine.llm_engine import EngineConfig, LLMEngine, SamplingParams
 
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 60))] for _ in range(16)]
@@ -101,8 +101,8 @@ def test_engine_process_on_cuda_equals_in_process(ckpt):
     import asyncio
     import random
 
-    from server.engine import EngineConfig, LLMEngine, SamplingParams
-    from server.engine_process import EngineProcess
+    from fusionserve.server.engine.llm_engine import EngineConfig, LLMEngine, SamplingParams
+    from fusionserve.server.engine.process_client import EngineProcess
 
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 60))] for _ in range(8)]
@@ -130,7 +130,7 @@ def test_pdl_replays_equal_plain_launches(ckpt):
     """Programmatic dependent launch changes when kernels start, never what they compute: graph replays
     with PDL (repeated, to give a missing wait a chance to race) equal the same graphs without it, bit
     for bit, for batch sizes on the single-program and the split-K / split-context paths."""
-    from kernels.pdl import pdl_available
+    from fusionserve.kernels.pdl import pdl_available
 
     model = Decoder.from_pretrained(
         ckpt, device="cuda", dtype=torch.bfloat16, progress=False, max_model_len=512

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.attention import decode_attention, paged_attention, prefill_attention
-from kernels.batch import PagedBatch, leading_ones
-from kernels.triton_env import arrival_counters
+from fusionserve.kernels import reference as ref
+from fusionserve.kernels.attention import decode_attention, paged_attention, prefill_attention
+from fusionserve.kernels.batch import PagedBatch, leading_ones
+from fusionserve.kernels.triton_env import arrival_counters
 from tests.test_kernels_common import DEVICE, DTYPES, check, poison_outputs, rand  # noqa: F401
 
 BS = 16

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.backend import TorchBackend
-from kernels.rope_kv import rope_cos_sin
-from kernels.triton_backend import TritonBackend
+from fusionserve.kernels.backend import TorchBackend
+from fusionserve.kernels.rope_kv import rope_cos_sin
+from fusionserve.kernels.triton_backend import TritonBackend
 from tests.test_kernels_attention import random_batch
 from tests.test_kernels_common import DEVICE, DTYPES, check, poison_outputs, rand  # noqa: F401
 
@@ -67,7 +67,7 @@ def steps(seed_lens):
 
 def _next_decode(prev):
     """The step after `prev`: one new token per sequence, same blocks (prefixes fit the tables)."""
-    from kernels.batch import PagedBatch
+    from fusionserve.kernels.batch import PagedBatch
 
     ctx = prev.context_lens + 1
     slots = []

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import norm_linear as nl
-from kernels import reference as ref
-from kernels.triton_backend import TritonBackend
-from kernels.triton_env import arrival_counters
+from fusionserve.kernels import norm_linear as nl
+from fusionserve.kernels import reference as ref
+from fusionserve.kernels.triton_backend import TritonBackend
+from fusionserve.kernels.triton_env import arrival_counters
 from tests.test_kernels_common import DEVICE, DTYPES, M_VALUES, TOL, check, poison_outputs, rand  # noqa: F401
 
 N, K = 37, 45  # odd: no multiple of any block size

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import embedding as emb
-from kernels import reference as ref
-from kernels import rmsnorm as rn
+from fusionserve.kernels import embedding as emb
+from fusionserve.kernels import reference as ref
+from fusionserve.kernels import rmsnorm as rn
 from tests.test_kernels_common import DEVICE, DTYPES, M_VALUES, check, poison_outputs, rand  # noqa: F401
 
 K = 45

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import norm_linear as nl
-from kernels import pdl
-from kernels.triton_backend import TritonBackend
+from fusionserve.kernels import norm_linear as nl
+from fusionserve.kernels import pdl
+from fusionserve.kernels.triton_backend import TritonBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_pdl_variants_compute_what_plain_launches_do(dtype):
     """Every kernel wrapper with a PDL policy (the one-wave early release, the multi-wave late trigger, the
     prefetch budget, the restructured split bounds of decode attention) gives the PDL-off result bit
     for bit. Under the interpreter the griddepcontrol / prefetch instructions themselves compile away."""
-    from kernels import attention, embedding, rmsnorm, rope_kv
+    from fusionserve.kernels import attention, embedding, rmsnorm, rope_kv
     from tests.test_kernels_attention import random_batch
     from tests.test_kernels_common import rand
 

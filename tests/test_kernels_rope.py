@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from kernels import reference as ref
-from kernels.rope_kv import rope_cos_sin, rope_kv_write
+from fusionserve.kernels import reference as ref
+from fusionserve.kernels.rope_kv import rope_cos_sin, rope_kv_write
 from tests.test_kernels_common import DEVICE, DTYPES, M_VALUES, check, poison_outputs, rand  # noqa: F401
 
 HQ, HK, D, BS, NB = 6, 2, 16, 16, 9

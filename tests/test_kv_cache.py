@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.kv_cache import BlockManager, BlockTable, OutOfBlocksError
+from fusionserve.server.engine.block_manager import BlockManager, BlockTable, OutOfBlocksError
 
 
 def test_grow_and_free_return_every_block():

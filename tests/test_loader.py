@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.config import load_config
-from models.decoder import Decoder
-from models.errors import CheckpointError
-from models.loader import load_weights
+from fusionserve.models.config import load_config
+from fusionserve.models.decoder import Decoder
+from fusionserve.models.errors import CheckpointError
+from fusionserve.models.loader import load_weights
 from tests.tiny_models import make_tiny_checkpoint
 
 

@@ -1,4 +1,4 @@
-"""server.metrics: names, types, labels and helpers, read back through a real exposition parse."""
+"""fusionserve.server.api.metrics: names, types, labels and helpers, read back through a real exposition parse."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from server import metrics as m
-from server.metrics import METRIC_NAMES, ServerMetrics
+from fusionserve.server.api import metrics as m
+from fusionserve.server.api.metrics import METRIC_NAMES, ServerMetrics
 
 MODEL = "test-model"
 

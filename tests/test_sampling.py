@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from server.sampling import Sampler, SampleRow, SamplingParams
+from fusionserve.server.engine.sampler import Sampler, SampleRow, SamplingParams
 
 V = 32
 

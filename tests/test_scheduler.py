@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from server.kv_cache import BlockManager
-from server.scheduler import Scheduler, SchedulerConfig, Sequence, Status
+from fusionserve.server.engine.block_manager import BlockManager
+from fusionserve.server.engine.scheduler import Scheduler, SchedulerConfig, Sequence, Status
 
 
 def seq(i: int, prompt_len: int) -> Sequence:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from models.tokenizer import IncrementalDetokenizer, Tokenizer
+from fusionserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 # Code, emoji (incl. ZWJ/flags), CJK, Korean, accents, digits, tabs/newlines and whitespace runs.
 # No whitespace run sits directly before a digit: there transformers' GGUF tokenizer departs from

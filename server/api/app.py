@@ -3,7 +3,7 @@
 ``create_app(engine, settings)`` wires an :class:`AsyncEngine` (server/CONTRACT.md)
 to the OpenAI-compatible HTTP API of DESIGN.md section 5. Request bodies are read
 and validated by hand (size limit, strict UTF-8, no NaN/Infinity, pydantic models
-from server.protocol) so that every bad input maps to a 4xx with the OpenAI error
+from fusionserve.server.api.protocol) so that every bad input maps to a 4xx with the OpenAI error
 envelope and never reaches the engine.
 """
 
@@ -23,10 +23,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.disconnect import ClientDisconnected, SSEResponse, race_disconnect
-from server.metrics import ServerMetrics
-from server.openai_serving import Primed, Serving, sse
-from server.protocol import (
+from fusionserve import __version__
+from fusionserve.server.api.disconnect import ClientDisconnected, SSEResponse, race_disconnect
+from fusionserve.server.api.metrics import ServerMetrics
+from fusionserve.server.api.openai_serving import Primed, Serving, sse
+from fusionserve.server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -68,7 +69,7 @@ class ServerSettings:
     admin_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     retry_after_s: int = 1
-    version: str = "0.1.0"
+    version: str = __version__
 
 
 class DrainState:
@@ -140,7 +141,7 @@ def validation_error(errors: list[dict[str, Any]]) -> ProtocolError:
 def engine_error(exc: BaseException, retry_after_s: int) -> ProtocolError | None:
     """Map the engine's errors (server/CONTRACT.md) to HTTP errors; None if not an engine error.
 
-    Matched by class name so this module need not import server.engine (and torch) at all.
+    Matched by class name so this module need not import fusionserve.server.engine.llm_engine (and torch) at all.
     """
     names = {c.__name__ for c in type(exc).__mro__}
     retry = {"Retry-After": str(retry_after_s)}

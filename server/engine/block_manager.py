@@ -1,6 +1,6 @@
 """Paged KV-cache bookkeeping: which physical blocks each sequence owns.
 
-The tensors live in `models.decoder.KVCache`; this module only hands out block
+The tensors live in `fusionserve.models.decoder.KVCache`; this module only hands out block
 ids. Blocks are reference counted so full prompt blocks can be shared (prefix
 caching across requests, n>1 choices of one request). A full block is
 identified by a hash chain over its tokens and every token before it, so equal

@@ -6,7 +6,7 @@ Kept apart from app.py so the routes stay thin. Two rules shape this module:
   must become HTTP status codes, so every engine generator is *primed* (its first
   output awaited) before a response — streaming or not — is started.
 * A client that goes away must abort its engine requests in every phase, so the
-  caller races each await here against ``http.disconnect`` (see ``server.disconnect``).
+  caller races each await here against ``http.disconnect`` (see ``fusionserve.server.api.disconnect``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from server.protocol import (
+from fusionserve.server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     Limits,
@@ -33,7 +33,7 @@ from server.protocol import (
     sampling_kwargs,
     usage,
 )
-from server.sampling import SamplingParams
+from fusionserve.server.engine.sampler import SamplingParams
 
 SYSTEM_FINGERPRINT = "fusionserve"
 

@@ -36,10 +36,10 @@ def _pick_device(name: str) -> str:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from models.decoder import Decoder
-    from models.generate import GenerateOptions, generate_ids
-    from models.registry import resolve_model
-    from models.tokenizer import IncrementalDetokenizer, Tokenizer
+    from fusionserve.models.decoder import Decoder
+    from fusionserve.models.generate import GenerateOptions, generate_ids
+    from fusionserve.models.registry import resolve_model
+    from fusionserve.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
     if args.max_tokens < 1:
         print("error: --max-tokens must be at least 1", file=sys.stderr)
@@ -81,7 +81,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from models.gguf_convert import ConversionError, convert_gguf
+    from fusionserve.models.gguf_convert import ConversionError, convert_gguf
 
     try:
         out = convert_gguf(Path(args.gguf), Path(args.out_dir))
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible LLM inference server with fused deferred-norm kernels.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    from server.serve import add_serve_args
+    from fusionserve.server.api.serve import add_serve_args
 
     add_serve_args(sub.add_parser("serve", help="serve a model over the OpenAI-compatible HTTP API"))
     _add_generate_args(sub.add_parser("generate", help="generate text once, from the command line"))
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from server.serve import run_serve
+        from fusionserve.server.api.serve import run_serve
 
         return run_serve(args)
     if args.command == "generate":

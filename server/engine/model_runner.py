@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kernels.batch import PagedBatch, leading_ones
-from models.decoder import Decoder, KVCache
+from fusionserve.kernels.batch import PagedBatch, leading_ones
+from fusionserve.models.decoder import Decoder, KVCache
 
 if TYPE_CHECKING:
-    from server.cuda_graphs import DecodeGraphs
-    from server.scheduler import Sequence
+    from fusionserve.server.engine.cuda_graphs import DecodeGraphs
+    from fusionserve.server.engine.scheduler import Sequence
 
 
 @dataclass
@@ -262,7 +262,7 @@ class ModelRunner:
         """Capture decode steps (both fusion paths) for these padded batch sizes; CUDA only."""
         if self.device.type != "cuda":
             return
-        from server.cuda_graphs import DecodeGraphs
+        from fusionserve.server.engine.cuda_graphs import DecodeGraphs
 
         self.graphs = DecodeGraphs(self.decoder, self.kv, max(batch_sizes), tuple(batch_sizes))
         self.graphs.capture()

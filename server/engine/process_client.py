@@ -30,7 +30,8 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from server.engine import (
+from fusionserve.server.engine.fusion import FusionControl
+from fusionserve.server.engine.llm_engine import (
     EngineConfig,
     EngineDeadError,
     EngineError,
@@ -41,7 +42,6 @@ from server.engine import (
     check_request,
     load_tokenizer,
 )
-from server.fusion import FusionControl
 
 log = logging.getLogger("fusionserve.engine")
 
@@ -82,8 +82,8 @@ def core_main(config: EngineConfig, ops: Any, out: Any, switch_ms: float, log_le
         stream=sys.stderr,
     )
     try:
-        from server.engine import LLMEngine
-        from server.metrics import ServerMetrics
+        from fusionserve.server.api.metrics import ServerMetrics
+        from fusionserve.server.engine.llm_engine import LLMEngine
 
         metrics = ServerMetrics(
             model_name=config.served_model_name or "model", fusion_mode=config.fusion, process_metrics=False,
@@ -227,7 +227,7 @@ class EngineProcess(StreamFront):
         start_timeout_s: float = 3600.0,
     ) -> None:
         super().__init__(config)
-        from models.registry import resolve_model
+        from fusionserve.models.registry import resolve_model
 
         model_dir = resolve_model(config.model_dir)  # converts the default GGUF once, here
         config = dataclasses.replace(

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.kv_cache import BlockManager, BlockTable
+from fusionserve.server.engine.block_manager import BlockManager, BlockTable
 
 
 class Status(enum.Enum):

@@ -158,12 +158,9 @@ class GracefulServer(uvicorn.Server):
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
+    from fusionserve import __version__
 
-        return version("fusionserve")
-    except Exception:
-        return "0.1.0"
+    return __version__
 
 
 def _setup_logging(level: str) -> None:
@@ -179,11 +176,11 @@ def run_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     if args.gil_switch_ms > 0:
         sys.setswitchinterval(args.gil_switch_ms / 1e3)
-    from models.registry import resolve_model
-    from server.app import ServerSettings, create_app
-    from server.engine import AsyncEngine, EngineConfig, EngineError
-    from server.engine_process import EngineProcess
-    from server.metrics import ServerMetrics
+    from fusionserve.models.registry import resolve_model
+    from fusionserve.server.api.app import ServerSettings, create_app
+    from fusionserve.server.api.metrics import ServerMetrics
+    from fusionserve.server.engine.llm_engine import AsyncEngine, EngineConfig, EngineError
+    from fusionserve.server.engine.process_client import EngineProcess
 
     try:
         model_dir = resolve_model(args.model)

@@ -23,15 +23,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from models.decoder import Decoder, KVCache
-from server.fusion import FusionControl, path_label
-from server.kv_cache import BlockManager
-from server.runner import ModelRunner
-from server.sampling import SampleHandle, Sampler, SamplingParams, TokenLogprob, prompt_logprobs
-from server.scheduler import Scheduler, SchedulerConfig, Sequence, Status
+from fusionserve.models.decoder import Decoder, KVCache
+from fusionserve.server.engine.block_manager import BlockManager
+from fusionserve.server.engine.fusion import FusionControl, path_label
+from fusionserve.server.engine.model_runner import ModelRunner
+from fusionserve.server.engine.sampler import (
+    SampleHandle,
+    Sampler,
+    SamplingParams,
+    TokenLogprob,
+    prompt_logprobs,
+)
+from fusionserve.server.engine.scheduler import Scheduler, SchedulerConfig, Sequence, Status
 
 if TYPE_CHECKING:  # the engine runs without prometheus_client when no metrics are passed
-    from server.metrics import ServerMetrics
+    from fusionserve.server.api.metrics import ServerMetrics
 
 __all__ = [
     "AsyncEngine",
@@ -51,7 +57,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model_dir: str | None = None  # None → models.registry.default_model_dir()
+    model_dir: str | None = None  # None → fusionserve.models.registry.default_model_dir()
     served_model_name: str | None = None  # default: folder name
     device: str = "auto"  # auto → cuda if available else cpu
     dtype: str = "auto"  # auto → bf16 on cuda, fp32 on cpu
@@ -169,7 +175,7 @@ class _Choice:
     request: _Request
     index: int
     generator: torch.Generator | None
-    detok: object | None  # models.tokenizer.IncrementalDetokenizer
+    detok: object | None  # fusionserve.models.tokenizer.IncrementalDetokenizer
     stops: StopMatcher | None
     new_ids: list[int] = field(default_factory=list)
     new_lps: list[TokenLogprob] = field(default_factory=list)
@@ -264,7 +270,7 @@ def check_request(
 def load_tokenizer(model_dir: Path | None):
     if model_dir is None or not (Path(model_dir) / "tokenizer.json").is_file():
         return None
-    from models.tokenizer import Tokenizer
+    from fusionserve.models.tokenizer import Tokenizer
 
     return Tokenizer(model_dir)
 
@@ -283,7 +289,7 @@ class LLMEngine:
         self.metrics = metrics
         model_dir: Path | None = None
         if decoder is None:
-            from models.registry import resolve_model
+            from fusionserve.models.registry import resolve_model
 
             model_dir = resolve_model(config.model_dir)
             device = _resolve_device(config.device)
@@ -357,7 +363,7 @@ class LLMEngine:
             generator = self.sampler.make_generator((p.seed * 1_000_003 + index) % (1 << 63))
         detok = None
         if self.tokenizer is not None:
-            from models.tokenizer import IncrementalDetokenizer
+            from fusionserve.models.tokenizer import IncrementalDetokenizer
 
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, p.skip_special_tokens)
         seq = Sequence(

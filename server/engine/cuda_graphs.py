@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.batch import PagedBatch
-from models.decoder import Decoder, KVCache
+from fusionserve.kernels.batch import PagedBatch
+from fusionserve.models.decoder import Decoder, KVCache
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
