@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, environment, markdown_table  # noqa: E402
 from fusionserve.models.decoder import Decoder  # noqa: E402
-from fusionserve.server.engine.llm_engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from fusionserve.server.engine import EngineConfig, SamplingParams
+from fusionserve.server.engine.llm_engine import LLMEngine  # noqa: E402
 from tests.tiny_models import make_tiny_checkpoint  # noqa: E402
 
 PHASES = ("schedule", "prepare", "execute", "sample", "collect", "emit", "bookkeeping")
@@ -97,7 +98,7 @@ def run(eng: LLMEngine, prompts, plist) -> dict:
 
     def schedule_spy():
         plan = sched()
-        if plan.items:  # a call that launches a prefill step too (the first, with overlap) is no decode step
+        if plan.seq_ids:  # a call that launches a prefill step too (the first, with overlap) is no decode step
             decode_flag["v"] = decode_flag["v"] and plan.is_decode
         return plan
 

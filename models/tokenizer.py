@@ -260,3 +260,10 @@ class IncrementalDetokenizer:
         if self._read >= len(self._ids):
             return ""
         return self._emit(final=True)
+
+
+def load_tokenizer(model_dir: Path | str | None) -> Tokenizer | None:
+    """The model folder's tokenizer.json, or None (a model served by token ids only)."""
+    if model_dir is None or not (Path(model_dir) / "tokenizer.json").is_file():
+        return None
+    return Tokenizer(model_dir)

@@ -1,4 +1,4 @@
-"""A tiny stand-in for fusionserve.server.engine.llm_engine.AsyncEngine (server/CONTRACT.md) for fast HTTP tests.
+"""A tiny stand-in for an EngineClient (docs/DESIGN.md, "Engine client") for fast HTTP tests.
 
 Byte-level tokenizer, deterministic "model" (cycles through a fixed text), a real
 asyncio pacing per token, and bookkeeping of running/aborted requests so tests can
@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fusionserve.server.engine.sampler import SamplingParams
+from fusionserve.server.engine import EngineDeadError, QueueFullError, SamplingParams
 
 OFFSET = 3  # ids 0..2 are special: 0 pad, 1 bos, 2 eos
 EOS = 2
@@ -62,14 +62,6 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
-
-
-class QueueFullError(Exception):
-    pass
-
-
-class EngineDeadError(Exception):
-    pass
 
 
 class FakeFusion:

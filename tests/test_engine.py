@@ -9,15 +9,11 @@ import pytest
 import torch
 
 from fusionserve.models.decoder import Decoder
-from fusionserve.server.engine.llm_engine import (
-    AsyncEngine,
-    EngineConfig,
-    LLMEngine,
-    QueueFullError,
-    RequestTooLongError,
-    SamplingParams,
-    StopMatcher,
-)
+from fusionserve.server.engine import EngineConfig, QueueFullError, RequestTooLongError, SamplingParams
+from fusionserve.server.engine.fusion import FusionTimings
+from fusionserve.server.engine.llm_engine import LLMEngine
+from fusionserve.server.engine.output_processor import StopMatcher
+from fusionserve.server.engine.thread_client import ThreadEngineClient
 from tests.tiny_models import make_tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -146,7 +142,7 @@ def test_n3_shares_prompt_blocks(tiny):
     single = eng.generate([prompt], GREEDY)[0][0].token_ids
     eng.add_request("n3", prompt, SamplingParams(**{**GREEDY.__dict__, "n": 3}))
     outs = eng.step()  # prefill + fork + first token for all three
-    req_seqs = eng.requests["n3"].seqs
+    req_seqs = [ch.seq for ch in eng.requests["n3"].choices]
     assert sorted(o.index for o in outs) == [0, 1, 2]
     first_block = req_seqs[0].table.blocks[0]
     assert all(s.table.blocks[:2] == req_seqs[0].table.blocks[:2] for s in req_seqs)
@@ -196,7 +192,9 @@ def test_fusion_switch_mid_generation_tiny(tiny):
     reference = ids(engine(tiny, fusion="on").generate(ps, GREEDY))
     eng = engine(tiny, fusion="ab", layer_timing_every=2)
     assert ids(eng.generate(ps, GREEDY)) == reference
-    summary = eng.fusion.summary()
+    timings = FusionTimings()
+    timings.record(eng.take_step_stats())  # what the core sends the client with each step
+    summary = timings.summary(eng.fusion.mode)
     assert set(summary["steps"]) == {"on", "off"}
     assert set(summary["layers"]) == {"on", "off"}  # an even timing interval still samples both paths
     eng.fusion.set_mode("off")
@@ -236,7 +234,7 @@ def test_stop_matcher_holds_partial_stop_strings():
 
 def test_async_engine_close_early_aborts_and_frees(tiny):
     eng = engine(tiny, max_queue=2)
-    front = AsyncEngine(eng.config, engine=eng)
+    front = ThreadEngineClient(eng.config, engine=eng)
     front.start()
 
     async def main():
@@ -283,7 +281,7 @@ def test_async_engine_close_early_aborts_and_frees(tiny):
 
 def test_queue_full(tiny):
     eng = engine(tiny, max_queue=0)
-    front = AsyncEngine(eng.config, engine=eng)
+    front = ThreadEngineClient(eng.config, engine=eng)
     front.start()
     with pytest.raises(QueueFullError):
         asyncio.run(front.generate("q", [5], GREEDY).__anext__())
@@ -296,14 +294,13 @@ def test_engine_metrics_are_updated(tiny):
     metrics = ServerMetrics(model_name="tiny", process_metrics=False)
     path, dec = tiny
     eng = LLMEngine(
-        EngineConfig(model_dir=str(path), num_kv_blocks=64, layer_timing_every=1),
-        metrics=metrics,
-        decoder=dec,
+        EngineConfig(model_dir=str(path), num_kv_blocks=64, layer_timing_every=1), decoder=dec
     )
     eng.generate(prompts(2), GREEDY)
     eng.add_request("ab", [5, 6], GREEDY)
     eng.step()
     eng.abort_request("ab")
+    metrics.record_step_stats(eng.take_step_stats())  # the engine records none itself
     body = metrics.render()[0].decode()
     for needle in (
         'fusionserve_step_latency_seconds_count{fusion="on",phase="prefill"}',
@@ -375,22 +372,28 @@ def test_abort_while_a_step_is_in_flight_frees_every_block(tiny):
 
 def test_prepare_counts_the_leading_decodes(tiny):
     """A mixed step's PagedBatch says how many leading sequences bring one token (the decode kernel's share)."""
-    from fusionserve.server.engine.block_manager import BlockTable
     from fusionserve.server.engine.model_runner import ModelRunner
-    from fusionserve.server.engine.scheduler import Sequence
+    from fusionserve.server.engine.scheduler import SchedulerOutput
 
     runner = ModelRunner(tiny[1], num_blocks=16, block_size=16)
 
-    def seq(i, n_tokens, computed, blocks):
-        return Sequence(i, list(range(3, 3 + n_tokens)), num_prompt=n_tokens - 1 if computed else n_tokens,
-                        num_computed=computed, table=BlockTable(blocks=blocks))  # fmt: skip
+    def prepare(rows):
+        """rows: (tokens, num_computed, new tokens, blocks) per sequence, as a scheduler plans them."""
+        plan = SchedulerOutput(
+            seq_ids=list(range(len(rows))), num_new_tokens=[n for _, _, n, _ in rows],
+            num_computed=[c for _, c, _, _ in rows], seq_lens=[t for t, _, _, _ in rows],
+            block_tables=[b for _, _, _, b in rows], preempted_ids=[],
+        )
+        tokens = [list(range(3, 3 + t)) for t, _, _, _ in rows]
+        return runner.prepare(plan, tokens, [t - 1 if c else t for t, c, _, _ in rows], [False] * len(rows))
 
-    decodes = [(seq(0, 20, 19, [0, 1]), 1), (seq(1, 5, 4, [2]), 1)]
-    chunk = [(seq(2, 30, 0, [3, 4]), 30)]
-    mixed = runner.prepare(decodes + chunk, [False] * 3)
+    decodes = [(20, 19, 1, [0, 1]), (5, 4, 1, [2])]
+    chunk = [(30, 0, 30, [3, 4])]
+    mixed = prepare(decodes + chunk)
     assert mixed.batch.num_decodes == 2 and mixed.batch.max_query_len == 30
-    assert runner.prepare(chunk + decodes, [False] * 3).batch.num_decodes == 0
-    assert runner.prepare(decodes, [False] * 2).batch.num_decodes == 2
+    assert mixed.sample_index == [0, 1, 2] and mixed.ids.tolist()[:2] == [3 + 19, 3 + 4]
+    assert prepare(chunk + decodes).batch.num_decodes == 0
+    assert prepare(decodes).batch.num_decodes == 2
     runner._warm_step(3, 40, 8, fused=True)  # the start-up warm-up steps (mixed and decode) run anywhere
     runner._warm_step(1, 1, 20, fused=False)
     runner._warm_step(4, 30, 0, fused=True)

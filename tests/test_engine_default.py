@@ -7,7 +7,9 @@ import torch
 
 from fusionserve.models.decoder import Decoder
 from fusionserve.models.tokenizer import Tokenizer
-from fusionserve.server.engine.llm_engine import EngineConfig, LLMEngine, SamplingParams
+from fusionserve.server.engine import EngineConfig, SamplingParams
+from fusionserve.server.engine.fusion import FusionTimings
+from fusionserve.server.engine.llm_engine import LLMEngine
 
 TEXTS = [
     "The capital of France is",
@@ -77,8 +79,9 @@ def test_fusion_switch_mid_generation_keeps_greedy_text(default):
         if eng.num_steps % 2 == 0 and modes:
             eng.fusion.set_mode(modes.pop(0))
     assert [got[str(i)] for i in range(len(ps))] == reference
-    summary = eng.fusion.summary()
-    assert {"on", "off"} <= set(summary["steps"])
+    timings = FusionTimings()
+    timings.record(eng.take_step_stats())
+    assert {"on", "off"} <= set(timings.summary(eng.fusion.mode)["steps"])
 
 
 def test_stop_strings_across_token_boundaries(default):

@@ -1,4 +1,4 @@
-"""The engine core in its own process (server/engine_process.py), on a tiny random model on the CPU:
+"""The engine core in its own process (server/engine/process_client.py), on a tiny random model on the CPU:
 same tokens as the in-process engine, aborts free the child's blocks, limits are checked before a
 request is queued, metrics and the fusion switch cross the pipe, a dead child fails its streams."""
 
@@ -12,15 +12,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fusionserve.server.api.metrics import ServerMetrics
-from fusionserve.server.engine.llm_engine import (
+from fusionserve.server.engine import (
     EngineConfig,
     EngineDeadError,
-    LLMEngine,
+    EngineStartError,
     QueueFullError,
     RequestTooLongError,
     SamplingParams,
 )
-from fusionserve.server.engine.process_client import EngineProcess, EngineStartError
+from fusionserve.server.engine.llm_engine import LLMEngine
+from fusionserve.server.engine.process_client import ProcessEngineClient
 from tests.tiny_models import make_tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -41,7 +42,7 @@ def config(path, **kw) -> EngineConfig:
 
 @pytest.fixture(scope="module")
 def proc(tiny_dir):
-    front = EngineProcess(config(tiny_dir, max_queue=8))
+    front = ProcessEngineClient(config(tiny_dir, max_queue=8))
     front.start()
     yield front
     front.shutdown()
@@ -95,18 +96,26 @@ def test_limits_are_checked_before_queueing(proc):
 
 
 def test_metrics_and_fusion_cross_the_pipe(proc):
+    """The child records no metrics: its StepStats records reach the HTTP process's registry."""
+    http = ServerMetrics(model_name="tiny", process_metrics=False, engine_cpu_seconds=lambda: proc.cpu_seconds)
+    proc.listeners.append(http.record)
+
     async def main():
         await collect(proc, "m", [5, 6, 7], GREEDY)
         proc.fusion.set_mode("off")
         assert proc.fusion.mode == "off"
         await collect(proc, "m2", [5, 6, 7], GREEDY)
-        return await proc.collect_metrics(), await proc.fusion.summary()
+        assert await proc.wait_idle(10)
+        return proc.fusion.summary()
 
-    families, summary = asyncio.run(main())
+    try:
+        summary = asyncio.run(main())
+    finally:
+        proc.listeners.remove(http.record)
     assert summary["mode"] == "off" and {"on", "off"} <= summary["steps"].keys()
-    http = ServerMetrics(model_name="tiny", process_metrics=False)
+    http.set_fusion_mode("off")
     http.count_request("/v1/completions", 200)
-    text = http.render(families)[0].decode()
+    text = http.render()[0].decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     steps = {s.labels["fusion"] for s in fams["fusionserve_step_latency_seconds"].samples if s.name.endswith("_count") and s.value > 0}  # fmt: skip
     assert steps == {"on", "off"}
@@ -118,7 +127,7 @@ def test_metrics_and_fusion_cross_the_pipe(proc):
 
 
 def test_queue_full_counts_requests_the_child_has_not_seen(tiny_dir):
-    front = EngineProcess(config(tiny_dir, max_queue=0))
+    front = ProcessEngineClient(config(tiny_dir, max_queue=0))
     front.start()
     try:
         with pytest.raises(QueueFullError):
@@ -128,7 +137,7 @@ def test_queue_full_counts_requests_the_child_has_not_seen(tiny_dir):
 
 
 def test_shutdown_aborts_and_a_killed_child_fails_its_streams(tiny_dir):
-    front = EngineProcess(config(tiny_dir))
+    front = ProcessEngineClient(config(tiny_dir))
     front.start()
 
     async def main():
@@ -145,7 +154,7 @@ def test_shutdown_aborts_and_a_killed_child_fails_its_streams(tiny_dir):
     assert not front.is_alive()
     front.shutdown()
 
-    front = EngineProcess(config(tiny_dir))
+    front = ProcessEngineClient(config(tiny_dir))
     front.start()
 
     async def drained():
@@ -161,4 +170,4 @@ def test_shutdown_aborts_and_a_killed_child_fails_its_streams(tiny_dir):
 
 def test_start_up_failure_is_reported(tiny_dir):
     with pytest.raises(EngineStartError, match="KV cache"):
-        EngineProcess(EngineConfig(model_dir=str(tiny_dir), kv_cache_gb=1e-9))
+        ProcessEngineClient(EngineConfig(model_dir=str(tiny_dir), kv_cache_gb=1e-9))

@@ -74,7 +74,8 @@ def test_engine_on_cuda_with_graphs_and_overlap(ckpt):
     overlap on == off, CUDA-graph decode steps used, every block freed."""
     import random
 
-    from fusionserve.server.engine.llm_engine import EngineConfig, LLMEngine, SamplingParams
+    from fusionserve.server.engine import EngineConfig, SamplingParams
+    from fusionserve.server.engine.llm_engine import LLMEngine
 
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 60))] for _ in range(16)]
@@ -101,8 +102,9 @@ def test_engine_process_on_cuda_equals_in_process(ckpt):
     import asyncio
     import random
 
-    from fusionserve.server.engine.llm_engine import EngineConfig, LLMEngine, SamplingParams
-    from fusionserve.server.engine.process_client import EngineProcess
+    from fusionserve.server.engine import EngineConfig, SamplingParams
+    from fusionserve.server.engine.llm_engine import LLMEngine
+    from fusionserve.server.engine.process_client import ProcessEngineClient
 
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 60))] for _ in range(8)]
@@ -110,7 +112,7 @@ def test_engine_process_on_cuda_equals_in_process(ckpt):
     cfg = EngineConfig(model_dir=str(ckpt), device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=8,
                        layer_timing_every=3)  # fmt: skip
     want = [o[0].token_ids for o in LLMEngine(cfg).generate(prompts, greedy)]
-    front = EngineProcess(cfg)
+    front = ProcessEngineClient(cfg)
     front.start()
 
     async def one(i, p):

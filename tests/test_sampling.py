@@ -3,26 +3,46 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from fusionserve.server.engine.sampler import Sampler, SampleRow, SamplingParams
+from fusionserve.server.engine.params import SamplingParams
+from fusionserve.server.engine.sampler import Sampler
 
 V = 32
+
+
+@dataclass
+class Row:
+    """What the engine hands the sampler for one row."""
+
+    params: SamplingParams
+    tokens: list[int]  # prompt + generated so far (penalties)
+    num_prompt: int
+    generator: torch.Generator | None  # None → the sampler's shared generator
+
+
+def sample(sampler: Sampler, logits: torch.Tensor, rows: list[Row]):
+    """The engine's call: launch on the device, then the one wait for ids (and logprobs)."""
+    handle = sampler.launch(
+        logits, [r.params for r in rows], [r.generator for r in rows], lambda i: (rows[i].tokens, rows[i].num_prompt)
+    )
+    return handle.token_ids(), handle.logprobs()
 
 
 def logits_rows(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def row(params: SamplingParams, tokens=(5, 6), num_prompt=1, gen=None) -> SampleRow:
-    return SampleRow(params, list(tokens), num_prompt, gen)
+def row(params: SamplingParams, tokens=(5, 6), num_prompt=1, gen=None) -> Row:
+    return Row(params, list(tokens), num_prompt, gen)
 
 
 def test_greedy_and_top_k_one_are_argmax():
     z = logits_rows(3)
-    ids, lps = Sampler(seed=0).sample(
+    ids, lps = sample(Sampler(seed=0),
         z.clone(),
         [
             row(SamplingParams(temperature=0)),
@@ -46,7 +66,7 @@ def test_top_k_top_p_min_p_restrict_support():
     for params, allowed in cases.items():
         seen = set()
         for _ in range(200):
-            ids, _ = s.sample(z.clone(), [row(params)])
+            ids, _ = sample(s, z.clone(), [row(params)])
             seen.add(ids[0])
         assert seen == allowed, params
 
@@ -57,7 +77,7 @@ def test_gumbel_max_matches_softmax_distribution():
     params = SamplingParams(temperature=0.7)
     draws = 4000
     batch = z.repeat(draws, 1)
-    ids, _ = s.sample(batch, [row(params)] * draws)
+    ids, _ = sample(s, batch, [row(params)] * draws)
     freq = torch.bincount(torch.tensor(ids), minlength=V)[:4].float() / draws
     expected = torch.softmax(z[0] / 0.7, -1)[:4]
     assert torch.allclose(freq, expected, atol=0.03)
@@ -73,7 +93,7 @@ def test_seeded_row_ignores_batch_composition():
         out = []
         for step in range(20):
             zs, rows, at = make_batch(step, g)
-            out.append(s.sample(zs, rows)[0][at])
+            out.append(sample(s, zs, rows)[0][at])
         return out
 
     alone = draw_sequence(lambda step, g: (z[2:3].clone(), [row(params, gen=g)], 0))
@@ -94,7 +114,7 @@ def test_logit_bias_and_penalties():
     z = torch.zeros(1, V)
     z[0, 3] = 2.0
     s = Sampler(seed=0)
-    ids, _ = s.sample(z.clone(), [row(SamplingParams(temperature=0, logit_bias=((9, 5.0),)))])
+    ids, _ = sample(s, z.clone(), [row(SamplingParams(temperature=0, logit_bias=((9, 5.0),)))])
     assert ids == [9]
     # token 3 appeared in the output: frequency/presence push it below 0; repetition divides it
     for params in (
@@ -104,10 +124,10 @@ def test_logit_bias_and_penalties():
     ):
         zz = z.clone()
         zz[0, 4] = 0.5
-        ids, _ = s.sample(zz, [row(params, tokens=(1, 3, 3), num_prompt=1)])
+        ids, _ = sample(s, zz, [row(params, tokens=(1, 3, 3), num_prompt=1)])
         assert ids == [4], params
     # presence/frequency only look at generated tokens; repetition also at the prompt
-    ids, _ = s.sample(
+    ids, _ = sample(s,
         z.clone(), [row(SamplingParams(temperature=0, frequency_penalty=5.0), tokens=(3,), num_prompt=1)]
     )
     assert ids == [3]
@@ -115,7 +135,7 @@ def test_logit_bias_and_penalties():
 
 def test_logprobs_only_when_asked_and_exact():
     z = logits_rows(2, seed=5)
-    ids, lps = Sampler(seed=0).sample(
+    ids, lps = sample(Sampler(seed=0),
         z.clone(), [row(SamplingParams(temperature=0, logprobs=3)), row(SamplingParams(temperature=0))]
     )
     ref = torch.log_softmax(z[0], -1)
@@ -127,15 +147,18 @@ def test_logprobs_only_when_asked_and_exact():
     assert all(math.isclose(a, float(b), abs_tol=1e-5) for (_, a), b in zip(lp.top, top.values))
 
 
-def test_can_skip_scale_only_for_plain_greedy():
-    assert Sampler.can_skip_scale([row(SamplingParams(temperature=0))])
+def test_only_plain_greedy_rows_skip_the_final_norm_scale():
+    """The engine skips the LM head's row scale on a fused step only when every row is an argmax of
+    unmodified logits (scale-invariant)."""
+    assert not SamplingParams(temperature=0).needs_scaled_logits
+    assert not SamplingParams(top_k=1).needs_scaled_logits
     for p in (
         SamplingParams(temperature=0.5),
         SamplingParams(temperature=0, logprobs=0),
         SamplingParams(temperature=0, repetition_penalty=1.2),
         SamplingParams(temperature=0, logit_bias=((1, 1.0),)),
     ):
-        assert not Sampler.can_skip_scale([row(SamplingParams(temperature=0)), row(p)])
+        assert p.needs_scaled_logits
 
 
 @pytest.mark.parametrize(

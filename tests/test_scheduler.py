@@ -1,22 +1,28 @@
-"""Scheduler without a model: token budget, decodes first, chunking, preemption order, progress."""
+"""Scheduler without a model: token budget, decodes first, chunking, preemption order, progress,
+held sequences and launch-ahead's unknown tokens; the plan is plain data."""
 
 from __future__ import annotations
 
 import random
 
 from fusionserve.server.engine.block_manager import BlockManager
-from fusionserve.server.engine.scheduler import Scheduler, SchedulerConfig, Sequence, Status
+from fusionserve.server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from fusionserve.server.engine.sequence import UNKNOWN_TOKEN, Sequence, Status
 
 
 def seq(i: int, prompt_len: int) -> Sequence:
     return Sequence(seq_id=i, tokens=list(range(100 * i, 100 * i + prompt_len)), num_prompt=prompt_len)
 
 
-def run_step(s: Scheduler, new_token: int = 7):
+def items(s: Scheduler, plan: SchedulerOutput) -> list[tuple[Sequence, int]]:
+    return [(s.seqs[i], n) for i, n in zip(plan.seq_ids, plan.num_new_tokens)]
+
+
+def run_step(s: Scheduler, new_token: int = 7) -> SchedulerOutput:
     """Plan a step, pretend the model ran, append a token to every sequence whose chunk ended."""
     plan = s.schedule()
     s.advance(plan)
-    for q, _ in plan.items:
+    for q, _ in items(s, plan):
         if q.num_computed == q.num_tokens:
             q.tokens.append(new_token)
     return plan
@@ -30,14 +36,28 @@ def test_decodes_first_then_chunked_prefill_within_budget():
     b = seq(2, 25)
     s.add(b)
     plan = run_step(s)
-    assert plan.items[0] == (a, 1) and plan.items[1] == (b, 9)
+    assert plan.seq_ids == [1, 2] and plan.num_new_tokens == [1, 9]
     assert plan.num_tokens == 10
     plan = run_step(s)  # b continues its prompt from the running set, still after a's decode
-    assert [q for q, _ in plan.items] == [a, b] and plan.items[1][1] == 9
+    assert plan.seq_ids == [1, 2] and plan.num_new_tokens[1] == 9
     plan = run_step(s)
-    assert plan.items[1] == (b, 7)
+    assert plan.num_new_tokens == [1, 7]
     assert plan.is_decode is False
     assert run_step(s).is_decode
+
+
+def test_plan_is_plain_data_of_ids_counts_and_tables():
+    bm = BlockManager(64, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100), bm)
+    a, b = seq(1, 6), seq(2, 3)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule()
+    assert plan.seq_ids == [1, 2] and plan.num_new_tokens == [6, 3]
+    assert plan.num_computed == [0, 0] and plan.seq_lens == [6, 3]
+    assert [len(t) for t in plan.block_tables] == [2, 1] and plan.preempted_ids == []
+    assert all(isinstance(x, int) for t in plan.block_tables for x in t)
+    assert not set(plan.block_tables[0]) & set(plan.block_tables[1])
 
 
 def test_max_num_seqs_limits_admission():
@@ -45,7 +65,17 @@ def test_max_num_seqs_limits_admission():
     for i in range(4):
         s.add(seq(i, 5))
     plan = run_step(s)
-    assert len(plan.items) == 2 and len(s.waiting) == 2
+    assert len(plan.seq_ids) == 2 and len(s.waiting) == 2
+
+
+def test_forks_reserve_their_seats():
+    s = Scheduler(SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=100), BlockManager(64, 4))
+    a, b = seq(1, 5), seq(2, 5)
+    b.pending_forks = 2  # n=3: needs three seats once its prompt is done
+    s.add(a)
+    s.add(b)
+    assert run_step(s).seq_ids == [1]  # b waits: 1 + 3 seats > 3
+    assert s.waiting[0] is b
 
 
 def test_preempts_most_recently_admitted():
@@ -57,9 +87,43 @@ def test_preempts_most_recently_admitted():
     run_step(s)
     assert bm.num_free == 1 and all(q.status is Status.RUNNING for q in seqs)
     plan = run_step(s)  # every decode needs a third block: the first takes the last free one
-    assert plan.preempted[0] is seqs[2]
-    assert seqs[0] in [q for q, _ in plan.items]
+    assert plan.preempted_ids[0] == seqs[2].seq_id
+    assert seqs[0].seq_id in plan.seq_ids
     assert seqs[2].status is Status.WAITING and seqs[2].num_computed == 0 and s.waiting[0] is seqs[2]
+
+
+def test_held_sequences_are_skipped_until_released():
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100), BlockManager(64, 4))
+    a, b = seq(1, 3), seq(2, 3)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    s.held.add(1)
+    assert run_step(s).seq_ids == [2]
+    s.held.discard(1)
+    assert run_step(s).seq_ids == [1, 2]
+    s.finish(a)
+    assert 1 not in s.seqs and a.status is Status.FINISHED
+
+
+def test_unknown_token_blocks_hashing_and_admission():
+    """Launch-ahead: a block that ends in an unknown id is hashed only once the id is known, and a
+    preempted sequence waiting for one is not admitted until it arrives."""
+    bm = BlockManager(64, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100), bm)
+    a = seq(1, 3)
+    s.add(a)
+    run_step(s, new_token=UNKNOWN_TOKEN)  # 3 prompt ids + an id still on the device
+    assert a.num_known == 3
+    s.advance(s.schedule())  # the unknown id's K/V is computed: block 0 is full but not hashed
+    assert a.table.num_hashed == 0
+    a.tokens[-1] = 42
+    s.advance(SchedulerOutput([1], [0], [4], [4], [a.table.blocks], []))
+    assert a.table.num_hashed == 1
+    b = seq(2, 3)
+    b.tokens.append(UNKNOWN_TOKEN)
+    s.add(b)
+    assert 2 not in s.schedule().seq_ids
 
 
 def test_random_workload_always_progresses_and_frees_everything():
@@ -76,9 +140,9 @@ def test_random_workload_always_progresses_and_frees_everything():
         if not s.has_work():
             break
         plan = run_step(s)
-        assert plan.items, "a step with work must schedule something"
+        assert plan.seq_ids, "a step with work must schedule something"
         assert plan.num_tokens <= 16 and len(s.running) <= 6
-        for q, _ in plan.items:
+        for q, _ in items(s, plan):
             if q.status is Status.RUNNING and q.num_output >= limits[q]:
                 s.finish(q)
                 finished += 1

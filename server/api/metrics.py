@@ -1,8 +1,9 @@
-"""Every Prometheus metric of fusionserve, defined once (DESIGN.md section 4).
+"""Every Prometheus metric of fusionserve, defined once (docs/DESIGN.md, "Metrics").
 
-One :class:`ServerMetrics` instance owns one :class:`CollectorRegistry`; nothing
-here is a module-level global, so tests (and several servers in one process) can
-create as many instances as they like.
+Recorded only in the HTTP process: the engine core sends plain StepStats records with each
+step's outputs and `record` turns them into series here. One :class:`ServerMetrics` instance owns
+one :class:`CollectorRegistry`; nothing here is a module-level global, so tests (and several
+servers in one process) can create as many instances as they like.
 
 Names, types and labels are a contract with ``deploy/`` (the Grafana dashboard,
 the Prometheus alert rules and the Kubernetes HPA): ``tests/test_deploy.py``
@@ -12,7 +13,7 @@ checks that every metric those files query is exported here.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,7 +25,9 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+
+from fusionserve.server.engine.messages import EngineCoreOutputs, StepStats
 
 PREFIX = "fusionserve_"
 
@@ -42,7 +45,7 @@ KV_CACHE_USAGE = PREFIX + "kv_cache_usage_ratio"
 PREEMPTIONS = PREFIX + "preemptions_total"
 ABORTS = PREFIX + "aborts_total"
 FUSION_MODE = PREFIX + "fusion_mode"
-#: prometheus_client's process collector of the engine process (server/engine_process.py)
+#: CPU time of the engine process (--engine-core process), as its last message reported it
 ENGINE_PROCESS_CPU = PREFIX + "engine_process_cpu_seconds_total"
 
 #: Every exported base name, as PromQL refers to it (histograms without their
@@ -113,19 +116,19 @@ class ServerMetrics:
         model_name: str = "SmolLM2-135M-Instruct",
         fusion_mode: str = "on",
         process_metrics: bool | None = None,
-        engine_process: bool = False,
+        engine_cpu_seconds: Callable[[], float] | None = None,
     ) -> None:
-        """`engine_process`: these are the series of an engine process (server/engine_process.py);
-        its CPU, memory and fds are exported as fusionserve_engine_process_* so one scrape of the
-        server shows both processes (one engine thread near 1 CPU core starves the GPU)."""
+        """`engine_cpu_seconds`: the engine process's CPU time (ProcessEngineClient.cpu_seconds),
+        exported as fusionserve_engine_process_cpu_seconds_total so one scrape shows both
+        processes (one engine thread near 1 CPU core starves the GPU)."""
         own = registry is None
         self.registry = CollectorRegistry() if own else registry
         self.model_name = model_name
         if process_metrics if process_metrics is not None else own:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
-        if engine_process:
-            ProcessCollector(namespace=PREFIX + "engine", registry=self.registry)  # → ENGINE_PROCESS_CPU
+        if engine_cpu_seconds is not None:
+            self.registry.register(_EngineCpu(engine_cpu_seconds))
         r = self.registry
 
         self.layer_latency = Histogram(
@@ -276,36 +279,40 @@ class ServerMetrics:
         for m in FUSION_MODES:
             self.fusion_mode.labels(mode=m).set(1.0 if m == mode else 0.0)
 
-    def engine_families(self) -> list[Metric]:
-        """This registry's series without the HTTP side's: what an engine process hands its server."""
-        return [f for f in self.registry.collect() if f.name not in HTTP_FAMILIES]
+    def record(self, outs: EngineCoreOutputs) -> None:
+        """One message of the engine core: its step's measurements and the gauges after it."""
+        self.record_step_stats(outs.step_stats)
+        self.set_queue(outs.stats.running, outs.stats.waiting)
+        self.set_kv_usage(outs.stats.kv_usage)
 
-    def render(self, engine_families: list[Metric] | None = None) -> tuple[bytes, str]:
-        """The exposition for ``GET /metrics``: (body, content type).
+    def record_step_stats(self, st: StepStats) -> None:
+        for phase, path, seconds in st.steps:
+            self.observe_step(phase, path, seconds)
+        for phase, path, layer, part, seconds in st.layers:
+            self.observe_layer(layer, part, phase, path, seconds)
+        observe_ttft = self._ttft_child.observe
+        for seconds in st.ttfts:
+            observe_ttft(seconds)
+        self.observe_itls(st.itls)
+        for done in st.finished:
+            self.observe_request_done(done.reason, done.seconds, done.prompt_tokens, done.completion_tokens)
+        self.inc_preemptions(st.preemptions)
+        self.inc_aborts(st.aborts)
 
-        ``engine_families``: the series of an engine in another process (server/engine_process.py;
-        [] while it cannot answer). Then this registry contributes only the HTTP side's series and
-        its process metrics: its own engine-side series were never recorded, and zeros in their
-        place would read as counter resets.
-        """
-        if engine_families is None:
-            return generate_latest(self.registry), CONTENT_TYPE_LATEST
-        return generate_latest(_Merged(self.registry, engine_families)), CONTENT_TYPE_LATEST
+    def render(self) -> tuple[bytes, str]:
+        """The exposition for ``GET /metrics``: (body, content type)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-#: Families the HTTP process records itself (prometheus_client names counters without "_total").
-HTTP_FAMILIES = frozenset({REQUESTS.removesuffix("_total")})
+class _EngineCpu:
+    """A collector: the engine process's CPU seconds, read at scrape time."""
 
-
-class _Merged:
-    """A collector view: one registry's HTTP-side and process series plus an engine's families."""
-
-    def __init__(self, registry: CollectorRegistry, families: list[Metric]) -> None:
-        self.registry = registry
-        self.families = families
+    def __init__(self, read: Callable[[], float]) -> None:
+        self.read = read
 
     def collect(self) -> Iterator[Metric]:
-        for f in self.registry.collect():
-            if f.name in HTTP_FAMILIES or not f.name.startswith(PREFIX):
-                yield f
-        yield from self.families
+        family = CounterMetricFamily(
+            ENGINE_PROCESS_CPU.removesuffix("_total"), "CPU time (user + system) of the engine process."
+        )
+        family.add_metric([], self.read())
+        yield family

@@ -18,10 +18,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
+
+from fusionserve.server.engine import EngineClient, EngineConfig, EngineError
 
 log = logging.getLogger("fusionserve")
 
@@ -157,12 +160,6 @@ class GracefulServer(uvicorn.Server):
             self.should_exit = True
 
 
-def _version() -> str:
-    from fusionserve import __version__
-
-    return __version__
-
-
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -171,26 +168,8 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Build the engine, serve until a signal, drain, exit 0 (2 on bad configuration)."""
-    _setup_logging(args.log_level)
-    if args.gil_switch_ms > 0:
-        sys.setswitchinterval(args.gil_switch_ms / 1e3)
-    from fusionserve.models.registry import resolve_model
-    from fusionserve.server.api.app import ServerSettings, create_app
-    from fusionserve.server.api.metrics import ServerMetrics
-    from fusionserve.server.engine.llm_engine import AsyncEngine, EngineConfig, EngineError
-    from fusionserve.server.engine.process_client import EngineProcess
-
-    try:
-        model_dir = resolve_model(args.model)
-    except (FileNotFoundError, OSError) as exc:
-        log.error("cannot load model: %s", exc)
-        return 2
-    name = args.served_model_name or model_dir.name
-    log.info("loading %s from %s", name, model_dir)
-    metrics = ServerMetrics(model_name=name, fusion_mode=args.fusion)
-    config = EngineConfig(
+def engine_config(args: argparse.Namespace, model_dir: Path, name: str) -> EngineConfig:
+    return EngineConfig(
         model_dir=str(model_dir),
         served_model_name=name,
         device=args.device,
@@ -207,23 +186,52 @@ def run_serve(args: argparse.Namespace) -> int:
         layer_timing_every=args.layer_timing_every,
         cuda_graphs=not args.no_cuda_graphs,
     )
+
+
+def start_engine(args: argparse.Namespace, config: EngineConfig) -> EngineClient:
+    """The engine core where --engine-core puts it: its own process (default) or a thread here."""
+    if args.engine_core == "process":
+        from fusionserve.server.engine.process_client import ProcessEngineClient
+
+        return ProcessEngineClient(config, switch_ms=args.gil_switch_ms, log_level=args.log_level)
+    from fusionserve.server.engine.thread_client import ThreadEngineClient  # imports torch: computes here
+
+    return ThreadEngineClient(config)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Build the engine, serve until a signal, drain, exit 0 (2 on bad configuration)."""
+    _setup_logging(args.log_level)
+    if args.gil_switch_ms > 0:
+        sys.setswitchinterval(args.gil_switch_ms / 1e3)
+    from fusionserve.models.registry import resolve_model
+    from fusionserve.server.api.app import ServerSettings, create_app
+    from fusionserve.server.api.metrics import ServerMetrics
+
     try:
-        if args.engine_core == "process":
-            engine = EngineProcess(config, switch_ms=args.gil_switch_ms, log_level=args.log_level)
-        else:
-            engine = AsyncEngine(config, metrics=metrics)
+        model_dir = resolve_model(args.model)
+    except (FileNotFoundError, OSError) as exc:
+        log.error("cannot load model: %s", exc)
+        return 2
+    name = args.served_model_name or model_dir.name
+    log.info("loading %s from %s", name, model_dir)
+    try:
+        engine = start_engine(args, engine_config(args, model_dir, name))
     except (ValueError, FileNotFoundError, EngineError) as exc:
         log.error("cannot start the engine: %s", exc)
         return 2
+    cpu = (lambda: engine.cpu_seconds) if args.engine_core == "process" else None
+    metrics = ServerMetrics(model_name=name, fusion_mode=args.fusion, engine_cpu_seconds=cpu)
+    engine.listeners.append(metrics.record)
     engine.start()
     settings = ServerSettings(
-        api_key=args.api_key or None,
-        admin_key=args.admin_key or None,
-        max_body_bytes=args.max_body_bytes,
-        version=_version(),
+        api_key=args.api_key or None, admin_key=args.admin_key or None, max_body_bytes=args.max_body_bytes
     )
     app = create_app(engine, settings, metrics=metrics)
+    return _serve_until_signal(args, app, engine)
 
+
+def _serve_until_signal(args: argparse.Namespace, app: Any, engine: EngineClient) -> int:
     def begin_drain() -> None:
         app.state.drain.draining = True
         engine.begin_drain()
@@ -242,9 +250,7 @@ def run_serve(args: argparse.Namespace) -> int:
         f"fusionserve ready: {url}/v1 (model {engine.model_name}, fusion {args.fusion}, "
         f"max_model_len {engine.max_model_len}, kernels: {engine.kernel_path})"
     )
-    server = GracefulServer(
-        uv_config, ShutdownPlan(begin_drain, engine.wait_idle, args.shutdown_timeout), ready
-    )
+    server = GracefulServer(uv_config, ShutdownPlan(begin_drain, engine.wait_idle, args.shutdown_timeout), ready)
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits when it cannot bind the port

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,10 +25,75 @@ import torch
 
 from fusionserve.kernels.batch import PagedBatch, leading_ones
 from fusionserve.models.decoder import Decoder, KVCache
+from fusionserve.server.engine.config import EngineConfig
+from fusionserve.server.engine.errors import EngineStartError
 
 if TYPE_CHECKING:
     from fusionserve.server.engine.cuda_graphs import DecodeGraphs
-    from fusionserve.server.engine.scheduler import Sequence
+    from fusionserve.server.engine.scheduler import SchedulerOutput
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}")
+    return table[name]
+
+
+def kv_cache_blocks(config: EngineConfig, decoder: Decoder) -> int:
+    """How many KV blocks fit: --kv-cache-gb on CPU; free GPU memory × utilization on CUDA.
+
+    On CUDA this runs after the weights are loaded, and keeps a margin for the
+    activations of the largest step (packed tokens × widest layer, plus logits).
+    """
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    per_block = KVCache.bytes_per_block(decoder.config, config.block_size, decoder.dtype)
+    if decoder.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(decoder.device)
+        cfg = decoder.config
+        width = (
+            2 * cfg.intermediate_size
+            + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+            + 4 * cfg.hidden_size
+        )
+        elem = torch.empty((), dtype=decoder.dtype).element_size()
+        activations = config.max_num_batched_tokens * width * elem * 4
+        activations += config.max_num_seqs * cfg.vocab_size * 4 * 4 + (256 << 20)
+        budget = total * config.gpu_memory_utilization - (total - free) - activations
+    else:
+        budget = config.kv_cache_gb * (1 << 30)
+    # Past every sequence at full length (x4 for the prefix cache) more blocks buy nothing but
+    # allocator bookkeeping; a tiny model on a large GPU would otherwise get millions.
+    useful = 4 * config.max_num_seqs * -(-decoder.max_model_len // config.block_size)
+    n = min(int(budget // per_block), useful)
+    if n < 1:
+        raise EngineStartError(
+            f"no room for the KV cache ({budget / 2**20:.0f} MiB available, {per_block} B per block)"
+        )
+    return n
+
+
+def load_decoder(config: EngineConfig) -> tuple[Decoder, Path]:
+    """The configured checkpoint as our decoder (the default model is converted once, if needed)."""
+    from fusionserve.models.registry import resolve_model
+
+    model_dir = resolve_model(config.model_dir)
+    device = resolve_device(config.device)
+    decoder = Decoder.from_pretrained(
+        model_dir, device=device, dtype=resolve_dtype(config.dtype, device),
+        backend=config.backend, max_model_len=config.max_model_len,
+    )  # fmt: skip
+    return decoder, model_dir
 
 
 @dataclass
@@ -88,142 +154,78 @@ class ModelRunner:
 
     def prepare(
         self,
-        items: list[tuple[Sequence, int]],
+        plan: SchedulerOutput,
+        tokens: list[list[int]],
+        num_prompts: list[int],
         prompt_rows: list[bool],
         pending_ids: torch.Tensor | None = None,
         pending_rows: list[int] | None = None,
     ) -> StepInputs:
-        """Pack the planned chunks. `items` are (sequence, new tokens). `prompt_rows[i]` asks for the logits
-        of every prompt position of sequence i in this chunk (prompt logprobs).
+        """Pack the planned chunks. Row i reads `tokens[i]` (its sequence's ids); `prompt_rows[i]` asks
+        for the logits of every prompt position in its chunk (prompt logprobs).
 
-        Launch-ahead: item i with `pending_rows[i] >= 0` is a one-token decode whose input id was
+        Launch-ahead: row i with `pending_rows[i] >= 0` is a one-token decode whose input id was
         sampled by the step still in flight and lives only on the device, at
         `pending_ids[pending_rows[i]]`; it is gathered there (queued after that step).
 
-        Built with numpy in one pass: per sequence only O(1) Python work (plus its chunk's token ids),
-        block tables are flattened in C and scattered into a padded array; on CUDA everything travels
-        in one pinned int64 buffer and one non-blocking copy.
+        Built with numpy in one pass: per sequence only O(1) Python work (plus its chunk's token ids);
+        on CUDA everything travels in one pinned int64 buffer and one non-blocking copy.
         """
-        bs = self.block_size
-        b = len(items)
-        seqs = [s for s, _ in items]
-        tables = [s.table.blocks for s in seqs]
+        b, bs = len(plan.seq_ids), self.block_size
+        tables = plan.block_tables
         nblk = np.fromiter(map(len, tables), dtype=np.int64, count=b)
         width = max(int(nblk.max()), 1)
         flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int64, count=int(nblk.sum()))
         table_arr = np.full((b, width), -1, dtype=np.int64)
         table_arr[np.arange(width) < nblk[:, None]] = flat
-        starts = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=b)
-        ns = np.fromiter((n for _, n in items), dtype=np.int64, count=b)
-        ends = starts + ns
-        decode = bool((ns == 1).all()) and not any(prompt_rows)
-        if decode:  # one token each, at position num_computed; every row is sampled iff it reaches the end
-            ids = np.fromiter((s.tokens[s.num_computed] for s in seqs), dtype=np.int64, count=b)
-            positions = starts
-            rows = np.arange(b)
-            num_tok = np.fromiter(map(len, (s.tokens for s in seqs)), dtype=np.int64, count=b)
-            sampled = ends == num_tok
-            if sampled.all():
-                sample_index: list[int | None] = list(range(b))
-                logit_rows = rows
-            else:
-                logit_rows = rows[sampled]
-                pos_of = np.cumsum(sampled) - 1
-                sample_index = [int(pos_of[i]) if sampled[i] else None for i in range(b)]
-            prompt_index: list[tuple[int, int] | None] = [None] * b
+        starts = np.asarray(plan.num_computed, dtype=np.int64)
+        ns = np.asarray(plan.num_new_tokens, dtype=np.int64)
+        if bool((ns == 1).all()) and not any(prompt_rows):
+            host = _decode_rows(tokens, starts, np.asarray(plan.seq_lens, dtype=np.int64))
         else:
-            ids = np.fromiter(
-                itertools.chain.from_iterable(s.tokens[s.num_computed : s.num_computed + n] for s, n in items),
-                dtype=np.int64, count=int(ns.sum()),
-            )  # fmt: skip
-            rows = np.repeat(np.arange(b), ns)
-            row0 = np.concatenate(([0], np.cumsum(ns)[:-1]))
-            positions = np.arange(len(ids), dtype=np.int64) - np.repeat(row0, ns) + np.repeat(starts, ns)
-            logit_list: list[int] = []
-            sample_index = []
-            prompt_index = []
-            for i, (seq, n) in enumerate(items):
-                start, end, r0 = int(starts[i]), int(ends[i]), int(row0[i])
-                if prompt_rows[i] and start < seq.num_prompt - 1:
-                    # rows start..num_prompt-2 predict prompt tokens start+1..num_prompt-1
-                    count = min(end, seq.num_prompt - 1) - start
-                    prompt_index.append((len(logit_list), count))
-                    logit_list.extend(range(r0, r0 + count))
-                else:
-                    prompt_index.append(None)
-                if end == seq.num_tokens:
-                    sample_index.append(len(logit_list))
-                    logit_list.append(r0 + n - 1)
-                else:
-                    sample_index.append(None)
-            logit_rows = np.asarray(logit_list, dtype=np.int64)
+            host = _mixed_rows(tokens, starts, ns, plan.seq_lens, num_prompts, prompt_rows)
+        ids, positions, rows, logit_rows, sample_index, prompt_index = host
         slots = table_arr[rows, positions // bs] * bs + positions % bs
         query_start = np.zeros(b + 1, dtype=np.int64)
         np.cumsum(ns, out=query_start[1:])
-        max_query_len, max_context_len = int(ns.max()), int(ends.max())
-        num_decodes = leading_ones(ns)  # decodes lead every plan
+        ends = starts + ns
         gather_dst = gather_src = np.zeros(0, dtype=np.int64)
         if pending_rows is not None:
             src = np.asarray(pending_rows, dtype=np.int64)
             gather_dst = query_start[:-1][src >= 0]  # an item's first (only) token
             gather_src = src[src >= 0]
-        if self.device.type == "cpu":
-            batch = PagedBatch(
-                query_start=torch.from_numpy(query_start.astype(np.int32)),
-                context_lens=torch.from_numpy(ends.astype(np.int32)),
-                block_tables=torch.from_numpy(table_arr.astype(np.int32)),
-                slot_mapping=torch.from_numpy(slots),
-                max_query_len=max_query_len, max_context_len=max_context_len, block_size=bs,
-                num_decodes=num_decodes,
-            )  # fmt: skip
-            ids_t, pos_t, logit_t = (
-                torch.from_numpy(ids),
-                torch.from_numpy(positions),
-                torch.from_numpy(logit_rows),
-            )
-            dst_t, src_t = torch.from_numpy(gather_dst), torch.from_numpy(gather_src)
-        else:
-            # One pinned buffer (two, alternating: the previous step's copy may still be in flight).
-            parts = (
-                ids,
-                positions,
-                slots,
-                logit_rows,
-                query_start,
-                ends,
-                gather_dst,
-                gather_src,
-                table_arr.reshape(-1),
-            )
-            sizes = [len(p) for p in parts]
-            total = sum(sizes)
-            self._pin_turn ^= 1
-            buf = self._pinned[self._pin_turn]
-            if buf is None or buf.numel() < total:
-                buf = torch.empty(max(total, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.int64,
-                                  pin_memory=True)  # fmt: skip
-                self._pinned[self._pin_turn] = buf
-            host = buf.numpy()
-            off = 0
-            for p, n in zip(parts, sizes):
-                host[off : off + n] = p
-                off += n
-            dev = buf[:total].to(self.device, non_blocking=True)
-            ids_t, pos_t, slot_t, logit_t, qs_t, cl_t, dst_t, src_t, tab_t = dev.split(sizes)
-            batch = PagedBatch(
-                query_start=qs_t.to(torch.int32), context_lens=cl_t.to(torch.int32),
-                block_tables=tab_t.view(b, width).to(torch.int32), slot_mapping=slot_t,
-                max_query_len=max_query_len, max_context_len=max_context_len, block_size=bs,
-                num_decodes=num_decodes,
-            )  # fmt: skip
+        parts = (ids, positions, slots, logit_rows, query_start, ends, gather_dst, gather_src, table_arr.reshape(-1))
+        ids_t, pos_t, slot_t, logit_t, qs_t, cl_t, dst_t, src_t, tab_t = self._to_device(parts)
+        batch = PagedBatch(
+            query_start=qs_t.to(torch.int32), context_lens=cl_t.to(torch.int32),
+            block_tables=tab_t.view(b, width).to(torch.int32), slot_mapping=slot_t,
+            max_query_len=int(ns.max()), max_context_len=int(ends.max()), block_size=bs,
+            num_decodes=leading_ones(ns),  # decodes lead every plan
+        )  # fmt: skip
         if len(gather_dst):
             ids_t[dst_t] = pending_ids[src_t]
         # The layout the torch attention reads on the host: from our arrays, not a device sync.
         batch.__dict__["host_layout"] = (query_start.tolist(), ends.tolist())
-        return StepInputs(
-            ids=ids_t, positions=pos_t, batch=batch, logit_rows=logit_t,
-            sample_index=sample_index, prompt_index=prompt_index,
-        )  # fmt: skip
+        return StepInputs(ids_t, pos_t, batch, logit_t, sample_index, prompt_index)
+
+    def _to_device(self, parts: tuple[np.ndarray, ...]) -> list[torch.Tensor]:
+        """int64 host arrays as tensors on the device: on CUDA through one pinned buffer (two,
+        alternating: the previous step's copy may still be in flight) and one copy."""
+        if self.device.type == "cpu":
+            return [torch.from_numpy(np.ascontiguousarray(p)) for p in parts]
+        sizes = [len(p) for p in parts]
+        total = sum(sizes)
+        self._pin_turn ^= 1
+        buf = self._pinned[self._pin_turn]
+        if buf is None or buf.numel() < total:
+            size = max(total, 2 * (buf.numel() if buf is not None else 0))
+            buf = self._pinned[self._pin_turn] = torch.empty(size, dtype=torch.int64, pin_memory=True)
+        host = buf.numpy()
+        off = 0
+        for p, n in zip(parts, sizes):
+            host[off : off + n] = p
+            off += n
+        return list(buf[:total].to(self.device, non_blocking=True).split(sizes))
 
     # -- execution -----------------------------------------------------------------
 
@@ -311,3 +313,50 @@ class ModelRunner:
         last = torch.tensor(qs[1:], device=dev) - 1
         for scaled in (True, False) if fused else (True,):  # `scaled` only matters fused
             self.decoder.logits(hidden.rows(last), scaled=scaled)
+
+
+def _decode_rows(tokens: list[list[int]], starts: np.ndarray, seq_lens: np.ndarray):
+    """One token per row, at position num_computed; a row is sampled iff it reaches its end."""
+    b = len(tokens)
+    ids = np.fromiter((t[s] for t, s in zip(tokens, starts.tolist())), dtype=np.int64, count=b)
+    rows = np.arange(b)
+    sampled = starts + 1 == seq_lens
+    if sampled.all():
+        return ids, starts, rows, rows, list(range(b)), [None] * b
+    pos_of = np.cumsum(sampled) - 1
+    sample_index = [int(pos_of[i]) if sampled[i] else None for i in range(b)]
+    return ids, starts, rows, rows[sampled], sample_index, [None] * b
+
+
+def _mixed_rows(
+    tokens: list[list[int]], starts: np.ndarray, ns: np.ndarray, seq_lens: list[int],
+    num_prompts: list[int], prompt_rows: list[bool],
+):  # fmt: skip
+    """Prompt chunks (and decodes): every chunk's ids; logits for each sampled row and, for prompt
+    logprobs, the prompt rows (row p predicts token p + 1)."""
+    b = len(tokens)
+    ids = np.fromiter(
+        itertools.chain.from_iterable(t[s : s + n] for t, s, n in zip(tokens, starts.tolist(), ns.tolist())),
+        dtype=np.int64, count=int(ns.sum()),
+    )  # fmt: skip
+    rows = np.repeat(np.arange(b), ns)
+    row0 = np.concatenate(([0], np.cumsum(ns)[:-1]))
+    positions = np.arange(len(ids), dtype=np.int64) - np.repeat(row0, ns) + np.repeat(starts, ns)
+    logit_list: list[int] = []
+    sample_index: list[int | None] = []
+    prompt_index: list[tuple[int, int] | None] = []
+    for i in range(b):
+        start, n, r0 = int(starts[i]), int(ns[i]), int(row0[i])
+        end = start + n
+        if prompt_rows[i] and start < num_prompts[i] - 1:
+            count = min(end, num_prompts[i] - 1) - start
+            prompt_index.append((len(logit_list), count))
+            logit_list.extend(range(r0, r0 + count))
+        else:
+            prompt_index.append(None)
+        if end == seq_lens[i]:
+            sample_index.append(len(logit_list))
+            logit_list.append(r0 + n - 1)
+        else:
+            sample_index.append(None)
+    return ids, positions, rows, np.asarray(logit_list, dtype=np.int64), sample_index, prompt_index

@@ -1,63 +1,24 @@
 """Continuous batching: which sequences run in the next step, and how many tokens each.
 
-Every step: running decodes first (one token each), then the rest of
-partly prefilled running prompts, then new prompts from the waiting queue, all
-within `max_num_batched_tokens` and `max_num_seqs`. Long prompts are cut into
-chunks. When the cache runs out, the most recently admitted running sequence
-loses its blocks and goes back to the head of the waiting queue (recompute),
-so the oldest sequence always makes progress: no deadlock, no crash. A single
+Every step: running decodes first (one token each), then the rest of partly prefilled running
+prompts, then new prompts from the waiting queue, all within `max_num_batched_tokens` and
+`max_num_seqs`. Long prompts are cut into chunks. When the cache runs out, the most recently
+admitted running sequence loses its blocks and goes back to the head of the waiting queue
+(recompute), so the oldest sequence always makes progress: no deadlock, no crash. A single
 sequence always fits (max_model_len is capped to the cache size by the engine).
+
+The plan is plain data (`SchedulerOutput`: ids, token counts, block tables), so the model
+runner and the tests read it without touching scheduler state.
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from fusionserve.server.engine.block_manager import BlockManager, BlockTable
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One generated choice: its tokens, its cache blocks and how much of it the cache holds."""
-
-    seq_id: int
-    tokens: list[int]  # prompt followed by the generated ids
-    num_prompt: int
-    num_computed: int = 0  # leading tokens whose K/V are in the cache
-    table: BlockTable = field(default_factory=BlockTable)
-    status: Status = Status.WAITING
-    admitted: int = -1  # admission order; the largest is preempted first
-    pending_forks: int = 0  # n>1: siblings to fork off when the prompt is done
-    use_prefix_cache: bool = True  # off when every prompt row's logits are needed
-    data: Any = None  # the engine's per-sequence state (sampling, detokenizer, ...)
-    # Launch-ahead: tokens[pending_at] is a placeholder for an id sampled on the device that the host
-    # has not read yet (row `pending_row` of the in-flight step); -1: none. `hold`: known to finish
-    # when that id arrives (length), so not scheduled meanwhile.
-    pending_at: int = -1
-    pending_row: int = -1
-    hold: bool = False
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.tokens[self.num_prompt :]
-
-    @property
-    def num_output(self) -> int:
-        return len(self.tokens) - self.num_prompt
+from fusionserve.server.engine.sequence import UNKNOWN_TOKEN, Sequence, Status
 
 
 @dataclass(frozen=True)
@@ -67,19 +28,24 @@ class SchedulerConfig:
 
 
 @dataclass
-class StepPlan:
-    """The sequences of one step, decodes first, with their number of new tokens."""
+class SchedulerOutput:
+    """One step, decodes first. Row i: sequence `seq_ids[i]` computes `num_new_tokens[i]` tokens
+    from position `num_computed[i]` of its `seq_lens[i]` tokens, into `block_tables[i]`."""
 
-    items: list[tuple[Sequence, int]]
-    preempted: list[Sequence]
+    seq_ids: list[int]
+    num_new_tokens: list[int]
+    num_computed: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    preempted_ids: list[int]
 
     @property
     def is_decode(self) -> bool:
-        return all(n == 1 and s.num_computed >= s.num_prompt for s, n in self.items)
+        return all(n == 1 and s + 1 == t for n, s, t in zip(self.num_new_tokens, self.num_computed, self.seq_lens))
 
     @property
     def num_tokens(self) -> int:
-        return sum(n for _, n in self.items)
+        return sum(self.num_new_tokens)
 
 
 class Scheduler:
@@ -88,11 +54,14 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
+        self.seqs: dict[int, Sequence] = {}  # every sequence not finished
+        self.held: set[int] = set()  # running, but not scheduled until released (known to finish)
         self._admissions = itertools.count()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
+        self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -100,58 +69,57 @@ class Scheduler:
 
     # -- one step ----------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
-        bs, blocks = self.blocks.block_size, self.blocks
+    def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         planned: dict[Sequence, int] = {}
         preempted: list[Sequence] = []
-
-        def make_room(seq: Sequence, total: int) -> bool:
-            """Preempt newest unplanned sequences until `seq` can hold `total` tokens."""
-            while not blocks.can_hold(seq.table, total):
-                victim = next(s for s in reversed(self.running) if s not in planned)
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is seq:
-                    return False
-            return True
-
         for decodes in (True, False):
             for seq in list(self.running):
                 if budget == 0:
                     break
                 remaining = seq.num_tokens - seq.num_computed
-                if (
-                    seq.status is not Status.RUNNING
-                    or seq in planned
-                    or (remaining == 1) != decodes
-                    or seq.hold
-                ):
+                if seq.status is not Status.RUNNING or seq in planned or (remaining == 1) != decodes:
                     continue
-                if decodes and seq.num_computed < len(seq.table.blocks) * bs:
-                    planned[seq] = 1  # room left in its last block: nothing to allocate or preempt
-                    budget -= 1
+                if seq.seq_id in self.held:
                     continue
-                n = min(remaining, budget)
-                fit = (len(seq.table.blocks) + blocks.num_free) * bs - seq.num_computed
-                if fit >= 1:  # a chunk shrinks to the free space before anyone is preempted
-                    n = min(n, fit)
-                if not make_room(seq, seq.num_computed + n):
-                    continue
-                blocks.grow(seq.table, seq.num_computed + n)
-                planned[seq] = n
-                budget -= n
-
+                n = self._plan_running(seq, min(remaining, budget), decodes, planned, preempted)
+                if n:
+                    planned[seq] = n
+                    budget -= n
         if not preempted:
-            budget = self._admit(planned, budget)
-        return StepPlan(list(planned.items()), preempted)
+            self._admit(planned, budget)
+        seqs = list(planned)
+        return SchedulerOutput(
+            seq_ids=[s.seq_id for s in seqs], num_new_tokens=list(planned.values()),
+            num_computed=[s.num_computed for s in seqs], seq_lens=[s.num_tokens for s in seqs],
+            block_tables=[s.table.blocks for s in seqs], preempted_ids=[s.seq_id for s in preempted],
+        )  # fmt: skip
 
-    def _admit(self, planned: dict[Sequence, int], budget: int) -> int:
+    def _plan_running(
+        self, seq: Sequence, n: int, decode: bool, planned: dict[Sequence, int], preempted: list[Sequence]
+    ) -> int:
+        """Tokens a running sequence computes this step (0: it was preempted itself)."""
+        bs, blocks = self.blocks.block_size, self.blocks
+        if decode and seq.num_computed < len(seq.table.blocks) * bs:
+            return 1  # room left in its last block: nothing to allocate or preempt
+        fit = (len(seq.table.blocks) + blocks.num_free) * bs - seq.num_computed
+        if fit >= 1:  # a chunk shrinks to the free space before anyone is preempted
+            n = min(n, fit)
+        while not blocks.can_hold(seq.table, seq.num_computed + n):
+            victim = next(s for s in reversed(self.running) if s not in planned)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return 0
+        blocks.grow(seq.table, seq.num_computed + n)
+        return n
+
+    def _admit(self, planned: dict[Sequence, int], budget: int) -> None:
         """Start prompts from the waiting queue in FIFO order while budget, seats and blocks last."""
         bs, blocks = self.blocks.block_size, self.blocks
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if seq.pending_at >= 0:  # preempted with an id still on the device: after it arrives
+            if seq.tokens[-1] == UNKNOWN_TOKEN:  # preempted with an id still on the device
                 break
             if self.running and len(self.running) + 1 + seq.pending_forks > self.config.max_num_seqs:
                 break
@@ -171,7 +139,6 @@ class Scheduler:
             self.running.append(seq)
             planned[seq] = n
             budget -= n
-        return budget
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq.table)
@@ -183,19 +150,20 @@ class Scheduler:
 
     # -- after the step ------------------------------------------------------------
 
-    def advance(self, plan: StepPlan) -> None:
+    def advance(self, out: SchedulerOutput) -> None:
         """The step wrote K/V for the planned tokens: count them and cache the full blocks."""
         bs, caching = self.blocks.block_size, self.blocks.enable_prefix_caching
-        for seq, n in plan.items:
+        for seq_id, n in zip(out.seq_ids, out.num_new_tokens):
+            seq = self.seqs[seq_id]
             seq.num_computed += n
-            # A block holding a launch-ahead placeholder is hashed later, once its id is known.
-            known = seq.num_computed if seq.pending_at < 0 else min(seq.num_computed, seq.pending_at)
+            known = min(seq.num_computed, seq.num_known)  # an unknown id's block is hashed later
             if caching and known // bs > seq.table.num_hashed:  # a block was completed
                 self.blocks.commit(seq.table, seq.tokens, known)
 
     def add_running(self, seq: Sequence) -> None:
         """A forked sibling that already holds its blocks joins the running set as the newest."""
         seq.status, seq.admitted = Status.RUNNING, next(self._admissions)
+        self.seqs[seq.seq_id] = seq
         self.running.append(seq)
 
     def finish(self, seq: Sequence) -> None:
@@ -208,4 +176,6 @@ class Scheduler:
             except ValueError:
                 pass
         self.blocks.free(seq.table)
+        self.held.discard(seq.seq_id)
+        self.seqs.pop(seq.seq_id, None)
         seq.status = Status.FINISHED

@@ -1,0 +1,97 @@
+"""What operators and clients read about the server: models, health, version, metrics, and the
+fusion switch (/admin/fusion)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from fusionserve.server.api.protocol import FusionRequest
+from fusionserve.server.api.request_body import read_json
+from fusionserve.server.api.state import AppState, app_state
+
+log = logging.getLogger("fusionserve.http")
+router = APIRouter()
+
+
+def _model_card(st: AppState) -> dict[str, Any]:
+    return {
+        "id": st.serving.model_name,
+        "object": "model",
+        "created": st.started,
+        "owned_by": "fusionserve",
+        "max_model_len": st.serving.limits.max_model_len,
+    }
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    st = app_state(request)
+    st.check_api_key(request)
+    return {"object": "list", "data": [_model_card(st)]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(request: Request, model: str) -> dict[str, Any]:
+    st = app_state(request)
+    st.check_api_key(request)
+    st.serving.check_model(model)
+    return _model_card(st)
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    st = app_state(request)
+    alive = bool(st.engine.is_alive())
+    if alive and not st.drain.draining:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "draining" if alive else "engine_dead"}, status_code=503)
+
+
+@router.get("/version")
+async def version(request: Request) -> dict[str, str]:
+    return {"version": app_state(request).settings.version}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    st = app_state(request)
+    _refresh_gauges(st)
+    body, content_type = st.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+def _refresh_gauges(st: AppState) -> None:
+    """Queue and KV gauges read at scrape time: an abort that leaves the engine idle has no step
+    after it, and a stale 'running 1' would page someone."""
+    try:
+        stats = st.engine.stats()
+        st.metrics.set_queue(stats.running, stats.waiting)
+        st.metrics.set_kv_usage(stats.kv_usage)
+    except Exception:  # a scrape must never fail because of the engine
+        log.debug("engine.stats() failed", exc_info=True)
+
+
+@router.get("/admin/fusion")
+async def get_fusion(request: Request) -> dict[str, Any]:
+    st = app_state(request)
+    st.check_admin(request)
+    return _fusion_state(st)
+
+
+@router.post("/admin/fusion")
+async def set_fusion(request: Request) -> dict[str, Any]:
+    st = app_state(request)
+    st.check_admin(request)
+    req = await read_json(request, FusionRequest, 4096)
+    st.engine.fusion.set_mode(req.mode)
+    st.metrics.set_fusion_mode(req.mode)
+    log.info("fusion mode set to %s", req.mode)
+    return _fusion_state(st)
+
+
+def _fusion_state(st: AppState) -> dict[str, Any]:
+    return {"mode": st.engine.fusion.mode, "summary": st.engine.fusion.summary()}
