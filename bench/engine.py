@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusionserve.server.engine import EngineConfig, SamplingParams
+from fusionserve.server.contract import EngineConfig, SamplingParams
 from fusionserve.server.engine.llm_engine import LLMEngine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

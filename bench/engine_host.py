@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, environment, markdown_table  # noqa: E402
 from fusionserve.models.decoder import Decoder  # noqa: E402
-from fusionserve.server.engine import EngineConfig, SamplingParams
+from fusionserve.server.contract import EngineConfig, SamplingParams
 from fusionserve.server.engine.llm_engine import LLMEngine  # noqa: E402
 from tests.tiny_models import make_tiny_checkpoint  # noqa: E402
 

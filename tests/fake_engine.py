@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fusionserve.server.engine import EngineDeadError, QueueFullError, SamplingParams
+from fusionserve.server.contract import EngineDeadError, QueueFullError, SamplingParams
 
 OFFSET = 3  # ids 0..2 are special: 0 pad, 1 bos, 2 eos
 EOS = 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusionserve.models.decoder import Decoder
-from fusionserve.server.engine import EngineConfig, QueueFullError, RequestTooLongError, SamplingParams
+from fusionserve.server.contract import EngineConfig, QueueFullError, RequestTooLongError, SamplingParams
 from fusionserve.server.engine.fusion import FusionTimings
 from fusionserve.server.engine.llm_engine import LLMEngine
 from fusionserve.server.engine.output_processor import StopMatcher
@@ -293,9 +293,7 @@ def test_engine_metrics_are_updated(tiny):
 
     metrics = ServerMetrics(model_name="tiny", process_metrics=False)
     path, dec = tiny
-    eng = LLMEngine(
-        EngineConfig(model_dir=str(path), num_kv_blocks=64, layer_timing_every=1), decoder=dec
-    )
+    eng = LLMEngine(EngineConfig(model_dir=str(path), num_kv_blocks=64, layer_timing_every=1), decoder=dec)
     eng.generate(prompts(2), GREEDY)
     eng.add_request("ab", [5, 6], GREEDY)
     eng.step()
@@ -380,9 +378,12 @@ def test_prepare_counts_the_leading_decodes(tiny):
     def prepare(rows):
         """rows: (tokens, num_computed, new tokens, blocks) per sequence, as a scheduler plans them."""
         plan = SchedulerOutput(
-            seq_ids=list(range(len(rows))), num_new_tokens=[n for _, _, n, _ in rows],
-            num_computed=[c for _, c, _, _ in rows], seq_lens=[t for t, _, _, _ in rows],
-            block_tables=[b for _, _, _, b in rows], preempted_ids=[],
+            seq_ids=list(range(len(rows))),
+            num_new_tokens=[n for _, _, n, _ in rows],
+            num_computed=[c for _, c, _, _ in rows],
+            seq_lens=[t for t, _, _, _ in rows],
+            block_tables=[b for _, _, _, b in rows],
+            preempted_ids=[],
         )
         tokens = [list(range(3, 3 + t)) for t, _, _, _ in rows]
         return runner.prepare(plan, tokens, [t - 1 if c else t for t, c, _, _ in rows], [False] * len(rows))

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fusionserve.server.api.metrics import ServerMetrics
-from fusionserve.server.engine import (
+from fusionserve.server.contract import (
     EngineConfig,
     EngineDeadError,
     EngineStartError,
@@ -97,7 +97,9 @@ def test_limits_are_checked_before_queueing(proc):
 
 def test_metrics_and_fusion_cross_the_pipe(proc):
     """The child records no metrics: its StepStats records reach the HTTP process's registry."""
-    http = ServerMetrics(model_name="tiny", process_metrics=False, engine_cpu_seconds=lambda: proc.cpu_seconds)
+    http = ServerMetrics(
+        model_name="tiny", process_metrics=False, engine_cpu_seconds=lambda: proc.cpu_seconds
+    )
     proc.listeners.append(http.record)
 
     async def main():

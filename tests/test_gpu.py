@@ -74,7 +74,7 @@ def test_engine_on_cuda_with_graphs_and_overlap(ckpt):
     overlap on == off, CUDA-graph decode steps used, every block freed."""
     import random
 
-    from fusionserve.server.engine import EngineConfig, SamplingParams
+    from fusionserve.server.contract import EngineConfig, SamplingParams
     from fusionserve.server.engine.llm_engine import LLMEngine
 
     rng = random.Random(0)
@@ -102,7 +102,7 @@ def test_engine_process_on_cuda_equals_in_process(ckpt):
     import asyncio
     import random
 
-    from fusionserve.server.engine import EngineConfig, SamplingParams
+    from fusionserve.server.contract import EngineConfig, SamplingParams
     from fusionserve.server.engine.llm_engine import LLMEngine
     from fusionserve.server.engine.process_client import ProcessEngineClient
 

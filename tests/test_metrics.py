@@ -198,13 +198,18 @@ def test_buckets_cover_design_ranges():
 def test_engine_core_records_become_series_in_the_http_process():
     """The engine core sends plain records (EngineCoreOutputs); this process's registry turns them
     into series, beside its own requests_total, process metrics and the engine process's CPU."""
-    from fusionserve.server.engine.messages import EngineCoreOutputs, EngineStats, FinishedRequest, StepStats
+    from fusionserve.server.contract import EngineCoreOutputs, EngineStats, FinishedRequest, StepStats
 
     http = ServerMetrics(model_name=MODEL, engine_cpu_seconds=lambda: 2.5)
     http.count_request("/v1/completions", 200)
     step = StepStats(
-        steps=[("decode", "on", 0.01), ("prefill", "off", 0.2)], layers=[("decode", "on", 0, "attn", 1e-4)],
-        ttfts=[0.05], itls=[0.01, 0.02], finished=[FinishedRequest("stop", 1.0, 7, 3)], preemptions=2, aborts=1,
+        steps=[("decode", "on", 0.01), ("prefill", "off", 0.2)],
+        layers=[("decode", "on", 0, "attn", 1e-4)],
+        ttfts=[0.05],
+        itls=[0.01, 0.02],
+        finished=[FinishedRequest("stop", 1.0, 7, 3)],
+        preemptions=2,
+        aborts=1,
     )
     stats = EngineStats(running=3, waiting=1, kv_usage=0.25, preemptions=2, prefix_hit_rate=0.0, steps=2)
     http.record(EngineCoreOutputs([], step, stats, adds_seen=1, cpu_seconds=2.5))
@@ -214,12 +219,32 @@ def test_engine_core_records_become_series_in_the_http_process():
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     assert value(fams, "fusionserve_step_latency_seconds", "_count", phase="decode", fusion="on") == 1
     assert value(fams, "fusionserve_step_latency_seconds", "_count", phase="prefill", fusion="off") == 1
-    assert value(fams, "fusionserve_layer_latency_seconds", "_count", layer="0", part="attn", phase="decode", fusion="on") == 1
+    assert (
+        value(
+            fams,
+            "fusionserve_layer_latency_seconds",
+            "_count",
+            layer="0",
+            part="attn",
+            phase="decode",
+            fusion="on",
+        )
+        == 1
+    )
     assert value(fams, "fusionserve_inter_token_latency_seconds", "_count", model=MODEL) == 2
-    assert value(fams, "fusionserve_e2e_request_latency_seconds", "_count", model=MODEL, finish_reason="stop") == 1
+    assert (
+        value(fams, "fusionserve_e2e_request_latency_seconds", "_count", model=MODEL, finish_reason="stop")
+        == 1
+    )
     assert value(fams, "fusionserve_generation_tokens", "_total", model=MODEL) == 3
-    assert value(fams, "fusionserve_preemptions", "_total") == 2 and value(fams, "fusionserve_aborts", "_total") == 1
-    assert value(fams, "fusionserve_requests_running") == 3 and value(fams, "fusionserve_kv_cache_usage_ratio") == 0.25
+    assert (
+        value(fams, "fusionserve_preemptions", "_total") == 2
+        and value(fams, "fusionserve_aborts", "_total") == 1
+    )
+    assert (
+        value(fams, "fusionserve_requests_running") == 3
+        and value(fams, "fusionserve_kv_cache_usage_ratio") == 0.25
+    )
     assert value(fams, "fusionserve_requests", "_total", endpoint="/v1/completions", status="200") == 1
     assert value(fams, "fusionserve_engine_process_cpu_seconds", "_total") == 2.5
     assert "process_cpu_seconds" in fams

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fusionserve.server.engine.params import SamplingParams
+from fusionserve.server.contract import SamplingParams
 from fusionserve.server.engine.sampler import Sampler
 
 V = 32
@@ -27,7 +27,10 @@ class Row:
 def sample(sampler: Sampler, logits: torch.Tensor, rows: list[Row]):
     """The engine's call: launch on the device, then the one wait for ids (and logprobs)."""
     handle = sampler.launch(
-        logits, [r.params for r in rows], [r.generator for r in rows], lambda i: (rows[i].tokens, rows[i].num_prompt)
+        logits,
+        [r.params for r in rows],
+        [r.generator for r in rows],
+        lambda i: (rows[i].tokens, rows[i].num_prompt),
     )
     return handle.token_ids(), handle.logprobs()
 
@@ -42,7 +45,8 @@ def row(params: SamplingParams, tokens=(5, 6), num_prompt=1, gen=None) -> Row:
 
 def test_greedy_and_top_k_one_are_argmax():
     z = logits_rows(3)
-    ids, lps = sample(Sampler(seed=0),
+    ids, lps = sample(
+        Sampler(seed=0),
         z.clone(),
         [
             row(SamplingParams(temperature=0)),
@@ -127,16 +131,18 @@ def test_logit_bias_and_penalties():
         ids, _ = sample(s, zz, [row(params, tokens=(1, 3, 3), num_prompt=1)])
         assert ids == [4], params
     # presence/frequency only look at generated tokens; repetition also at the prompt
-    ids, _ = sample(s,
-        z.clone(), [row(SamplingParams(temperature=0, frequency_penalty=5.0), tokens=(3,), num_prompt=1)]
+    ids, _ = sample(
+        s, z.clone(), [row(SamplingParams(temperature=0, frequency_penalty=5.0), tokens=(3,), num_prompt=1)]
     )
     assert ids == [3]
 
 
 def test_logprobs_only_when_asked_and_exact():
     z = logits_rows(2, seed=5)
-    ids, lps = sample(Sampler(seed=0),
-        z.clone(), [row(SamplingParams(temperature=0, logprobs=3)), row(SamplingParams(temperature=0))]
+    ids, lps = sample(
+        Sampler(seed=0),
+        z.clone(),
+        [row(SamplingParams(temperature=0, logprobs=3)), row(SamplingParams(temperature=0))],
     )
     ref = torch.log_softmax(z[0], -1)
     assert lps[1] is None

@@ -50,7 +50,9 @@ class CountRequests:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        endpoint = path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        endpoint = (
+            path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        )
         status = {"code": 500}
 
         async def send_wrapper(message: Message) -> None:
@@ -64,7 +66,9 @@ class CountRequests:
             self.metrics.count_request(endpoint, status["code"])
 
 
-def create_app(engine: Any, settings: ServerSettings | None = None, metrics: ServerMetrics | None = None) -> FastAPI:
+def create_app(
+    engine: Any, settings: ServerSettings | None = None, metrics: ServerMetrics | None = None
+) -> FastAPI:
     """The HTTP app for a started engine client. The caller wires `metrics.record` to the client's
     listeners (serve.py does); a fresh ServerMetrics is made when none is given."""
     settings = settings or ServerSettings()

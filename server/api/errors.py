@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fusionserve.server.api.protocol import ProtocolError, error_body
-from fusionserve.server.engine.errors import EngineDeadError, QueueFullError, RequestTooLongError
+from fusionserve.server.contract import EngineDeadError, QueueFullError, RequestTooLongError
 
 log = logging.getLogger("fusionserve.http")
 
@@ -79,14 +79,20 @@ def engine_error(exc: BaseException, retry_after_s: int) -> ProtocolError | None
     if isinstance(exc, QueueFullError):
         return ProtocolError(
             "The server is overloaded: too many requests waiting. Retry later.",
-            status=503, type="service_unavailable_error", code="queue_full", headers=retry,
+            status=503,
+            type="service_unavailable_error",
+            code="queue_full",
+            headers=retry,
         )
     if isinstance(exc, RequestTooLongError):
         return ProtocolError(str(exc)[:500], param="messages", code="context_length_exceeded")
     if isinstance(exc, EngineDeadError):
         return ProtocolError(
             "The engine is not available (shutting down or failed).",
-            status=503, type="service_unavailable_error", code="engine_unavailable", headers=retry,
+            status=503,
+            type="service_unavailable_error",
+            code="engine_unavailable",
+            headers=retry,
         )
     if isinstance(exc, ValueError):
         return ProtocolError(str(exc)[:500], code="invalid_value")

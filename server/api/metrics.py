@@ -27,7 +27,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
-from fusionserve.server.engine.messages import EngineCoreOutputs, StepStats
+from fusionserve.server.contract import EngineCoreOutputs, StepStats
 
 PREFIX = "fusionserve_"
 

@@ -33,7 +33,7 @@ from fusionserve.server.api.protocol import (
     sampling_kwargs,
     usage,
 )
-from fusionserve.server.engine import SamplingParams
+from fusionserve.server.contract import SamplingParams
 
 SYSTEM_FINGERPRINT = "fusionserve"
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import uvicorn
 
-from fusionserve.server.engine import EngineClient, EngineConfig, EngineError
+from fusionserve.server.contract import EngineConfig, EngineError
+from fusionserve.server.engine.client import EngineClient
 
 log = logging.getLogger("fusionserve")
 
@@ -250,7 +251,9 @@ def _serve_until_signal(args: argparse.Namespace, app: Any, engine: EngineClient
         f"fusionserve ready: {url}/v1 (model {engine.model_name}, fusion {args.fusion}, "
         f"max_model_len {engine.max_model_len}, kernels: {engine.kernel_path})"
     )
-    server = GracefulServer(uv_config, ShutdownPlan(begin_drain, engine.wait_idle, args.shutdown_timeout), ready)
+    server = GracefulServer(
+        uv_config, ShutdownPlan(begin_drain, engine.wait_idle, args.shutdown_timeout), ready
+    )
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits when it cannot bind the port

@@ -45,25 +45,35 @@ class AppState:
         if self.settings.api_key is not None and not _key_matches(_bearer(request), self.settings.api_key):
             raise ProtocolError(
                 "Invalid or missing API key (send 'Authorization: Bearer <key>')",
-                status=401, type="authentication_error", code="invalid_api_key",
+                status=401,
+                type="authentication_error",
+                code="invalid_api_key",
             )
 
     def check_accepting(self) -> None:
         if self.drain.draining:
             raise ProtocolError(
-                "The server is shutting down", status=503, type="service_unavailable_error",
-                code="shutting_down", headers={"Retry-After": str(self.settings.retry_after_s)},
+                "The server is shutting down",
+                status=503,
+                type="service_unavailable_error",
+                code="shutting_down",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
             )
 
     def check_admin(self, request: Request) -> None:
         if not self.settings.admin_key:
             raise ProtocolError(
                 "The admin API is disabled: start the server with --admin-key",
-                status=403, type="permission_error", code="admin_disabled",
+                status=403,
+                type="permission_error",
+                code="admin_disabled",
             )
         if not _key_matches(_bearer(request), self.settings.admin_key):
             raise ProtocolError(
-                "Invalid or missing admin key", status=401, type="authentication_error", code="invalid_admin_key"
+                "Invalid or missing admin key",
+                status=401,
+                type="authentication_error",
+                code="invalid_admin_key",
             )
 
 

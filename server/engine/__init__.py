@@ -1,43 +1,7 @@
-"""The engine room: everything between a queued request and the sampled tokens.
+"""The engine room: everything between a queued request and its sampled tokens (docs/DESIGN.md).
 
-Torch-free at this level (the HTTP process imports only these): the configuration, the request
-and output types, the typed core messages, the errors, and the clients. The compute side
-(`llm_engine`, `scheduler`, `model_runner`, `sampler`, ...) is imported by the engine core only.
+The HTTP process imports from here only the clients (`client`, `thread_client`,
+`process_client`); they speak server/contract.py. The rest computes, in the core's thread or
+process: `llm_engine` drives `scheduler`, `block_manager`, `model_runner` (+ `cuda_graphs`),
+`sampler` and `output_processor` one step at a time; `core` is its loop.
 """
-
-from fusionserve.server.engine.client import EngineClient
-from fusionserve.server.engine.config import EngineConfig
-from fusionserve.server.engine.errors import (
-    EngineDeadError,
-    EngineError,
-    EngineShuttingDownError,
-    EngineStartError,
-    QueueFullError,
-    RequestTooLongError,
-)
-from fusionserve.server.engine.messages import (
-    EngineCoreOutputs,
-    EngineLimits,
-    EngineStats,
-    RequestOutput,
-    StepStats,
-)
-from fusionserve.server.engine.params import SamplingParams, TokenLogprob
-
-__all__ = [
-    "EngineClient",
-    "EngineConfig",
-    "EngineCoreOutputs",
-    "EngineDeadError",
-    "EngineError",
-    "EngineLimits",
-    "EngineShuttingDownError",
-    "EngineStartError",
-    "EngineStats",
-    "QueueFullError",
-    "RequestOutput",
-    "RequestTooLongError",
-    "SamplingParams",
-    "StepStats",
-    "TokenLogprob",
-]

@@ -16,19 +16,21 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from fusionserve.server.engine.config import EngineConfig
-from fusionserve.server.engine.errors import EngineDeadError, EngineShuttingDownError, QueueFullError
-from fusionserve.server.engine.fusion import FusionTimings, check_mode
-from fusionserve.server.engine.messages import (
+from fusionserve.server.contract import (
     CoreInfo,
     CoreOp,
+    EngineConfig,
     EngineCoreOutputs,
     EngineCoreRequest,
+    EngineDeadError,
+    EngineShuttingDownError,
     EngineStats,
     OpKind,
+    QueueFullError,
     RequestOutput,
+    SamplingParams,
 )
-from fusionserve.server.engine.params import SamplingParams
+from fusionserve.server.engine.fusion import FusionTimings, check_mode
 
 OutputsListener = Callable[[EngineCoreOutputs], None]
 
@@ -111,7 +113,10 @@ class EngineClient:
     def _idle(self) -> bool:
         st = self._stats
         return (
-            not self._has_streams() and st.running == 0 and st.waiting == 0 and self._adds_sent == self._adds_seen
+            not self._has_streams()
+            and st.running == 0
+            and st.waiting == 0
+            and self._adds_sent == self._adds_seen
         )
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -157,7 +162,9 @@ class EngineClient:
         finished: set[int] = set()
         try:
             self._adds_sent += 1
-            self._send(CoreOp(OpKind.ADD, EngineCoreRequest(request_id, prompt_ids, params, time.monotonic())))
+            self._send(
+                CoreOp(OpKind.ADD, EngineCoreRequest(request_id, prompt_ids, params, time.monotonic()))
+            )
             while len(finished) < params.n:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):

@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fusionserve.server.engine.config import EngineConfig
-from fusionserve.server.engine.messages import (
+from fusionserve.server.contract import (
     CoreEvent,
     CoreEventKind,
     CoreInfo,
     CoreOp,
+    EngineConfig,
     EngineCoreOutputs,
     OpKind,
     RequestOutput,
@@ -51,7 +51,9 @@ def core_info(engine: LLMEngine) -> CoreInfo:
 class EngineCore:
     """Drive an LLMEngine from an inbox of ops; hand every EngineCoreOutputs / CoreEvent to `emit`."""
 
-    def __init__(self, engine: LLMEngine, inbox: Inbox, emit: Callable[[EngineCoreOutputs | CoreEvent], None]):
+    def __init__(
+        self, engine: LLMEngine, inbox: Inbox, emit: Callable[[EngineCoreOutputs | CoreEvent], None]
+    ):
         self.engine = engine
         self.inbox = inbox
         self.emit = emit
@@ -91,7 +93,9 @@ class EngineCore:
 
     def _send_outputs(self) -> None:
         eng = self.engine
-        outs = EngineCoreOutputs(self.pending, eng.take_step_stats(), eng.stats(), self.adds, time.process_time())
+        outs = EngineCoreOutputs(
+            self.pending, eng.take_step_stats(), eng.stats(), self.adds, time.process_time()
+        )
         self.pending = []
         self.emit(outs)
 

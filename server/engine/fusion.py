@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
-from fusionserve.server.engine.messages import StepStats
+from fusionserve.server.contract import StepStats
 
 MODES = ("on", "off", "ab")
 

@@ -19,16 +19,17 @@ import torch
 
 from fusionserve.models.decoder import Decoder
 from fusionserve.models.tokenizer import load_tokenizer
-from fusionserve.server.engine.block_manager import BlockManager
-from fusionserve.server.engine.config import EngineConfig
-from fusionserve.server.engine.fusion import FusionControl, path_label
-from fusionserve.server.engine.messages import (
+from fusionserve.server.contract import (
+    EngineConfig,
     EngineLimits,
     EngineStats,
     FinishedRequest,
     RequestOutput,
+    SamplingParams,
     StepStats,
 )
+from fusionserve.server.engine.block_manager import BlockManager
+from fusionserve.server.engine.fusion import FusionControl, path_label
 from fusionserve.server.engine.model_runner import LayerTimer, ModelRunner, kv_cache_blocks, load_decoder
 from fusionserve.server.engine.output_processor import (
     Choice,
@@ -37,7 +38,6 @@ from fusionserve.server.engine.output_processor import (
     abort_outputs,
     merge_output,
 )
-from fusionserve.server.engine.params import SamplingParams
 from fusionserve.server.engine.sampler import SampleHandle, Sampler, prompt_logprobs
 from fusionserve.server.engine.scheduler import Scheduler, SchedulerConfig
 from fusionserve.server.engine.sequence import UNKNOWN_TOKEN, Sequence, Status
@@ -73,7 +73,9 @@ class LLMEngine:
         self.runner = ModelRunner(decoder, num_blocks, bs)
         self.kernel_path = self._prepare_kernels(config, decoder)
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
+        )
         self.sampler = Sampler(decoder.device, config.seed)
         self.fusion = FusionControl(config.fusion)
         eos = getattr(self.tokenizer, "eos_token_ids", None) if self.tokenizer is not None else None
@@ -333,7 +335,9 @@ class LLMEngine:
         seq = ch.seq
         return seq.num_output >= ch.request.params.max_tokens or seq.num_tokens >= self.max_model_len
 
-    def _process(self, handle: SampleHandle | None, done: list[tuple[Choice, int, int]]) -> list[RequestOutput]:
+    def _process(
+        self, handle: SampleHandle | None, done: list[tuple[Choice, int, int]]
+    ) -> list[RequestOutput]:
         """The per-token host work of a collected step: logprobs, text, stop strings, outputs."""
         lps = handle.logprobs() if handle is not None and done else None
         outputs = []

@@ -25,8 +25,7 @@ import torch
 
 from fusionserve.kernels.batch import PagedBatch, leading_ones
 from fusionserve.models.decoder import Decoder, KVCache
-from fusionserve.server.engine.config import EngineConfig
-from fusionserve.server.engine.errors import EngineStartError
+from fusionserve.server.contract import EngineConfig, EngineStartError
 
 if TYPE_CHECKING:
     from fusionserve.server.engine.cuda_graphs import DecodeGraphs
@@ -194,7 +193,17 @@ class ModelRunner:
             src = np.asarray(pending_rows, dtype=np.int64)
             gather_dst = query_start[:-1][src >= 0]  # an item's first (only) token
             gather_src = src[src >= 0]
-        parts = (ids, positions, slots, logit_rows, query_start, ends, gather_dst, gather_src, table_arr.reshape(-1))
+        parts = (
+            ids,
+            positions,
+            slots,
+            logit_rows,
+            query_start,
+            ends,
+            gather_dst,
+            gather_src,
+            table_arr.reshape(-1),
+        )
         ids_t, pos_t, slot_t, logit_t, qs_t, cl_t, dst_t, src_t, tab_t = self._to_device(parts)
         batch = PagedBatch(
             query_start=qs_t.to(torch.int32), context_lens=cl_t.to(torch.int32),

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fusionserve.server.engine.messages import RequestOutput
-from fusionserve.server.engine.params import SamplingParams, TokenLogprob
+from fusionserve.server.contract import RequestOutput, SamplingParams, TokenLogprob
 from fusionserve.server.engine.sequence import Sequence
 
 

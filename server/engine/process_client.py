@@ -17,18 +17,19 @@ import queue
 import threading
 import time
 
-from fusionserve.server.engine.client import EngineClient
-from fusionserve.server.engine.config import EngineConfig
-from fusionserve.server.engine.core import core_main
-from fusionserve.server.engine.errors import EngineDeadError, EngineStartError
-from fusionserve.server.engine.messages import (
+from fusionserve.server.contract import (
     CoreEvent,
     CoreEventKind,
     CoreInfo,
     CoreOp,
+    EngineConfig,
     EngineCoreOutputs,
+    EngineDeadError,
+    EngineStartError,
     OpKind,
 )
+from fusionserve.server.engine.client import EngineClient
+from fusionserve.server.engine.core import core_main
 
 log = logging.getLogger("fusionserve.engine")
 
@@ -40,7 +41,12 @@ class ProcessEngineClient(EngineClient):
     WEDGED_AFTER_S = 120.0  # no message for this long while requests wait counts as wedged
 
     def __init__(
-        self, config: EngineConfig, *, switch_ms: float = 0.0, log_level: str = "info", start_timeout_s: float = 3600.0
+        self,
+        config: EngineConfig,
+        *,
+        switch_ms: float = 0.0,
+        log_level: str = "info",
+        start_timeout_s: float = 3600.0,
     ) -> None:
         from fusionserve.models.registry import resolve_model
         from fusionserve.models.tokenizer import load_tokenizer

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from fusionserve.server.engine.params import GREEDY_EPS, SamplingParams, TokenLogprob
+from fusionserve.server.contract import GREEDY_EPS, SamplingParams, TokenLogprob
 
 
 def _logprob_tensors(logits: torch.Tensor, chosen: torch.Tensor, kmax: int):

@@ -41,7 +41,9 @@ class SchedulerOutput:
 
     @property
     def is_decode(self) -> bool:
-        return all(n == 1 and s + 1 == t for n, s, t in zip(self.num_new_tokens, self.num_computed, self.seq_lens))
+        return all(
+            n == 1 and s + 1 == t for n, s, t in zip(self.num_new_tokens, self.num_computed, self.seq_lens)
+        )
 
     @property
     def num_tokens(self) -> int:

@@ -8,11 +8,17 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from fusionserve.server.contract import (
+    CoreEvent,
+    CoreEventKind,
+    CoreOp,
+    EngineConfig,
+    EngineCoreOutputs,
+    EngineDeadError,
+    OpKind,
+)
 from fusionserve.server.engine.client import EngineClient
-from fusionserve.server.engine.config import EngineConfig
 from fusionserve.server.engine.core import EngineCore, core_info
-from fusionserve.server.engine.errors import EngineDeadError
-from fusionserve.server.engine.messages import CoreEvent, CoreEventKind, CoreOp, EngineCoreOutputs, OpKind
 
 if TYPE_CHECKING:
     from fusionserve.server.engine.llm_engine import LLMEngine
