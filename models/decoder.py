@@ -27,6 +27,26 @@ from fusionserve.models.loader import ModelWeights, load_weights
 LayerTimer = Callable[[int, str], AbstractContextManager]
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def resolve_device(name: torch.device | str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}")
+    return DTYPES[name]
+
+
 @dataclass
 class KVCache:
     """Paged K/V storage, one [num_blocks, block_size, Hk, D] pair per layer."""
@@ -83,14 +103,14 @@ class Decoder:
         cls,
         model_dir: str | Path,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         backend: str = "auto",
         max_model_len: int | None = None,
         progress: bool = True,
     ) -> Decoder:
-        device = torch.device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        """`device` "auto": CUDA when there is one; `dtype` None / "auto": bf16 on CUDA, fp32 elsewhere."""
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         config, weights = load_weights(model_dir, dtype=dtype, device=device, progress=progress)
         return cls(config, weights, select_backend(device, backend), max_model_len)
 

@@ -64,17 +64,6 @@ class RequestOutput:
     completion_tokens: int
 
 
-class FakeFusion:
-    def __init__(self) -> None:
-        self.mode = "on"
-
-    def set_mode(self, mode: str) -> None:
-        self.mode = mode
-
-    def summary(self) -> dict[str, Any]:
-        return {"on": {"step_mean_s": 0.001}, "off": {"step_mean_s": 0.0011}}
-
-
 @dataclass
 class FakeEngine:
     """Generates ``TEXT`` cyclically (seed shifts the start), one token per ``delay`` seconds."""
@@ -84,7 +73,8 @@ class FakeEngine:
     max_queue: int = 1000
     model_name: str = "fake-model"
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
-    fusion: FakeFusion = field(default_factory=FakeFusion)
+    fusion_mode: str = "on"
+    listeners: list = field(default_factory=list)
     running: set[str] = field(default_factory=set)
     aborted: set[str] = field(default_factory=set)
     finished: set[str] = field(default_factory=set)
@@ -96,6 +86,9 @@ class FakeEngine:
 
     def start(self) -> None:
         pass
+
+    def set_fusion_mode(self, mode: str) -> None:
+        self.fusion_mode = mode
 
     def is_alive(self) -> bool:
         return self.alive

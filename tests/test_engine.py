@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fusionserve.models.decoder import Decoder
+from fusionserve.server.api.fusion import FusionTimings
 from fusionserve.server.contract import EngineConfig, QueueFullError, RequestTooLongError, SamplingParams
-from fusionserve.server.engine.fusion import FusionTimings
 from fusionserve.server.engine.llm_engine import LLMEngine
 from fusionserve.server.engine.output_processor import StopMatcher
 from fusionserve.server.engine.thread_client import ThreadEngineClient

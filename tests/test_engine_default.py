@@ -7,8 +7,8 @@ import torch
 
 from fusionserve.models.decoder import Decoder
 from fusionserve.models.tokenizer import Tokenizer
+from fusionserve.server.api.fusion import FusionTimings
 from fusionserve.server.contract import EngineConfig, SamplingParams
-from fusionserve.server.engine.fusion import FusionTimings
 from fusionserve.server.engine.llm_engine import LLMEngine
 
 TEXTS = [

@@ -11,6 +11,7 @@ import signal
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fusionserve.server.api.fusion import FusionSwitch
 from fusionserve.server.api.metrics import ServerMetrics
 from fusionserve.server.contract import (
     EngineConfig,
@@ -100,20 +101,22 @@ def test_metrics_and_fusion_cross_the_pipe(proc):
     http = ServerMetrics(
         model_name="tiny", process_metrics=False, engine_cpu_seconds=lambda: proc.cpu_seconds
     )
+    fusion = FusionSwitch(proc)  # what /admin/fusion reads
     proc.listeners.append(http.record)
 
     async def main():
         await collect(proc, "m", [5, 6, 7], GREEDY)
-        proc.fusion.set_mode("off")
-        assert proc.fusion.mode == "off"
+        fusion.set_mode("off")
+        assert fusion.mode == proc.fusion_mode == "off"
         await collect(proc, "m2", [5, 6, 7], GREEDY)
         assert await proc.wait_idle(10)
-        return proc.fusion.summary()
+        return fusion.summary()
 
     try:
         summary = asyncio.run(main())
     finally:
         proc.listeners.remove(http.record)
+        proc.listeners.remove(fusion.timings.record_outputs)
     assert summary["mode"] == "off" and {"on", "off"} <= summary["steps"].keys()
     http.set_fusion_mode("off")
     http.count_request("/v1/completions", 200)
@@ -125,7 +128,7 @@ def test_metrics_and_fusion_cross_the_pipe(proc):
     assert fams["fusionserve_engine_process_cpu_seconds"].samples[0].value > 0
     assert {s.labels["mode"]: s.value for s in fams["fusionserve_fusion_mode"].samples}["off"] == 1.0
     assert len([n for n in fams if n == "fusionserve_fusion_mode"]) == 1
-    proc.fusion.set_mode("on")
+    fusion.set_mode("on")
 
 
 def test_queue_full_counts_requests_the_child_has_not_seen(tiny_dir):

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fusionserve.server.api.errors import install_error_handlers
+from fusionserve.server.api.fusion import FusionSwitch
 from fusionserve.server.api.metrics import ServerMetrics
 from fusionserve.server.api.openai_serving import Serving
 from fusionserve.server.api.routes import generate, operations, tokens
@@ -74,7 +75,7 @@ def create_app(
     settings = settings or ServerSettings()
     metrics = metrics or ServerMetrics(model_name=engine.model_name)
     app = FastAPI(title="fusionserve", version=settings.version, docs_url=None, redoc_url=None)
-    state = AppState(engine, settings, metrics, Serving(engine, engine.model_name))
+    state = AppState(engine, settings, metrics, Serving(engine, engine.model_name), FusionSwitch(engine))
     app.state.fusionserve = state
     app.state.drain = state.drain  # serve.py's shutdown flips it
     app.add_middleware(CountRequests, metrics=metrics)

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 
 from fusionserve import __version__
+from fusionserve.server.api.fusion import FusionSwitch
 from fusionserve.server.api.metrics import ServerMetrics
 from fusionserve.server.api.openai_serving import Serving
 from fusionserve.server.api.protocol import ProtocolError, now
@@ -38,6 +39,7 @@ class AppState:
     settings: ServerSettings
     metrics: ServerMetrics
     serving: Serving
+    fusion: FusionSwitch
     drain: DrainState = field(default_factory=DrainState)
     started: int = field(default_factory=now)
 

@@ -4,7 +4,7 @@ A request's deltas reach its consumer through an asyncio queue that another thre
 core's thread, or the pipe reader of the process placement), with one event-loop wake-up per
 step. Requests are checked here against the core's `EngineLimits` before they are queued, so a
 bad one fails before its response starts. Each EngineCoreOutputs also carries the step's
-StepStats, handed to `listeners` (the server's Prometheus series) and to the fusion timings.
+StepStats, handed to `listeners` (the server's Prometheus series, /admin/fusion's timings).
 Subclasses say how ops travel (`_send`) and whether the core still runs.
 """
 
@@ -30,7 +30,7 @@ from fusionserve.server.contract import (
     RequestOutput,
     SamplingParams,
 )
-from fusionserve.server.engine.fusion import FusionTimings, check_mode
+from fusionserve.server.engine.fusion import check_mode
 
 OutputsListener = Callable[[EngineCoreOutputs], None]
 
@@ -46,27 +46,6 @@ def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
         q.put_nowait(item)
 
 
-class FusionSwitch:
-    """`client.fusion` for the app: the mode is set in the core (its steps pick the path); the
-    per-path summary comes from the StepStats the core sends."""
-
-    def __init__(self, client: EngineClient, mode: str) -> None:
-        self._client = client
-        self._mode = check_mode(mode)
-        self.timings = FusionTimings()
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    def set_mode(self, mode: str) -> None:
-        self._mode = check_mode(mode)
-        self._client._send(CoreOp(OpKind.SET_FUSION, mode))
-
-    def summary(self) -> dict:
-        return self.timings.summary(self._mode)
-
-
 class EngineClient:
     """The asyncio front of an engine core: `generate`, `abort`, `stats`, `is_alive`,
     `begin_drain`, `wait_idle`, `shutdown`, plus what the core told it when ready."""
@@ -75,7 +54,7 @@ class EngineClient:
         self.config = config
         self.tokenizer = tokenizer
         self.listeners: list[OutputsListener] = []
-        self.fusion = FusionSwitch(self, config.fusion)
+        self.fusion_mode = config.fusion
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._draining = False
@@ -144,6 +123,11 @@ class EngineClient:
         if self._stats.waiting + (self._adds_sent - self._adds_seen) >= self.config.max_queue:
             raise QueueFullError(f"{self.config.max_queue} requests are already waiting")
 
+    def set_fusion_mode(self, mode: str) -> None:
+        """The core's next step takes this path (on / off / ab)."""
+        self.fusion_mode = check_mode(mode)
+        self._send(CoreOp(OpKind.SET_FUSION, mode))
+
     def abort(self, request_id: str) -> None:
         self._send(CoreOp(OpKind.ABORT, request_id))
 
@@ -187,7 +171,6 @@ class EngineClient:
             self._deliver_all(
                 [(o.request_id, o) if isinstance(o, RequestOutput) else (o[0], o[1]) for o in outs.outputs]
             )
-        self.fusion.timings.record(outs.step_stats)
         for listener in self.listeners:
             listener(outs)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fusionserve.models.decoder import Decoder
+from fusionserve.models.layer_timer import LayerTimer
 from fusionserve.models.tokenizer import load_tokenizer
 from fusionserve.server.contract import (
     EngineConfig,
@@ -30,7 +31,7 @@ from fusionserve.server.contract import (
 )
 from fusionserve.server.engine.block_manager import BlockManager
 from fusionserve.server.engine.fusion import FusionControl, path_label
-from fusionserve.server.engine.model_runner import LayerTimer, ModelRunner, kv_cache_blocks, load_decoder
+from fusionserve.server.engine.model_runner import ModelRunner, kv_cache_blocks, load_decoder
 from fusionserve.server.engine.output_processor import (
     Choice,
     RequestState,

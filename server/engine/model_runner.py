@@ -13,9 +13,6 @@ captured for the smallest batch size >= theirs, unless the step is timed
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,27 +22,12 @@ import torch
 
 from fusionserve.kernels.batch import PagedBatch, leading_ones
 from fusionserve.models.decoder import Decoder, KVCache
+from fusionserve.models.layer_timer import LayerTimer
 from fusionserve.server.contract import EngineConfig, EngineStartError
 
 if TYPE_CHECKING:
     from fusionserve.server.engine.cuda_graphs import DecodeGraphs
     from fusionserve.server.engine.scheduler import SchedulerOutput
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}")
-    return table[name]
 
 
 def kv_cache_blocks(config: EngineConfig, decoder: Decoder) -> int:
@@ -87,11 +69,13 @@ def load_decoder(config: EngineConfig) -> tuple[Decoder, Path]:
     from fusionserve.models.registry import resolve_model
 
     model_dir = resolve_model(config.model_dir)
-    device = resolve_device(config.device)
     decoder = Decoder.from_pretrained(
-        model_dir, device=device, dtype=resolve_dtype(config.dtype, device),
-        backend=config.backend, max_model_len=config.max_model_len,
-    )  # fmt: skip
+        model_dir,
+        device=config.device,
+        dtype=config.dtype,
+        backend=config.backend,
+        max_model_len=config.max_model_len,
+    )
     return decoder, model_dir
 
 
@@ -103,40 +87,6 @@ class StepInputs:
     logit_rows: torch.Tensor  # rows of the packed tokens whose logits are computed
     sample_index: list[int | None]  # per planned sequence: its sampled row within logit_rows, or None
     prompt_index: list[tuple[int, int] | None]  # per sequence: (first, count) of its prompt-logprob rows
-
-
-class LayerTimer:
-    """The decoder's `timer` hook: perf_counter on CPU, CUDA events on GPU (resolved after the step)."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        self._records: list[tuple[int, str, object, object]] = []
-
-    @contextmanager
-    def __call__(self, layer: int, part: str) -> Iterator[None]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-        else:
-            start = time.perf_counter()
-            yield
-            end = time.perf_counter()
-        self._records.append((layer, part, start, end))
-
-    def results(self) -> list[tuple[int, str, float]]:
-        """(layer, part, seconds) for every timed part, plus part="block" = attn + mlp."""
-        if self.cuda:
-            if self._records:  # this step's last event, not the device: a step launched ahead may run
-                self._records[-1][3].synchronize()
-            timed = [(la, p, s.elapsed_time(e) / 1e3) for la, p, s, e in self._records]
-        else:
-            timed = [(la, p, e - s) for la, p, s, e in self._records]
-        blocks: dict[int, float] = {}
-        for layer, _, secs in timed:
-            blocks[layer] = blocks.get(layer, 0.0) + secs
-        return timed + [(layer, "block", secs) for layer, secs in sorted(blocks.items())]
 
 
 class ModelRunner:

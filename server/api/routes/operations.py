@@ -87,11 +87,11 @@ async def set_fusion(request: Request) -> dict[str, Any]:
     st = app_state(request)
     st.check_admin(request)
     req = await read_json(request, FusionRequest, 4096)
-    st.engine.fusion.set_mode(req.mode)
+    st.fusion.set_mode(req.mode)
     st.metrics.set_fusion_mode(req.mode)
     log.info("fusion mode set to %s", req.mode)
     return _fusion_state(st)
 
 
 def _fusion_state(st: AppState) -> dict[str, Any]:
-    return {"mode": st.engine.fusion.mode, "summary": st.engine.fusion.summary()}
+    return {"mode": st.fusion.mode, "summary": st.fusion.summary()}
