@@ -225,9 +225,20 @@ def _byte_level_pre_tokenizer(pre: str | None) -> Any:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
+def _post_processor(bos: str | None, eos: str | None, ids: dict[str, int]) -> Any:
+    """The BOS / EOS the GGUF says to add around each sequence (TemplateProcessing), else none."""
+    from tokenizers import processors
+
+    if not (bos or eos):
+        return processors.ByteLevel(trim_offsets=False)
+    single = ([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else [])
+    pair = single + ([f"{bos}:1"] if bos else []) + ["$B:1"] + ([f"{eos}:1"] if eos else [])
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(ids.items()))
+
+
 def _build_tokenizer(reader: Any, path: Path) -> tuple[Any, dict[str, Any]]:
     """tokenizer.json (as a `tokenizers.Tokenizer`) and tokenizer_config.json from GGUF metadata."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
@@ -282,22 +293,8 @@ def _build_tokenizer(reader: Any, path: Path) -> tuple[Any, dict[str, Any]]:
     bos, eos = token_at("bos_token_id"), token_at("eos_token_id")
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
-    if (add_bos and bos) or (add_eos and eos):
-        single = (
-            ([f"{bos}:0"] if add_bos and bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos and eos else [])
-        )
-        pair = (
-            single
-            + ([f"{bos}:1"] if add_bos and bos else [])
-            + ["$B:1"]
-            + ([f"{eos}:1"] if add_eos and eos else [])
-        )
-        ids = {t: vocab[spell(t)] for t in (bos, eos) if t}
-        tok.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=list(ids.items())
-        )
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    ids = {t: vocab[spell(t)] for t in (bos, eos) if t}
+    tok.post_processor = _post_processor(bos if add_bos else None, eos if add_eos else None, ids)
 
     arch = _field(reader, "general.architecture")
     tok_config: dict[str, Any] = {

@@ -129,7 +129,18 @@ class ServerMetrics:
             PlatformCollector(registry=self.registry)
         if engine_cpu_seconds is not None:
             self.registry.register(_EngineCpu(engine_cpu_seconds))
-        r = self.registry
+        self._define_latencies(self.registry)
+        self._define_counts(self.registry)
+
+        # Series that exist from the first scrape, so dashboards show zeros rather than "no data".
+        for child in (self.ttft, self.itl, self.prompt_tokens, self.generation_tokens):
+            child.labels(model=model_name)
+        # Per-token series, bound once: labels() costs as much as observe() (~2 µs), paid 2x per token.
+        self._ttft_child = self.ttft.labels(model=model_name)
+        self._itl_child = self.itl.labels(model=model_name)
+        self.set_fusion_mode(fusion_mode)
+
+    def _define_latencies(self, r: CollectorRegistry) -> None:
 
         self.layer_latency = Histogram(
             LAYER_LATENCY,
@@ -167,6 +178,8 @@ class ServerMetrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
+
+    def _define_counts(self, r: CollectorRegistry) -> None:
         # prometheus_client appends "_total" to counter names itself.
         self.prompt_tokens = Counter(
             PROMPT_TOKENS.removesuffix("_total"),
@@ -207,14 +220,6 @@ class ServerMetrics:
             ["mode"],
             registry=r,
         )
-
-        # Series that exist from the first scrape, so dashboards show zeros rather than "no data".
-        for child in (self.ttft, self.itl, self.prompt_tokens, self.generation_tokens):
-            child.labels(model=model_name)
-        # Per-token series, bound once: labels() costs as much as observe() (~2 µs), paid 2x per token.
-        self._ttft_child = self.ttft.labels(model=model_name)
-        self._itl_child = self.itl.labels(model=model_name)
-        self.set_fusion_mode(fusion_mode)
 
     # -- engine ---------------------------------------------------------------
 

@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse, Response
 
 from fusionserve.server.api.disconnect import ClientDisconnected, SSEResponse, race_disconnect
 from fusionserve.server.api.errors import engine_error
-from fusionserve.server.api.openai_serving import Job, Primed, sse
 from fusionserve.server.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -21,6 +20,7 @@ from fusionserve.server.api.protocol import (
     error_body,
 )
 from fusionserve.server.api.request_body import read_json
+from fusionserve.server.api.serving_common import Job, Primed, sse
 from fusionserve.server.api.state import AppState, app_state
 
 log = logging.getLogger("fusionserve.http")

@@ -1,0 +1,128 @@
+"""/v1/chat/completions answers: full JSON and SSE chunks with the chat logprobs shape."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fusionserve.server.api.protocol import (
+    ChatCompletionRequest,
+    finite,
+    now,
+    usage,
+)
+from fusionserve.server.api.serving_common import (
+    SSE_DONE,
+    SYSTEM_FINGERPRINT,
+    ChoiceState,
+    Primed,
+    merge_outputs,
+    sse,
+)
+
+
+class ChatResponses:
+    """Mixed into Serving: the answers of a primed /v1/chat/completions request."""
+
+    token_text: Any
+    model_name: str
+
+    def _chat_logprobs(self, items: Sequence[Any]) -> list[dict[str, Any]]:
+        out = []
+        for item in items:
+            s = self.token_text.get(item.token_id)
+            out.append(
+                {
+                    "token": s,
+                    "logprob": finite(item.logprob),
+                    "bytes": list(s.encode("utf-8")),
+                    "top_logprobs": [
+                        {
+                            "token": self.token_text.get(t),
+                            "logprob": finite(lp),
+                            "bytes": list(self.token_text.get(t).encode("utf-8")),
+                        }
+                        for t, lp in item.top
+                    ],
+                }
+            )
+        return out
+
+    async def chat_full(self, req: ChatCompletionRequest, primed: Primed) -> dict[str, Any]:
+        states: dict[int, ChoiceState] = {}
+        prompt_tokens = len(primed.jobs[0].prompt_ids)
+        async for _, out in merge_outputs(primed):
+            st = states.setdefault(out.index, ChoiceState())
+            self._absorb(st, out)
+            prompt_tokens = out.prompt_tokens or prompt_tokens
+            if req.logprobs and out.logprobs:
+                st.logprobs.extend(self._chat_logprobs(out.logprobs))
+        choices = []
+        for idx in sorted(states):
+            st = states[idx]
+            choices.append(
+                {
+                    "index": idx,
+                    "message": {"role": "assistant", "content": "".join(st.text), "refusal": None},
+                    "logprobs": {"content": st.logprobs, "refusal": None} if req.logprobs else None,
+                    "finish_reason": st.finish_reason,
+                }
+            )
+        return {
+            "id": primed.jobs[0].request_id,
+            "object": "chat.completion",
+            "created": now(),
+            "model": self.model_name,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+            "usage": usage(prompt_tokens, sum(s.completion_tokens for s in states.values())),
+        }
+
+    async def chat_stream(self, req: ChatCompletionRequest, primed: Primed) -> AsyncIterator[str]:
+        rid, created = primed.jobs[0].request_id, now()
+        include_usage = req.include_usage()
+        states: dict[int, ChoiceState] = {}
+        prompt_tokens = len(primed.jobs[0].prompt_ids)
+
+        def chunk(idx: int, delta: dict[str, Any], lp: Any, finish: str | None) -> str:
+            body: dict[str, Any] = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "system_fingerprint": SYSTEM_FINGERPRINT,
+                "choices": [{"index": idx, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+            }
+            if include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        try:
+            async for _, out in merge_outputs(primed):
+                if out.index not in states:
+                    yield chunk(out.index, {"role": "assistant", "content": ""}, None, None)
+                st = states.setdefault(out.index, ChoiceState())
+                self._absorb(st, out)
+                prompt_tokens = out.prompt_tokens or prompt_tokens
+                lp = None
+                if req.logprobs:
+                    lp = {"content": self._chat_logprobs(out.logprobs or []), "refusal": None}
+                finish = st.finish_reason if out.finished else None
+                if out.text or finish or (lp and lp["content"]):
+                    delta = {"content": out.text} if out.text else {}
+                    yield chunk(out.index, delta, lp, finish)
+            if include_usage:
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": self.model_name,
+                        "system_fingerprint": SYSTEM_FINGERPRINT,
+                        "choices": [],
+                        "usage": usage(prompt_tokens, sum(s.completion_tokens for s in states.values())),
+                    }
+                )
+            yield SSE_DONE
+        finally:
+            await primed.aclose()
