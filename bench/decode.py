@@ -37,7 +37,7 @@ from fusionserve.kernels.backend import select_backend  # noqa: E402
 from fusionserve.kernels.batch import PagedBatch  # noqa: E402
 from fusionserve.kernels.pdl import pdl_available  # noqa: E402
 from fusionserve.models.config import ModelConfig  # noqa: E402
-from fusionserve.models.decoder import Decoder, KVCache  # noqa: E402
+from fusionserve.models.decoder import Decoder, geometry, KVCache  # noqa: E402
 from fusionserve.models.loader import LayerWeights, ModelWeights  # noqa: E402
 from fusionserve.server.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 
@@ -175,7 +175,7 @@ def bench_ours(
     """
     cfg = config_of(name)
     max_len = max(contexts) + 16
-    model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=max_len)
+    model = Decoder(cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=max_len)
     for ctx in contexts:
         for b in batches:
             try:

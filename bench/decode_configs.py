@@ -24,7 +24,7 @@ from bench.common import environment, markdown_table, write_results  # noqa: E40
 from bench.decode import best_of_interleaved, config_of, filled_kv_cache, random_weights  # noqa: E402
 from fusionserve.kernels import norm_linear as nl  # noqa: E402
 from fusionserve.kernels.backend import select_backend  # noqa: E402
-from fusionserve.models.decoder import Decoder  # noqa: E402
+from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
 
 # (N, K, M bucket, gate_up) -> alternatives (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)
 CANDIDATES = {
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     cfg = config_of(args.model)
-    model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=args.ctx + 16)
+    model = Decoder(cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=args.ctx + 16)
     kv = filled_kv_cache(model, args.batch, args.ctx)
     variants: dict[str, tuple | None] = {"baseline": None}
     for key, alts in CANDIDATES[args.model].items():

@@ -27,7 +27,7 @@ from bench.decode import best_of_interleaved, config_of, filled_kv_cache, random
 from fusionserve.kernels.backend import select_backend  # noqa: E402
 from fusionserve.kernels.pdl import PdlPolicy  # noqa: E402
 from fusionserve.kernels.triton_backend import TritonBackend  # noqa: E402
-from fusionserve.models.decoder import Decoder  # noqa: E402
+from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
 
 VARIANTS: dict[str, dict] = {  # the backend attributes of each (unset ones keep the product default)
     "no PDL": dict(pdl=False),
@@ -63,7 +63,7 @@ def main() -> None:
     for name in tqdm(args.models.split(","), desc="models"):
         cfg = config_of(name)
         contexts = [int(c) for c in args.contexts.split(",")]
-        model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=max(contexts) + 16)
+        model = Decoder(cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=max(contexts) + 16)
         for ctx in contexts:
             for b in [int(x) for x in args.batches.split(",")]:
                 kv = filled_kv_cache(model, b, ctx)

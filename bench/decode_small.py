@@ -32,7 +32,7 @@ from bench.decode import ARCHS, config_of, decode_batch, graph_kernel_events, ra
 from fusionserve.kernels import attention as attn  # noqa: E402
 from fusionserve.kernels import triton_env  # noqa: E402
 from fusionserve.kernels.backend import select_backend  # noqa: E402
-from fusionserve.models.decoder import Decoder  # noqa: E402
+from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
 from fusionserve.server.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 
 MAX_MODEL_LEN = 8192
@@ -166,7 +166,7 @@ def profile_graph(graphs: DecodeGraphs, ids, pos, pb, fused: bool) -> dict:
 
 def bench_step(contexts: list[int], rows: list[dict], save) -> None:
     cfg = config_of("135m")
-    model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=MAX_MODEL_LEN)
+    model = Decoder(cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=MAX_MODEL_LEN)
     for ctx in contexts:
         kv = model.allocate_kv_cache(-(-(ctx + 1) // 16), 16)
         for t in kv.k + kv.v:

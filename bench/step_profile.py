@@ -30,7 +30,7 @@ from bench.common import environment, markdown_table, write_results  # noqa: E40
 from bench.decode import config_of, decode_batch, filled_kv_cache, random_weights, time_fn  # noqa: E402
 from fusionserve.kernels.backend import select_backend  # noqa: E402
 from fusionserve.kernels.batch import contiguous_batch  # noqa: E402
-from fusionserve.models.decoder import Decoder  # noqa: E402
+from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
 from fusionserve.server.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 
 DEV = "cuda"  # the device the profiled steps run on (a CPU smoke test sets "cpu" under the interpreter)
@@ -211,7 +211,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = config_of(args.model)
-    model = Decoder(cfg, random_weights(cfg), select_backend("cuda"), max_model_len=args.max_model_len)
+    model = Decoder(cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=args.max_model_len)
     rows: list[dict] = []
     cases = [
         (kind, c) for kind in ("prefill", "decode", "mixed") for c in getattr(args, kind).split(",") if c

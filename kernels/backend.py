@@ -1,10 +1,11 @@
 """The one seam between the decoder and the kernels.
 
-The decoder calls only these operations; a backend decides how to run them. The
-torch backend (CPU, tests) composes kernels/reference.py; the Triton backend
-(CUDA) runs the fused deferred-norm kernels. Both take `row_stats` with the same
-meaning (see kernels/reference.py), so fusion on/off is one flag in the model
-and never a second code path per device.
+The decoder calls only these operations; a backend decides how to run them. The torch backend
+(CPU, tests) composes kernels/reference.py; the Triton backend (CUDA) runs the fused deferred-norm
+kernels. Both take `row_stats` with the same meaning (see kernels/reference.py), so fusion on/off is
+one flag in the model and never a second code path per device. The model's geometry (heads, head
+size, eps, softmax scale) is bound when the backend is built; a call passes only tensors and the
+step's small typed records (Rotary, LayerKV, PagedBatch).
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ from typing import Protocol
 import torch
 
 from fusionserve.kernels import reference
-from fusionserve.kernels.batch import PagedBatch
+from fusionserve.kernels.batch import Geometry, LayerKV, PagedBatch, Rotary
+
+Stats = torch.Tensor | None  # a producer's per-row statistics (reference.py), None on the unfused path
 
 
 class Backend(Protocol):
     name: str
+    geometry: Geometry
 
-    def embedding(
-        self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def embedding(self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool) -> tuple[torch.Tensor, Stats]: ...
 
-    def rmsnorm(self, x: torch.Tensor, eps: float) -> torch.Tensor: ...
+    def rmsnorm(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def linear(
         self,
@@ -32,10 +34,9 @@ class Backend(Protocol):
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
-        row_stats: torch.Tensor | None = None,
-        eps: float = 1e-6,
+        row_stats: Stats = None,
         want_stats: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, Stats]:
         """x W^T (+ bias) (+ residual), optionally row-scaled / emitting Σy² (kernels/reference.py).
 
         `residual` is consumed: a backend may write the result into it (the residual stream is
@@ -43,29 +44,15 @@ class Backend(Protocol):
         ...
 
     def attn_input(
-        self,
-        x: torch.Tensor,
-        row_stats: torch.Tensor | None,
-        w_qkv: torch.Tensor,
-        b_qkv: torch.Tensor | None,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        eps: float,
-    ) -> torch.Tensor: ...
+        self, x: torch.Tensor, row_stats: Stats, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, rotary: Rotary,
+        kv: LayerKV,
+    ) -> torch.Tensor:  # fmt: skip
+        """qkv GEMM (deferred norm) → RoPE → K/V written to the cache; returns q [T, Hq, D]."""
+        ...
 
-    def attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch, scale: float
-    ) -> torch.Tensor: ...
+    def attention(self, q: torch.Tensor, kv: LayerKV, batch: PagedBatch) -> torch.Tensor: ...
 
-    def mlp_input(
-        self, x: torch.Tensor, row_stats: torch.Tensor | None, w_gate_up: torch.Tensor, eps: float
-    ) -> torch.Tensor: ...
+    def mlp_input(self, x: torch.Tensor, row_stats: Stats, w_gate_up: torch.Tensor) -> torch.Tensor: ...
 
 
 class TorchBackend:
@@ -73,40 +60,39 @@ class TorchBackend:
 
     name = "torch"
 
+    def __init__(self, geometry: Geometry) -> None:
+        self.geometry = geometry
+
     def embedding(self, ids, table, want_stats):
         return reference.embedding(ids, table, want_stats)
 
-    def rmsnorm(self, x, eps):
-        return reference.rmsnorm(x, eps)
+    def rmsnorm(self, x):
+        return reference.rmsnorm(x, self.geometry.eps)
 
-    def linear(self, x, weight, bias=None, residual=None, row_stats=None, eps=1e-6, want_stats=False):
-        return reference.linear(x, weight, bias, residual, row_stats, eps, want_stats)
+    def linear(self, x, weight, bias=None, residual=None, row_stats=None, want_stats=False):
+        return reference.linear(x, weight, bias, residual, row_stats, self.geometry.eps, want_stats)
 
-    def attn_input(self, x, row_stats, w_qkv, b_qkv, positions, cos_sin, k_cache, v_cache, slot_mapping,
-                   num_heads, num_kv_heads, head_dim, eps):  # fmt: skip
-        return reference.attn_input(
-            x, row_stats, w_qkv, b_qkv, positions, cos_sin, k_cache, v_cache, slot_mapping,
-            num_heads, num_kv_heads, head_dim, eps,
-        )  # fmt: skip
+    def attn_input(self, x, row_stats, w_qkv, b_qkv, rotary, kv):
+        return reference.attn_input(x, row_stats, w_qkv, b_qkv, rotary, kv, self.geometry)
 
-    def attention(self, q, k_cache, v_cache, batch, scale):
-        return reference.paged_attention(q, k_cache, v_cache, batch, scale)
+    def attention(self, q, kv, batch):
+        return reference.paged_attention(q, kv.k_cache, kv.v_cache, batch, self.geometry.scale)
 
-    def mlp_input(self, x, row_stats, w_gate_up, eps):
-        return reference.gate_up_silu(x, w_gate_up, row_stats, eps)
+    def mlp_input(self, x, row_stats, w_gate_up):
+        return reference.gate_up_silu(x, w_gate_up, row_stats, self.geometry.eps)
 
 
-def select_backend(device: torch.device | str, kind: str = "auto") -> Backend:
+def select_backend(device: torch.device | str, geometry: Geometry, kind: str = "auto") -> Backend:
     """Triton on CUDA (unless kind='torch'), the torch reference elsewhere."""
     device = torch.device(device)
     if kind == "torch" or (kind == "auto" and device.type != "cuda"):
-        return TorchBackend()
+        return TorchBackend(geometry)
     if kind in ("auto", "triton"):
         try:
             from fusionserve.kernels.triton_backend import TritonBackend
         except ImportError as exc:  # pragma: no cover - depends on the install
             if kind == "triton":
                 raise RuntimeError(f"Triton backend unavailable: {exc}") from exc
-            return TorchBackend()
-        return TritonBackend()
+            return TorchBackend(geometry)
+        return TritonBackend(geometry)
     raise ValueError(f"unknown backend {kind!r} (expected auto, torch or triton)")

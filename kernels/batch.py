@@ -97,3 +97,37 @@ def leading_ones(query_lens) -> int:
     """How many sequences at the front bring one new token each (PagedBatch.num_decodes)."""
     not_one = np.flatnonzero(np.asarray(query_lens) != 1)
     return int(not_one[0]) if len(not_one) else len(query_lens)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a backend knows of the model once, bound when it is built: the attention's head layout,
+    its softmax scale and the norms' epsilon."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float
+
+    @classmethod
+    def of(cls, num_heads: int, num_kv_heads: int, head_dim: int, eps: float) -> Geometry:
+        return cls(num_heads, num_kv_heads, head_dim, eps, head_dim**-0.5)
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Each new token's position and the cos|sin table [max_pos, D] (fp32: cos in the first D/2
+    columns, sin in the last)."""
+
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's paged caches [num_blocks, block_size, Hk, D] and where this step's new K/V go."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor  # [T] flat slot per new token; negative: do not write

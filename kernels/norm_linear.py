@@ -11,7 +11,8 @@ written to a [M, n_tiles] fp32 buffer: exactly what the next norm would read. Th
 computes the gate and up tiles of one column block together and stores silu(gate) * up.
 
 Weights are [N, K] as in checkpoints (gains already folded in). Large M (prefill) stays on cuBLAS:
-`silu_mul` and `row_epilogue` are the elementwise consumers that apply the deferred scale there.
+kernels/silu_mul.py and kernels/row_epilogue.py apply the deferred scale there; tile choices are
+in kernels/tile_configs.py.
 """
 
 from __future__ import annotations
@@ -21,67 +22,9 @@ import triton
 import triton.language as tl
 
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2
-from fusionserve.kernels.reference import stats_are_rows
-from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
-
-_ROUND_FIX = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def cast(x, ty: tl.constexpr):
-    """x.to(ty), rounding to nearest even also in the interpreter (whose fp32 -> bf16 cast truncates)."""
-    if _ROUND_FIX and ty == tl.bfloat16:
-        b = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        x = b.to(tl.float32, bitcast=True)
-    return x.to(ty)
-
-
-@triton.jit
-def row_scale(stats_ptr, row, P, stride_s, inv_k, eps, BLOCK_P: tl.constexpr, FROM_ROWS: tl.constexpr):
-    """rsqrt(Σ/K + eps) for one row: Σ of its P partial sums of squares, or (FROM_ROWS) of the squares
-    of its K values of x itself (reference.stats_are_rows)."""
-    ss = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        v = tl.load(stats_ptr + row * stride_s + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)
-        if FROM_ROWS:
-            v = v * v
-        ss += v
-    return tl.math.rsqrt(tl.sum(ss, 0) * inv_k + eps)
-
-
-def stats_operand(row_stats: torch.Tensor | None, k: int) -> tuple[torch.Tensor | None, int, int, bool, int]:
-    """A consumer kernel's view of `row_stats`: (tensor, P, row stride, FROM_ROWS, BLOCK_P). Partials go
-    in as fp32; rows of x as they are (no cast pass)."""
-    if row_stats is None:
-        return None, 1, 0, False, 1
-    if stats_are_rows(row_stats, k):
-        if row_stats.stride(-1) != 1:
-            row_stats = row_stats.contiguous()
-        return row_stats, k, row_stats.stride(0), True, min(256 if INTERPRET else 1024, next_pow2(k))
-    row_stats = row_stats.float().contiguous()
-    p = row_stats.shape[1]
-    return row_stats, p, row_stats.stride(0), False, min(128, next_pow2(p))
-
-
-@triton.jit
-def mma(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """acc += a @ b in fp32. UPCAST works around the interpreter's broken bf16 dot; IEEE keeps fp32 exact."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def silu(g):
-    """g * sigmoid(g) without overflow: exp of a non-positive argument only."""
-    e = tl.exp(-tl.abs(g))
-    return g * tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+from fusionserve.kernels.tile_configs import norm_cfg, pick_config
+from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2
+from fusionserve.kernels.triton_helpers import cast, mma, silu
 
 
 @triton.jit
@@ -338,94 +281,6 @@ def _linear_kernel(
             )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tile configs. Decode GEMMs are weight-bandwidth bound: pick BLOCK_N so the grid covers the SMs
-# several times over, BLOCK_K and stages so enough weight bytes are in flight per SM.
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)
-Config = tuple[int, int, int, int, int, int]
-
-# Measured winners per (N, K, M bucket, gate_up) on H100 (bench/kernels.py --sweep); heuristic otherwise.
-TUNED: dict[tuple[int, int, int, bool], Config] = {
-    # H100 80GB HBM3, torch 2.11 / triton 3.6, bench/kernels.py --sweep (CUDA graphs, rotating weights)
-    (4096, 14336, 16, False): (16, 16, 128, 2, 4, 2),
-    (4096, 14336, 32, False): (32, 32, 128, 4, 4, 2),
-    # (4096, 4096) and (6144, 4096) at M <= 16: bench/decode_configs.py (whole 8B step with PDL), two rounds
-    (4096, 4096, 16, False): (16, 16, 256, 2, 4, 2),
-    (4096, 4096, 32, False): (32, 32, 256, 4, 4, 1),
-    (6144, 4096, 16, False): (16, 16, 256, 2, 4, 1),
-    (6144, 4096, 32, False): (32, 16, 128, 2, 4, 1),
-    (14336, 4096, 16, True): (16, 64, 256, 4, 3, 1),
-    (14336, 4096, 32, True): (32, 64, 128, 4, 4, 1),
-    (28672, 4096, 16, False): (16, 64, 256, 4, 3, 1),
-    (28672, 4096, 32, False): (32, 64, 256, 4, 3, 1),
-    (128256, 4096, 16, False): (16, 16, 512, 4, 3, 1),
-    (128256, 4096, 32, False): (32, 64, 128, 4, 4, 1),
-    (576, 576, 16, False): (16, 16, 64, 4, 6, 1),
-    (576, 576, 32, False): (32, 16, 64, 4, 6, 1),
-    (576, 1536, 16, False): (16, 32, 64, 4, 6, 4),
-    (576, 1536, 32, False): (32, 32, 128, 4, 4, 4),
-    (960, 576, 16, False): (16, 16, 64, 4, 6, 1),
-    (960, 576, 32, False): (32, 16, 64, 4, 6, 1),
-    (1536, 576, 16, True): (16, 32, 64, 4, 6, 1),
-    (1536, 576, 32, True): (32, 16, 64, 4, 6, 1),
-    (3072, 576, 16, False): (16, 32, 64, 4, 6, 1),
-    (3072, 576, 32, False): (32, 32, 64, 4, 6, 1),
-    (49152, 576, 16, False): (16, 16, 128, 2, 4, 1),
-    (49152, 576, 32, False): (32, 128, 64, 4, 4, 1),
-}
-
-
-def m_bucket(m: int) -> int:
-    return 16 if m <= 16 else 32 if m <= 32 else 64
-
-
-def _norm_cfg(cfg) -> Config:
-    return tuple(cfg) + (1,) * (6 - len(cfg))  # type: ignore[return-value]
-
-
-def smem_bytes(cfg, elt: int, gate_up: bool) -> int:
-    bm, bn, bk, _, stages, _ = _norm_cfg(cfg)
-    return max(1, stages - 1) * (bm + bn * (2 if gate_up else 1)) * bk * elt
-
-
-def _fit(cfg, elt: int, gate_up: bool, limit: int = 160 * 1024) -> Config:
-    """Shrink stages, then BLOCK_K, until the pipelined tiles fit in shared memory."""
-    bm, bn, bk, warps, stages, split = _norm_cfg(cfg)
-    while smem_bytes((bm, bn, bk, warps, stages), elt, gate_up) > limit:
-        if stages > 2:
-            stages -= 1
-        elif bk > 32:
-            bk //= 2
-        else:
-            break
-    return (bm, bn, bk, warps, stages, split)
-
-
-def pick_config(m: int, n: int, k: int, device: torch.device, gate_up: bool = False, elt: int = 2) -> Config:
-    """n = output columns (I for gate/up). Tuned table first, else: enough CTAs to cover the SMs twice."""
-    if INTERPRET or device.type != "cuda":
-        return (16, 16, 32, 1, 1, 1)
-    bm = m_bucket(m)
-    hit = TUNED.get((n, k, bm, gate_up))
-    if hit is not None:
-        return _fit(hit, elt, gate_up)
-    sms = sm_count(device)
-    m_tiles = -(-m // bm)
-    bn = 16
-    for cand in (64, 32):
-        if -(-n // cand) * m_tiles >= 2 * sms and cand * (2 if gate_up else 1) <= 128:
-            bn = cand
-            break
-    bk = 256 if bm <= 16 else 128
-    if k < bk:
-        bk = max(32, next_pow2(k) // 2)
-    ctas = -(-n // bn) * m_tiles
-    split = 1
-    while ctas * split < sms and k // (bk * split * 2) >= 2:
-        split *= 2
-    return _fit((bm, bn, bk, 4, 4, split), elt, gate_up)
-
-
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -451,7 +306,7 @@ def _launch(
         weight = weight.contiguous()
     m, k = x.shape
     cfg = (
-        _norm_cfg(config) if config is not None else pick_config(m, n, k, x.device, gate_up, x.element_size())
+        norm_cfg(config) if config is not None else pick_config(m, n, k, x.device, gate_up, x.element_size())
     )
     bm, bn, bk, warps, stages, split = cfg
     n_tiles = triton.cdiv(n, bn)
@@ -639,163 +494,3 @@ def linear_layernorm(
         pdl=pdl,
     )
     return y, stats, sums
-
-
-# ----------------------------------------------------------------------------------------------------
-# Large-M consumers (cuBLAS did the GEMM on raw x; these elementwise kernels run anyway).
-
-
-@triton.jit
-def _silu_mul_kernel(
-    gu_ptr,
-    out_ptr,
-    stats_ptr,
-    n_half,
-    P,
-    stride_g,
-    stride_o,
-    stride_s,
-    inv_k,
-    eps,
-    HAS_SCALE: tl.constexpr,
-    FROM_ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_half
-    g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * stride_g + n_half + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        r = row_scale(stats_ptr, row, P, stride_s, inv_k, eps, BLOCK_P, FROM_ROWS)
-        g = g * r
-        u = u * r
-    y = silu(g) * u
-    tl.store(out_ptr + row * stride_o + offs, cast(y, out_ptr.dtype.element_ty), mask=mask)
-
-
-def silu_mul(
-    gate_up: torch.Tensor, row_stats: torch.Tensor | None = None, k: int = 1, eps: float = 1e-6
-) -> torch.Tensor:
-    """silu(r*gate) * (r*up) of a [T, 2I] GEMM output; r = rsqrt(Σ row_stats / k + eps) when given."""
-    t, two_i = gate_up.shape
-    i = two_i // 2
-    if gate_up.stride(1) != 1:
-        gate_up = gate_up.contiguous()
-    out = torch.empty((t, i), device=gate_up.device, dtype=gate_up.dtype)
-    if t == 0:
-        return out
-    stats, p, stride_s, from_rows, block_p = stats_operand(row_stats, k)
-    block = min(1024 if not INTERPRET else 256, next_pow2(i))
-    _silu_mul_kernel[(t, triton.cdiv(i, block))](
-        gate_up,
-        out,
-        stats if stats is not None else out,
-        i,
-        p,
-        gate_up.stride(0),
-        out.stride(0),
-        stride_s,
-        1.0 / k,
-        eps,
-        HAS_SCALE=stats is not None,
-        FROM_ROWS=from_rows,
-        BLOCK=block,
-        BLOCK_P=block_p,
-        num_warps=4,
-    )
-    return out
-
-
-@triton.jit
-def _row_epilogue_kernel(
-    y_ptr,
-    out_ptr,
-    bias_ptr,
-    res_ptr,
-    stats_ptr,
-    stats_out_ptr,
-    N,
-    P,
-    stride_y,
-    stride_o,
-    stride_r,
-    stride_s,
-    inv_k,
-    eps,
-    HAS_SCALE: tl.constexpr,
-    FROM_ROWS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    WANT_STATS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    row = tl.program_id(0)
-    if HAS_SCALE:
-        r = row_scale(stats_ptr, row, P, stride_s, inv_k, eps, BLOCK_P, FROM_ROWS)
-    acc_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK):
-        offs = n0 + tl.arange(0, BLOCK)
-        mask = offs < N
-        v = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            v = v * r
-        if HAS_BIAS:
-            v += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            v += tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        o = cast(v, out_ptr.dtype.element_ty)
-        tl.store(out_ptr + row * stride_o + offs, o, mask=mask)
-        if WANT_STATS:
-            of = tl.where(mask, o.to(tl.float32), 0.0)
-            acc_sq += of * of
-    if WANT_STATS:
-        tl.store(stats_out_ptr + row, tl.sum(acc_sq, 0))
-
-
-def row_epilogue(
-    y: torch.Tensor,
-    k: int,
-    row_stats: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    want_stats: bool = False,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The GEMM epilogue as one row-wise pass for cuBLAS outputs: r*y + bias + residual, Σ² → [T, 1]."""
-    t, n = y.shape
-    out = out if out is not None else torch.empty_like(y)
-    stats = torch.empty((t, 1), device=y.device, dtype=torch.float32) if want_stats else None
-    if t == 0:
-        return out, stats
-    if residual is not None and residual.stride(1) != 1:
-        residual = residual.contiguous()
-    scale, p, stride_s, from_rows, block_p = stats_operand(row_stats, k)
-    _row_epilogue_kernel[(t,)](
-        y,
-        out,
-        bias if bias is not None else y,
-        residual if residual is not None else y,
-        scale if scale is not None else y,
-        stats if stats is not None else y,
-        n,
-        p,
-        y.stride(0),
-        out.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        stride_s,
-        1.0 / k,
-        eps,
-        HAS_SCALE=scale is not None,
-        FROM_ROWS=from_rows,
-        HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None,
-        WANT_STATS=want_stats,
-        BLOCK=min(1024 if not INTERPRET else 256, next_pow2(n)),
-        BLOCK_P=block_p,
-        num_warps=4,
-    )
-    return out, stats

@@ -1,7 +1,7 @@
 """Plain-torch versions of every kernel: the CPU serving path and the tests' oracle.
 
 Each function here states the exact math its Triton twin must reproduce. The
-deferred-norm contract (DESIGN.md section 2): a producer may emit per-row
+deferred-norm contract (docs/DESIGN.md, "The deferred-norm contract"): a producer may emit per-row
 *partial* sums of squares of the rows it writes, shaped [T, P] in fp32; a
 consumer given such `row_stats` multiplies its output rows by
 rsqrt(sum(row_stats, -1) / K + eps) before adding bias/residual. The reference
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusionserve.kernels.batch import PagedBatch
+from fusionserve.kernels.batch import Geometry, LayerKV, PagedBatch, Rotary
 
 
 def row_sumsq(x: torch.Tensor) -> torch.Tensor:
@@ -143,24 +143,18 @@ def attn_input(
     row_stats: torch.Tensor | None,
     w_qkv: torch.Tensor,
     b_qkv: torch.Tensor | None,
-    positions: torch.Tensor,
-    cos_sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    eps: float,
+    rotary: Rotary,
+    kv: LayerKV,
+    geom: Geometry,
 ) -> torch.Tensor:
     """The attention's input half: qkv GEMM (deferred norm) → RoPE → KV-cache write; returns q [T, Hq, D]."""
-    qkv, _ = linear(x, w_qkv, bias=b_qkv, row_stats=row_stats, eps=eps)
-    nq, nk = num_heads * head_dim, num_kv_heads * head_dim
-    q = qkv[:, :nq].view(-1, num_heads, head_dim)
-    k = qkv[:, nq : nq + nk].view(-1, num_kv_heads, head_dim)
-    v = qkv[:, nq + nk :].view(-1, num_kv_heads, head_dim)
-    q, k = rope(q, k, positions, cos_sin)
-    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    qkv, _ = linear(x, w_qkv, bias=b_qkv, row_stats=row_stats, eps=geom.eps)
+    hq, hk, d = geom.num_heads, geom.num_kv_heads, geom.head_dim
+    q = qkv[:, : hq * d].view(-1, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(-1, hk, d)
+    v = qkv[:, (hq + hk) * d :].view(-1, hk, d)
+    q, k = rope(q, k, rotary.positions, rotary.cos_sin)
+    write_kv(k, v, kv.k_cache, kv.v_cache, kv.slot_mapping)
     return q
 
 

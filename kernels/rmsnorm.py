@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fusionserve.kernels.norm_linear import cast
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_wait
 from fusionserve.kernels.triton_env import INTERPRET, next_pow2
+from fusionserve.kernels.triton_helpers import cast
 
 
 def _warps(block: int) -> int:

@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusionserve.kernels.norm_linear import cast, row_scale, stats_operand
+from fusionserve.kernels.batch import Geometry, LayerKV, Rotary
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_wait
 from fusionserve.kernels.triton_env import INTERPRET, next_pow2
+from fusionserve.kernels.triton_helpers import cast, row_scale, stats_operand
 
 
 def rope_cos_sin(
@@ -169,26 +170,23 @@ def _rope_kv_kernel(
 
 def rope_kv_write(
     qkv: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
+    rotary: Rotary,
+    kv: LayerKV,
+    geom: Geometry,
     row_stats: torch.Tensor | None = None,
     k: int = 1,
-    eps: float = 1e-6,
     bias: torch.Tensor | None = None,
     pdl: PdlPolicy | None = None,
 ) -> torch.Tensor:
     """qkv [T, (Hq + 2 Hk) D] → q [T, Hq, D] rotated; k rotated and v into caches [blocks, bs, Hk, D].
 
     With row_stats ([T, P] Σx² partials of the GEMM input, K = k, or the rows of x: see
-    reference.stats_are_rows) each row is first scaled by rsqrt(Σ/k + eps); `bias` ([(Hq + 2 Hk) D])
-    is added after the scale.
+    reference.stats_are_rows) each row is first scaled by rsqrt(Σ/k + geom.eps); `bias`
+    ([(Hq + 2 Hk) D]) is added after the scale.
     """
+    positions, cos_sin, slot_mapping = rotary.positions, rotary.cos_sin, kv.slot_mapping
+    k_cache, v_cache, eps = kv.k_cache, kv.v_cache, geom.eps
+    num_heads, num_kv_heads, head_dim = geom.num_heads, geom.num_kv_heads, geom.head_dim
     t = qkv.shape[0]
     assert qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim and head_dim % 2 == 0
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape

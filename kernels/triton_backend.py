@@ -19,27 +19,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusionserve.kernels import attention as _attn
-from fusionserve.kernels import embedding as _emb
-from fusionserve.kernels import norm_linear as _nl
-from fusionserve.kernels import rmsnorm as _norm
-from fusionserve.kernels import rope_kv as _rope
-from fusionserve.kernels.batch import PagedBatch
+from fusionserve.kernels.attention import paged_attention
+from fusionserve.kernels.batch import Geometry, LayerKV, PagedBatch, Rotary
+from fusionserve.kernels.decode_attention import DecodeSplitPolicy
+from fusionserve.kernels.embedding import embedding
+from fusionserve.kernels.norm_linear import gate_up_silu
+from fusionserve.kernels.norm_linear import linear as small_m_linear
 from fusionserve.kernels.pdl import PdlPolicy, pdl_available
 from fusionserve.kernels.reference import stats_are_rows
+from fusionserve.kernels.rmsnorm import rmsnorm
+from fusionserve.kernels.rmsnorm import (
+    row_stats as row_pass,  # Σx² per row (the name row_stats is the argument's)
+)
+from fusionserve.kernels.rope_kv import rope_kv_write
+from fusionserve.kernels.row_epilogue import row_epilogue
+from fusionserve.kernels.silu_mul import silu_mul
 
 
 class TritonBackend:
     """`pdl`: the programmatic-dependent-launch policy of the small-M (decode) kernels (kernels/pdl.py):
     a PdlPolicy, True (the default policy), False (off) or, at construction, None (on where the GPU and
     Triton support it). Set it before capturing graphs. Large-M steps never use it: their neighbours
-    are cuBLAS GEMMs, which it cannot overlap (H100: 135M batch 64 at 4k context 2% slower with it)."""
+    are cuBLAS GEMMs, which it cannot overlap (H100: 135M batch 64 at 4k context 2% slower with it).
+    `decode_split`: how decode attention splits a context (kernels/decode_attention.py)."""
 
     name = "triton"
 
     def __init__(
-        self, small_m_max: int = 32, pdl: PdlPolicy | bool | None = None, rows_stats_max_m: int = 512
+        self,
+        geometry: Geometry,
+        small_m_max: int = 32,
+        pdl: PdlPolicy | bool | None = None,
+        rows_stats_max_m: int = 512,
+        decode_split: DecodeSplitPolicy = DecodeSplitPolicy(),
     ):
+        self.geometry = geometry
+        self.decode_split = decode_split
         self.small_m_max = small_m_max
         self.rows_stats_max_m = rows_stats_max_m
         self.pdl = pdl_available("cuda") if pdl is None else pdl
@@ -59,20 +74,20 @@ class TritonBackend:
         return self._pdl_policy if self._small(x) else None
 
     @staticmethod
-    def _partials(row_stats: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    def _partials(stats: torch.Tensor | None, k: int) -> torch.Tensor | None:
         """The small-M GEMM epilogue reads partial sums: rows of x handed on by a larger step (the LM
         head over a few rows of a medium prefill) are summed first."""
-        if row_stats is not None and stats_are_rows(row_stats, k):
-            return _norm.row_stats(row_stats)
-        return row_stats
+        if stats is not None and stats_are_rows(stats, k):
+            return row_pass(stats)
+        return stats
 
     def embedding(
         self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _emb.embedding(ids, table, want_stats, pdl=self._pdl(ids))
+        return embedding(ids, table, want_stats, pdl=self._pdl(ids))
 
-    def rmsnorm(self, x: torch.Tensor, eps: float) -> torch.Tensor:
-        return _norm.rmsnorm(x, eps, pdl=self._pdl(x))
+    def rmsnorm(self, x: torch.Tensor) -> torch.Tensor:
+        return rmsnorm(x, self.geometry.eps, pdl=self._pdl(x))
 
     def linear(
         self,
@@ -81,13 +96,12 @@ class TritonBackend:
         bias: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
         row_stats: torch.Tensor | None = None,
-        eps: float = 1e-6,
         want_stats: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        k = x.shape[-1]
+        k, eps = x.shape[-1], self.geometry.eps
         if self._small(x):
-            row_stats = self._partials(row_stats, k)
-            return _nl.linear(x, weight, bias, residual, row_stats, eps, want_stats, pdl=self._pdl_policy)
+            stats = self._partials(row_stats, k)
+            return small_m_linear(x, weight, bias, residual, stats, eps, want_stats, pdl=self._pdl_policy)
         if row_stats is None and (bias is None or residual is None):
             # Raw cuBLAS with its own epilogue; the producer statistic is h itself (its consumers
             # square it) or, past rows_stats_max_m, one row pass over h.
@@ -97,14 +111,14 @@ class TritonBackend:
                 y = F.linear(x, weight, bias)
             if not want_stats:
                 return y, None
-            return y, (y if y.shape[0] <= self.rows_stats_max_m else _norm.row_stats(y))
+            return y, (y if y.shape[0] <= self.rows_stats_max_m else row_pass(y))
         if row_stats is not None and residual is None and not want_stats and weight.shape[0] > k:
             # A wide consumer with no elementwise pass of its own (the LM head): scaling its M x K
             # input is far cheaper than a pass over the M x N output (r x) W^T = r (x W^T).
-            xs, _ = _nl.row_epilogue(x, k, row_stats, eps=eps)
+            xs, _ = row_epilogue(x, k, row_stats, eps=eps)
             return F.linear(xs, weight, bias), None
         y = F.linear(x, weight)
-        return _nl.row_epilogue(y, k, row_stats, bias, residual, eps, want_stats, out=y)
+        return row_epilogue(y, k, row_stats, bias, residual, eps, want_stats, out=y)
 
     def attn_input(
         self,
@@ -112,49 +126,29 @@ class TritonBackend:
         row_stats: torch.Tensor | None,
         w_qkv: torch.Tensor,
         b_qkv: torch.Tensor | None,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        eps: float,
+        rotary: Rotary,
+        kv: LayerKV,
     ) -> torch.Tensor:
+        eps = self.geometry.eps
         if self._small(x):
-            row_stats = self._partials(row_stats, x.shape[-1])
-            qkv, _ = _nl.linear(x, w_qkv, bias=b_qkv, row_stats=row_stats, eps=eps, pdl=self._pdl_policy)
+            stats = self._partials(row_stats, x.shape[-1])
+            qkv, _ = small_m_linear(x, w_qkv, bias=b_qkv, row_stats=stats, eps=eps, pdl=self._pdl_policy)
             scale_stats, bias = None, None
         else:
             qkv = F.linear(x, w_qkv)
             scale_stats, bias = row_stats, b_qkv
-        return _rope.rope_kv_write(
-            qkv,
-            positions,
-            cos_sin,
-            k_cache,
-            v_cache,
-            slot_mapping,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            row_stats=scale_stats,
-            k=x.shape[-1],
-            eps=eps,
-            bias=bias,
-            pdl=self._pdl(x),
+        return rope_kv_write(
+            qkv, rotary, kv, self.geometry, row_stats=scale_stats, k=x.shape[-1], bias=bias, pdl=self._pdl(x)
         )
 
-    def attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch, scale: float
-    ) -> torch.Tensor:
-        return _attn.paged_attention(q, k_cache, v_cache, batch, scale, pdl=self._pdl(q))
+    def attention(self, q: torch.Tensor, kv: LayerKV, batch: PagedBatch) -> torch.Tensor:
+        return paged_attention(
+            q, kv.k_cache, kv.v_cache, batch, self.geometry.scale, pdl=self._pdl(q), split=self.decode_split
+        )
 
-    def mlp_input(
-        self, x: torch.Tensor, row_stats: torch.Tensor | None, w_gate_up: torch.Tensor, eps: float
-    ) -> torch.Tensor:
+    def mlp_input(self, x: torch.Tensor, row_stats: torch.Tensor | None, w_gate_up: torch.Tensor) -> torch.Tensor:
+        eps = self.geometry.eps
         if self._small(x):
-            row_stats = self._partials(row_stats, x.shape[-1])
-            return _nl.gate_up_silu(x, w_gate_up, row_stats, eps, pdl=self._pdl_policy)
-        return _nl.silu_mul(F.linear(x, w_gate_up), row_stats, x.shape[-1], eps)
+            stats = self._partials(row_stats, x.shape[-1])
+            return gate_up_silu(x, w_gate_up, stats, eps, pdl=self._pdl_policy)
+        return silu_mul(F.linear(x, w_gate_up), row_stats, x.shape[-1], eps)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fusionserve.kernels.backend import Backend, select_backend
-from fusionserve.kernels.batch import PagedBatch
+from fusionserve.kernels.batch import Geometry, LayerKV, PagedBatch, Rotary
 from fusionserve.models.config import ModelConfig
 from fusionserve.models.loader import ModelWeights, load_weights
 
@@ -29,6 +29,11 @@ LayerTimer = Callable[[int, str], AbstractContextManager]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def geometry(config: ModelConfig) -> Geometry:
+    """What the backend binds of this model when it is built."""
+    return Geometry.of(config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps)
 
 
 def resolve_device(name: torch.device | str) -> torch.device:
@@ -112,7 +117,7 @@ class Decoder:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         config, weights = load_weights(model_dir, dtype=dtype, device=device, progress=progress)
-        return cls(config, weights, select_backend(device, backend), max_model_len)
+        return cls(config, weights, select_backend(device, geometry(config), backend), max_model_len)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
         cfg = self.config
@@ -134,21 +139,19 @@ class Decoder:
         timer: LayerTimer | None = None,
     ) -> Hidden:
         """Run all blocks over T packed new tokens; writes their K/V into `kv`."""
-        cfg, be, w = self.config, self.backend, self.weights
-        eps = cfg.rms_norm_eps
+        be, w = self.backend, self.weights
+        rotary = Rotary(positions, self.cos_sin)
         h, stats = be.embedding(ids, w.embed, fusion)
         for i, layer in enumerate(w.layers):
             with timer(i, "attn") if timer else nullcontext():
-                x, st = (h, stats) if fusion else (be.rmsnorm(h, eps), None)
-                q = be.attn_input(
-                    x, st, layer.w_qkv, layer.b_qkv, positions, self.cos_sin, kv.k[i], kv.v[i],
-                    batch.slot_mapping, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, eps,
-                )  # fmt: skip
-                o = be.attention(q, kv.k[i], kv.v[i], batch, self.scale)
+                x, st = (h, stats) if fusion else (be.rmsnorm(h), None)
+                layer_kv = LayerKV(kv.k[i], kv.v[i], batch.slot_mapping)
+                q = be.attn_input(x, st, layer.w_qkv, layer.b_qkv, rotary, layer_kv)
+                o = be.attention(q, layer_kv, batch)
                 h, stats = be.linear(o.reshape(o.shape[0], -1), layer.w_o, residual=h, want_stats=fusion)
             with timer(i, "mlp") if timer else nullcontext():
-                x, st = (h, stats) if fusion else (be.rmsnorm(h, eps), None)
-                act = be.mlp_input(x, st, layer.w_gate_up, eps)
+                x, st = (h, stats) if fusion else (be.rmsnorm(h), None)
+                act = be.mlp_input(x, st, layer.w_gate_up)
                 h, stats = be.linear(act, layer.w_down, residual=h, want_stats=fusion)
         return Hidden(h, stats)
 
@@ -159,10 +162,10 @@ class Decoder:
         `scaled=False` skips the positive per-row scale entirely, which greedy
         argmax does not need (only valid on the fused path).
         """
-        be, eps = self.backend, self.config.rms_norm_eps
+        be = self.backend
         if hidden.stats is not None:
             stats = hidden.stats if scaled else None
-            out, _ = be.linear(hidden.h, self.weights.lm_head, row_stats=stats, eps=eps)
+            out, _ = be.linear(hidden.h, self.weights.lm_head, row_stats=stats)
         else:
-            out, _ = be.linear(be.rmsnorm(hidden.h, eps), self.weights.lm_head)
+            out, _ = be.linear(be.rmsnorm(hidden.h), self.weights.lm_head)
         return out

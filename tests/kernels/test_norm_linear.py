@@ -1,4 +1,4 @@
-"""Decode GEMMs with deferred-norm epilogues, and the large-M (cuBLAS + consumer) paths, vs float64."""
+"""kernels/norm_linear.py (the deferred-norm decode GEMM: scale, bias, residual, Σy² out, gate/up, LayerNorm, split-K) vs a float64 reference."""
 
 from __future__ import annotations
 
@@ -7,12 +7,19 @@ import torch
 
 from fusionserve.kernels import norm_linear as nl
 from fusionserve.kernels import reference as ref
-from fusionserve.kernels.triton_backend import TritonBackend
 from fusionserve.kernels.triton_env import arrival_counters
-from tests.test_kernels_common import DEVICE, DTYPES, M_VALUES, TOL, check, poison_outputs, rand  # noqa: F401
+from tests.kernels.common import DEVICE, DTYPES, M_VALUES, TOL, check, poison_outputs, rand  # noqa: F401
 
 N, K = 37, 45  # odd: no multiple of any block size
 EPS = 1e-5
+
+
+CASES = {
+    "plain": dict(),
+    "bias_scale": dict(bias=True, scale=True),
+    "res_stats": dict(residual=True, want_stats=True),
+    "all": dict(bias=True, residual=True, scale=True, want_stats=True),
+}
 
 
 def ref_linear64(x, w, bias=None, residual=None, row_stats=None, eps=EPS, dtype=None):
@@ -30,14 +37,6 @@ def ref_linear64(x, w, bias=None, residual=None, row_stats=None, eps=EPS, dtype=
 def producer_stats(m, k=K):
     """Σx² partials as a producer would emit them: several columns of a plausible magnitude."""
     return (torch.rand(m, 3, dtype=torch.float64) * k / 3 + 0.1).float().to(rand(1).device)
-
-
-CASES = {
-    "plain": dict(),
-    "bias_scale": dict(bias=True, scale=True),
-    "res_stats": dict(residual=True, want_stats=True),
-    "all": dict(bias=True, residual=True, scale=True, want_stats=True),
-}
 
 
 def _args(m, dtype, case):
@@ -99,78 +98,6 @@ def test_layernorm_linear(dtype, m):
     y, _, _ = nl.linear_layernorm(h_out, w_folded, col_sums, b_folded, sq, su, EPS)
     hn = torch.nn.functional.layer_norm(h_out.double(), (K,), gamma.double(), beta.double(), EPS)
     check(y, hn @ w.double().t() + b.double(), dtype)
-
-
-def sumsq_of(stats: torch.Tensor, width: int) -> torch.Tensor:
-    """Σy² per row from a producer's statistic: its partials, or the rows of y themselves."""
-    if ref.stats_are_rows(stats, width):
-        return ref.row_sumsq(stats.double()).squeeze(-1)
-    return stats.double().sum(-1)
-
-
-@pytest.mark.parametrize("rows_stats_max_m", [512, 0], ids=["rows", "row_pass"])
-@pytest.mark.parametrize("m", [3, 17])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_large_m_paths(dtype, m, rows_stats_max_m):
-    """small_m_max=2 sends M = 3, 17 down the large-M path: cuBLAS + consumer kernels, the producer
-    statistic being h itself (rows_stats_max_m=512, big decode batches) or a row pass (0, prefill)."""
-    be = TritonBackend(small_m_max=2, rows_stats_max_m=rows_stats_max_m)
-    for case in CASES.values():
-        x, w, bias, residual, stats = _args(m, dtype, case)
-        want = ref_linear64(x, w, bias, residual, stats)  # first: the backend may consume `residual`
-        y, st = be.linear(x, w, bias, residual, stats, EPS, case.get("want_stats", False))
-        check(y, want, dtype)
-        if case.get("want_stats"):
-            # h itself only where no epilogue pass runs anyway (a scaled consumer's pass sums squares)
-            assert ref.stats_are_rows(st, N) == (rows_stats_max_m > 0 and stats is None)
-            check(sumsq_of(st, N), ref.row_sumsq(y.double()).squeeze(-1), torch.float32)
-    x, w2 = rand(m, K, dtype=dtype), rand(2 * N, K, dtype=dtype, scale=K**-0.5)
-    w_wide, b_wide = rand(3 * K, K, dtype=dtype, scale=K**-0.5), rand(3 * K, dtype=dtype)
-    h = rand(m, K, dtype=dtype)  # a producer's output handed on as its own statistic
-    for stats in (producer_stats(m), h):
-        g = ref_linear64(x, w2, row_stats=stats.double() ** 2 if stats is h else stats)
-        check(be.mlp_input(x, stats, w2, EPS), torch.nn.functional.silu(g[:, :N]) * g[:, N:], dtype)
-        # A wide consumer (the LM head, N > K) scales its input rows instead of a pass over the output.
-        y, st = be.linear(x, w_wide, b_wide, None, stats, EPS)
-        check(
-            y, ref_linear64(x, w_wide, b_wide, row_stats=stats.double() ** 2 if stats is h else stats), dtype
-        )
-        assert st is None
-        # The same statistic reaching a small-M consumer (the LM head over a few rows of the step).
-        y, _ = be.linear(x[:2], w_wide, b_wide, None, stats[:2], EPS)
-        check(
-            y,
-            ref_linear64(x[:2], w_wide, b_wide, row_stats=(stats.double() ** 2 if stats is h else stats)[:2]),
-            dtype,
-        )
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_elementwise_consumers(dtype):
-    m = 5
-    gu = rand(m, 2 * N, dtype=dtype)
-    stats = producer_stats(m)
-    r = torch.rsqrt(stats.double().sum(-1, keepdim=True) / K + EPS)
-    want = torch.nn.functional.silu(gu.double()[:, :N] * r) * gu.double()[:, N:] * r
-    check(nl.silu_mul(gu, stats, K, EPS), want, dtype)
-    check(nl.silu_mul(gu), ref.silu_mul(gu.double()), dtype)
-    y, bias, res = rand(m, N, dtype=dtype), rand(N, dtype=dtype), rand(m, N, dtype=dtype)
-    out, st = nl.row_epilogue(y, K, stats, bias, res, EPS, want_stats=True)
-    check(out, y.double() * r + bias.double() + res.double(), dtype)
-    check(st.sum(-1), (out.double() ** 2).sum(-1), torch.float32)
-    # The rows of the GEMM input as the statistic (reference.stats_are_rows): squared and summed.
-    x = rand(m, K, dtype=dtype)
-    r = torch.rsqrt((x.double() ** 2).sum(-1, keepdim=True) / K + EPS)
-    want = torch.nn.functional.silu(gu.double()[:, :N] * r) * gu.double()[:, N:] * r
-    check(nl.silu_mul(gu, x, K, EPS), want, dtype)
-    out, _ = nl.row_epilogue(y, K, x, bias, None, EPS)
-    check(out, y.double() * r + bias.double(), dtype)
-
-
-def test_config_tables_are_valid():
-    for (n, k, bm, _), cfg in nl.TUNED.items():
-        assert cfg[0] == bm and cfg[1] in (16, 32, 64, 128) and cfg[2] >= 32 and len(cfg) == 6, (n, k, cfg)
-    assert TOL[torch.float32] == 1e-4
 
 
 @pytest.mark.parametrize("m", M_VALUES)

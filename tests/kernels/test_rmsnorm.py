@@ -1,14 +1,13 @@
-"""RMSNorm / LayerNorm ("off" path), the row-statistics pass and the embedding gather, vs float64."""
+"""kernels/rmsnorm.py (RMSNorm, fused add, LayerNorm, per-row statistics) vs float64."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fusionserve.kernels import embedding as emb
 from fusionserve.kernels import reference as ref
 from fusionserve.kernels import rmsnorm as rn
-from tests.test_kernels_common import DEVICE, DTYPES, M_VALUES, check, poison_outputs, rand  # noqa: F401
+from tests.kernels.common import DEVICE, DTYPES, M_VALUES, check, poison_outputs, rand  # noqa: F401
 
 K = 45
 EPS = 1e-5
@@ -50,16 +49,3 @@ def test_row_stats(dtype):
     check(sq, ref.row_sumsq(x.double()), torch.float32)
     check(su, x.double().sum(-1, keepdim=True), torch.float32)
     check(rn.row_stats(x), ref.row_sumsq(x.double()), torch.float32)
-
-
-@pytest.mark.parametrize("m", M_VALUES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_embedding_emits_layer0_stats(dtype, m):
-    table = rand(50, K, dtype=dtype)
-    ids = torch.randint(0, 50, (m,), device=DEVICE)
-    out, stats = emb.embedding(ids, table, want_stats=True)
-    want, want_stats = ref.embedding(ids, table.double(), want_stats=True)
-    check(out, want, dtype)
-    check(stats, want_stats, torch.float32)
-    out2, none = emb.embedding(ids, table, want_stats=False)
-    assert none is None and torch.equal(out2, out)

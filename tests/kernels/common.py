@@ -15,11 +15,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from fusionserve.kernels.batch import PagedBatch, leading_ones  # noqa: E402
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 M_VALUES = [1, 3, 17]
+BS = 16  # KV-cache block size of the attention tests
 
 _real_empty = torch.empty
 _real_empty_like = torch.empty_like
@@ -52,3 +55,33 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, factor: float = 1.0) -> None:
     err = rel_err(out, ref)
     assert err <= TOL[dtype] * factor, f"rel err {err:.3e} > {TOL[dtype] * factor:.1e} ({dtype})"
+
+
+def random_batch(query_lens, context_lens, num_blocks, spare=0):
+    """Sequences scattered over randomly permuted physical blocks (room for `spare` more tokens each)."""
+    widths = [-(-(c + spare) // BS) for c in context_lens]
+    perm = torch.randperm(num_blocks).tolist()
+    assert sum(widths) <= num_blocks
+    tables = torch.full((len(context_lens), max(widths) + 1), -1, dtype=torch.int32)
+    slots, used = [], 0
+    for i, (q, c) in enumerate(zip(query_lens, context_lens)):
+        blocks = perm[used : used + widths[i]]
+        used += widths[i]
+        tables[i, : widths[i]] = torch.tensor(blocks, dtype=torch.int32)
+        slots += [blocks[p // BS] * BS + p % BS for p in range(c - q, c)]
+    qs = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    qs[1:] = torch.cumsum(torch.tensor(query_lens), 0)
+    return PagedBatch(
+        query_start=qs,
+        context_lens=torch.tensor(context_lens, dtype=torch.int32),
+        block_tables=tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        max_query_len=max(query_lens),
+        max_context_len=max(context_lens),
+        block_size=BS,
+        num_decodes=leading_ones(query_lens),
+    )
+
+
+def caches(num_blocks, hk, d, dtype):
+    return rand(num_blocks, BS, hk, d, dtype=dtype), rand(num_blocks, BS, hk, d, dtype=dtype)

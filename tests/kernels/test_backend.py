@@ -1,9 +1,6 @@
-"""Whole decoder blocks through the Backend seam: Triton fused vs Triton off vs the torch reference.
-
-One layer (a whole block), embedding → blocks → final norm → LM head, for a prefill step (ragged prompts, one with
-a cached prefix) followed by a decode step, on the decode (Triton GEMM) and prefill (cuBLAS +
-consumer kernels) paths alike.
-"""
+"""kernels/backend.py: whole decoder blocks through the Backend seam, Triton fused vs Triton off vs the torch
+reference, for a prefill step (ragged prompts, one after a cached prefix) then a decode step, on the decode
+(Triton GEMM) and prefill (cuBLAS + consumer kernels) paths alike."""
 
 from __future__ import annotations
 
@@ -11,13 +8,14 @@ import pytest
 import torch
 
 from fusionserve.kernels.backend import TorchBackend
+from fusionserve.kernels.batch import Geometry, LayerKV, Rotary
 from fusionserve.kernels.rope_kv import rope_cos_sin
 from fusionserve.kernels.triton_backend import TritonBackend
-from tests.test_kernels_attention import random_batch
-from tests.test_kernels_common import DEVICE, DTYPES, check, poison_outputs, rand  # noqa: F401
+from tests.kernels.common import DEVICE, DTYPES, check, poison_outputs, rand, random_batch  # noqa: F401
 
 HQ, HK, D, HIDDEN, INTER, VOCAB, LAYERS, EPS = 4, 2, 12, 48, 72, 50, 1, 1e-5
 BS, NB = 16, 24
+GEOM = Geometry.of(HQ, HK, D, EPS)
 
 
 def make_weights(dtype):
@@ -41,18 +39,17 @@ def forward(be, weights, ids, positions, batch, caches, cos_sin, fused):
     """models/decoder.py's block structure, written out against the Backend protocol."""
     h, stats = be.embedding(ids, weights["embed"], fused)
     for i, layer in enumerate(weights["layers"]):
-        k_cache, v_cache = caches[i]
-        x, st = (h, stats) if fused else (be.rmsnorm(h, EPS), None)
-        q = be.attn_input(x, st, layer["qkv"], layer["b_qkv"], positions, cos_sin, k_cache, v_cache,
-                          batch.slot_mapping, HQ, HK, D, EPS)  # fmt: skip
-        o = be.attention(q, k_cache, v_cache, batch, D**-0.5)
+        kv = LayerKV(*caches[i], batch.slot_mapping)
+        x, st = (h, stats) if fused else (be.rmsnorm(h), None)
+        q = be.attn_input(x, st, layer["qkv"], layer["b_qkv"], Rotary(positions, cos_sin), kv)
+        o = be.attention(q, kv, batch)
         h, stats = be.linear(o.reshape(o.shape[0], -1), layer["o"], residual=h, want_stats=fused)
-        x, st = (h, stats) if fused else (be.rmsnorm(h, EPS), None)
-        act = be.mlp_input(x, st, layer["gate_up"], EPS)
+        x, st = (h, stats) if fused else (be.rmsnorm(h), None)
+        act = be.mlp_input(x, st, layer["gate_up"])
         h, stats = be.linear(act, layer["down"], residual=h, want_stats=fused)
     if fused:
-        return be.linear(h, weights["lm_head"], row_stats=stats, eps=EPS)[0]
-    return be.linear(be.rmsnorm(h, EPS), weights["lm_head"])[0]
+        return be.linear(h, weights["lm_head"], row_stats=stats)[0]
+    return be.linear(be.rmsnorm(h), weights["lm_head"])[0]
 
 
 def steps(seed_lens):
@@ -123,9 +120,9 @@ def test_block_fused_vs_off_vs_reference(dtype, small_m_max):
         "lm_head": cpu64(weights["lm_head"]),
         "layers": [{k: cpu64(v) for k, v in layer.items()} for layer in weights["layers"]],
     }
-    want = run(TorchBackend(), w64, torch.float64, False, prefill, decode,
+    want = run(TorchBackend(GEOM), w64, torch.float64, False, prefill, decode,
                [(cpu64(k), cpu64(v)) for k, v in prefix_cache], cos_sin.cpu(), ids, "cpu")  # fmt: skip
-    be = TritonBackend(small_m_max=small_m_max)
+    be = TritonBackend(GEOM, small_m_max=small_m_max)
     fused = run(be, weights, dtype, True, prefill, decode, prefix_cache, cos_sin, ids, DEVICE)
     off = run(be, weights, dtype, False, prefill, decode, prefix_cache, cos_sin, ids, DEVICE)
     check(fused, want, dtype)

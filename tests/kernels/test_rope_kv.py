@@ -1,4 +1,4 @@
-"""RoPE + paged KV write (with the deferred scale and bias of the large-M path) and the cos/sin tables."""
+"""kernels/rope_kv.py: RoPE + paged KV write (with the deferred scale and bias of the large-M path) and the cos/sin tables."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from fusionserve.kernels import reference as ref
+from fusionserve.kernels.batch import Geometry, LayerKV, Rotary
 from fusionserve.kernels.rope_kv import rope_cos_sin, rope_kv_write
-from tests.test_kernels_common import DEVICE, DTYPES, M_VALUES, check, poison_outputs, rand  # noqa: F401
+from tests.kernels.common import DEVICE, DTYPES, M_VALUES, check, poison_outputs, rand  # noqa: F401
 
 HQ, HK, D, BS, NB = 6, 2, 16, 16, 9
 EPS = 1e-5
 HIDDEN = 40
+GEOM = Geometry.of(HQ, HK, D, EPS)
 
 
 @pytest.mark.parametrize("scaled", [False, True, "rows"])
@@ -43,7 +45,7 @@ def test_rope_kv_write(dtype, m, scaled):
             stats = (torch.rand(m, 2, dtype=torch.float64) * HIDDEN).float().to(DEVICE)
             sumsq = stats.double().sum(-1, keepdim=True)
         raw = raw * torch.rsqrt(sumsq / HIDDEN + EPS) + bias.double()
-    q = rope_kv_write(qkv, positions, cos_sin, k_cache, v_cache, slots, HQ, HK, D, stats, HIDDEN, EPS, bias)
+    q = rope_kv_write(qkv, Rotary(positions, cos_sin), LayerKV(k_cache, v_cache, slots), GEOM, stats, HIDDEN, bias)
     q_want, k_new = ref.rope(
         raw[:, : HQ * D].view(m, HQ, D),
         raw[:, HQ * D : (HQ + HK) * D].view(m, HK, D),

@@ -1,10 +1,4 @@
-"""Programmatic dependent launch: the host policy, and the kernels' PTX compiled for sm90 here (no GPU).
-
-The CPU interpreter cannot run griddepcontrol, so the device-side rules are checked on the compiled
-PTX: every PDL kernel waits exactly once, stores nothing (and the GEMMs load nothing) before the wait,
-and prefetches there instead. tests/test_gpu.py checks on the H100 that PDL graph replays equal plain
-ones bit for bit.
-"""
+"""kernels/pdl.py: programmatic dependent launch is off without Hopper, its prefetch budget, its PTX rules, and PDL variants compute what plain launches do."""
 
 from __future__ import annotations
 
@@ -19,9 +13,11 @@ import torch
 
 from fusionserve.kernels import norm_linear as nl
 from fusionserve.kernels import pdl
+from fusionserve.kernels.batch import Geometry
 from fusionserve.kernels.triton_backend import TritonBackend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+GEOM = Geometry.of(1, 1, 2, 1e-6)
 
 
 def test_pdl_is_off_without_hopper():
@@ -57,20 +53,20 @@ def test_prefetch_budget():
 
 
 def test_backend_uses_pdl_for_small_steps_only():
-    be = TritonBackend(small_m_max=32, pdl=True)
+    be = TritonBackend(GEOM, small_m_max=32, pdl=True)
     assert be.pdl == pdl.PdlPolicy() and be._pdl(torch.zeros(32, 8)) == be.pdl
     assert be._pdl(torch.zeros(33, 8)) is None
-    assert TritonBackend(pdl=False)._pdl(torch.zeros(1, 8)) is None
+    assert TritonBackend(GEOM, pdl=False)._pdl(torch.zeros(1, 8)) is None
     be.pdl = pdl.PdlPolicy(prefetch_budget=1 << 20)
     assert be._pdl(torch.zeros(1, 8)).prefetch_budget == 1 << 20
-    assert TritonBackend().pdl is None  # auto: off without a Hopper GPU
+    assert TritonBackend(GEOM).pdl is None  # auto: off without a Hopper GPU
 
 
 @pytest.mark.skipif(not pdl.HAVE_GDC, reason="this Triton has no griddepcontrol ops")
 def test_pdl_kernels_compile_for_hopper_and_keep_the_rules(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "pdl_ptx.py")],
+        [sys.executable, str(ROOT / "tests" / "kernels" / "pdl_ptx.py")],
         env=env,
         capture_output=True,
         text=True,
@@ -95,9 +91,10 @@ def test_pdl_variants_compute_what_plain_launches_do(dtype):
     """Every kernel wrapper with a PDL policy (the one-wave early release, the multi-wave late trigger, the
     prefetch budget, the restructured split bounds of decode attention) gives the PDL-off result bit
     for bit. Under the interpreter the griddepcontrol / prefetch instructions themselves compile away."""
-    from fusionserve.kernels import attention, embedding, rmsnorm, rope_kv
-    from tests.test_kernels_attention import random_batch
-    from tests.test_kernels_common import rand
+    from fusionserve.kernels import decode_attention, embedding, rmsnorm, rope_kv
+    from fusionserve.kernels.batch import LayerKV, Rotary
+    from fusionserve.kernels.decode_attention import DecodeSplitPolicy
+    from tests.kernels.common import rand, random_batch
 
     def both(fn, *args, **kw):
         clones = [[a.clone() if isinstance(a, torch.Tensor) else a for a in args] for _ in range(2)]
@@ -126,20 +123,15 @@ def test_pdl_variants_compute_what_plain_launches_do(dtype):
     cos_sin = rope_kv.rope_cos_sin(64, d, device=x.device)
     qkv = rand(m, (hq + 2 * hk) * d, dtype=dtype)
     caches = [rand(nb, bs, hk, d, dtype=dtype) for _ in range(2)]
-    both(
-        rope_kv.rope_kv_write,
-        qkv,
-        torch.tensor([3, 9, 60]),
-        cos_sin,
-        *caches,
-        torch.tensor([5, -1, 77]),
-        hq,
-        hk,
-        d,
-    )
+    geom = Geometry.of(hq, hk, d, 1e-6)
+
+    def rope_kv_write(qkv, positions, cos_sin, k_cache, v_cache, slots, pdl):
+        return rope_kv.rope_kv_write(qkv, Rotary(positions, cos_sin), LayerKV(k_cache, v_cache, slots), geom, pdl=pdl)
+
+    both(rope_kv_write, qkv, torch.tensor([3, 9, 60]), cos_sin, *caches, torch.tensor([5, -1, 77]))
     ctx = [37, 1, 64, 20]
     batch = random_batch([1] * len(ctx), ctx, nb)
     q = rand(len(ctx), hq, d, dtype=dtype)
     for fused in (True, False):
-        both(attention.decode_attention, q, *caches, batch.block_tables, batch.context_lens, batch.max_context_len,
-             d**-0.5, num_splits=3, fused_merge=fused)  # fmt: skip
+        both(decode_attention.decode_attention, q, *caches, batch.block_tables, batch.context_lens,
+             batch.max_context_len, d**-0.5, num_splits=3, policy=DecodeSplitPolicy(fused_merge=fused))  # fmt: skip

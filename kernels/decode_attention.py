@@ -1,0 +1,367 @@
+"""Paged decode attention: one new query per sequence (GQA), its context split over several programs
+when there are too few (sequence, kv head) pairs to fill the GPU.
+
+The last split program of each (sequence, kv head) to finish (an int32 arrival counter, acq_rel
+atomic) can merge the partials in split order and reset its counter (one launch); otherwise a tiny
+second kernel merges. `DecodeSplitPolicy` says which, and how far to split (measured:
+bench/results/decode_small_*). Semantics: reference.paged_attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fusionserve.kernels.attention_tiles import LOG2E, attend_range, prefetch_kv
+from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_wait
+from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
+from fusionserve.kernels.triton_helpers import cast
+
+
+@triton.jit
+def _decode_partial(
+    q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt, stride_blk,
+    stride_tok, stride_kh, qk_scale, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """Unnormalised online softmax of the GROUP query heads of kv head `kvh` over keys [start, end)."""
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < GROUP
+    heads = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    q = tl.load(
+        q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    head_off = kvh.to(tl.int64) * stride_kh
+    # The one new query of a decode step sees every key before `end`: the causal mask with qpos = end - 1.
+    qpos = tl.zeros([BLOCK_G], dtype=tl.int32) + (end - 1)
+    return attend_range(
+        acc, l_i, m_i, q, qpos, k_ptr, v_ptr, bt_row, head_off, d, d_mask, stride_blk, stride_tok,
+        qk_scale, start, end, end, True, BLOCK_N, PAGE, UPCAST, IEEE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _merge_splits(
+    po_ptr, pml_ptr, o_ptr, b, kvh, HQ, n_splits, n_active, stride_ot, stride_oh, GROUP: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_GG: tl.constexpr, MERGE_S: tl.constexpr,
+):  # fmt: skip
+    """Merge the partials of splits 0 .. n_active-1 of (b, kvh), in split order, and write o.
+
+    The partials were written by other programs of this launch: .cg loads read them from L2."""
+    gg = tl.arange(0, BLOCK_GG)
+    g_mask = gg < GROUP
+    heads = kvh * GROUP + gg
+    base = (b * HQ + heads) * n_splits
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    m = tl.full([BLOCK_GG], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([BLOCK_GG], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_GG, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, n_active, MERGE_S):
+        s = s0 + tl.arange(0, MERGE_S)
+        rows = base[:, None] + s[None, :]
+        msk = g_mask[:, None] & (s < n_active)[None, :]
+        ms = tl.load(pml_ptr + rows * 2, mask=msk, other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(pml_ptr + rows * 2 + 1, mask=msk, other=0.0, cache_modifier=".cg")
+        ps = tl.load(
+            po_ptr + rows[:, :, None] * BLOCK_D + d[None, None, :],
+            mask=msk[:, :, None] & d_mask[None, None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        m_new = tl.maximum(m, tl.max(ms, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_ref)
+        w = tl.math.exp2(ms - m_ref[:, None])
+        den = den * alpha + tl.sum(w * ls, 1)
+        acc = acc * alpha[:, None] + tl.sum(ps * w[:, :, None], 1)
+        m = m_new
+    o = acc / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(
+        o_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        cast(o, o_ptr.dtype.element_ty),
+        mask=g_mask[:, None] & d_mask[None, :],
+    )
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    ctx_ptr,
+    o_ptr,
+    po_ptr,
+    pml_ptr,
+    cnt_ptr,
+    HQ,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_blk,
+    stride_tok,
+    stride_kh,
+    qk_scale,
+    split_len,
+    min_split,
+    single_ctx,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FUSED: tl.constexpr,
+    BLOCK_GG: tl.constexpr,
+    MERGE_S: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    PDL: tl.constexpr,
+    EARLY: tl.constexpr,
+    PF_TOKENS: tl.constexpr,
+    D_LINES: tl.constexpr,
+    LINE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    ctx = tl.load(ctx_ptr + b)
+    # Splits partition this sequence's own context (not the batch maximum), so a CUDA graph captured
+    # for the longest context still spreads a short context over every split.
+    seq_split = tl.minimum(tl.cdiv(tl.cdiv(ctx, BLOCK_N), n_splits) * BLOCK_N, split_len)
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < GROUP
+    heads = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    out_mask = g_mask[:, None] & (d < D)[None, :]
+    o_offs = b * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    if SPLIT and FUSED:
+        # Splits of at least min_split tokens, and one split for contexts up to single_ctx: only the
+        # first n_active programs of (b, kvh) work. Each stores its partial and takes a ticket; the
+        # last to arrive merges all of them in split order (deterministic) and resets the counter.
+        seq_split = tl.maximum(seq_split, min_split)
+        if ctx <= single_ctx:
+            seq_split = tl.maximum(seq_split, ctx)
+        n_active = tl.maximum(tl.cdiv(ctx, seq_split), 1)
+    start = sp * seq_split
+    end = tl.minimum(ctx, start + seq_split)
+    if PDL and EARLY:
+        prefetch_kv(
+            k_ptr, v_ptr, bt_ptr + b.to(tl.int64) * stride_bt, start, end, kvh.to(tl.int64) * stride_kh,
+            stride_blk, stride_tok, PAGE, PF_TOKENS, D_LINES, LINE, PDL,
+        )  # fmt: skip
+    pdl_wait(PDL, EARLY)
+    if SPLIT and FUSED:
+        if sp < n_active:
+            acc, l_i, m_i = _decode_partial(
+                q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt,
+                stride_blk, stride_tok, stride_kh, qk_scale, GROUP, BLOCK_G, D, BLOCK_D, BLOCK_N, PAGE,
+                UPCAST, IEEE,
+            )  # fmt: skip
+            if n_active == 1:
+                o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+                tl.store(o_ptr + o_offs, cast(o, o_ptr.dtype.element_ty), mask=out_mask)
+            else:
+                row = (b * HQ + heads) * n_splits + sp
+                tl.store(po_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
+                tl.store(pml_ptr + row * 2, m_i, mask=g_mask)
+                tl.store(pml_ptr + row * 2 + 1, l_i, mask=g_mask)
+                tl.debug_barrier()  # every thread's partial stores precede the release below
+                cnt = cnt_ptr + b * tl.num_programs(1) + kvh
+                ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+                if ticket == n_active - 1:
+                    _merge_splits(
+                        po_ptr, pml_ptr, o_ptr, b, kvh, HQ, n_splits, n_active, stride_ot, stride_oh,
+                        GROUP, D, BLOCK_D, BLOCK_GG, MERGE_S,
+                    )  # fmt: skip
+                    tl.store(cnt, 0)  # every split has arrived: ready for the next launch / replay
+    else:
+        acc, l_i, m_i = _decode_partial(
+            q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt, stride_blk,
+            stride_tok, stride_kh, qk_scale, GROUP, BLOCK_G, D, BLOCK_D, BLOCK_N, PAGE, UPCAST, IEEE,
+        )  # fmt: skip
+        if SPLIT:
+            row = (b * HQ + heads) * n_splits + sp
+            tl.store(po_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
+            tl.store(pml_ptr + row * 2, m_i, mask=g_mask)
+            tl.store(pml_ptr + row * 2 + 1, l_i, mask=g_mask)
+        else:
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(o_ptr + o_offs, cast(o, o_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    po_ptr,
+    pml_ptr,
+    o_ptr,
+    HQ,
+    n_splits,
+    stride_ot,
+    stride_oh,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
+    EARLY: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    pdl_wait(PDL, EARLY)
+    s = tl.arange(0, BLOCK_S)
+    s_mask = s < n_splits
+    row = (b * HQ + h) * n_splits + s
+    m = tl.load(pml_ptr + row * 2, mask=s_mask, other=float("-inf"))
+    li = tl.load(pml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max)
+    denom = tl.sum(w * li, 0)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.load(
+        po_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None] & (d[None, :] < D), other=0.0
+    )
+    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(o_ptr + b * stride_ot + h * stride_oh + d, cast(o, o_ptr.dtype.element_ty), mask=d < D)
+
+
+@dataclass(frozen=True)
+class DecodeSplitPolicy:
+    """How decode attention spreads one sequence's context over programs.
+
+    `plan` "fill": 64 tokens per step (128 for head_dim <= 64, whose tiles are small), and as many
+    splits as keep about 4 programs per SM in one wave; "wave2": 64 tokens, about 2 per SM.
+    `fused_merge`: True = the last split program of each (sequence, kv head) merges (one launch);
+    False = a second launch merges; None = fused when there are at most `fused_merge_max_programs`
+    (sequence, kv head) pairs. Measured (bench/results/decode_small_*): fused wins where many splits
+    each hold about one chunk (135M batch 1: 5.5 vs 6.2 µs; 8B batch 1: 5.7 vs 8.2 µs) and loses where
+    each split loops over many chunks (8B batch 8-32 at ctx 4096: up to 35% slower). Splitting less
+    (`min_split_tokens` 256, `single_split_ctx` 1024, `max_splits` 1) lost everywhere it was tried at
+    ctx 512; those two are read on the device against each sequence's own length, so a graph captured
+    for the longest context honours them (fused merge only).
+    """
+
+    plan: str = "fill"
+    fused_merge: bool | None = None
+    fused_merge_max_programs: int = 16
+    min_split_tokens: int = 0
+    single_split_ctx: int = 0
+    max_splits: int = 128
+
+    def fused(self, pairs: int) -> bool:
+        return self.fused_merge if self.fused_merge is not None else pairs <= self.fused_merge_max_programs
+
+
+DEFAULT_SPLIT = DecodeSplitPolicy()
+
+# Arrival counters of the fused merge, one int32 per (sequence, kv head), zero between launches (the
+# last arriver resets its own). One buffer per device, shared by every layer and CUDA graph (launches
+# on one stream are ordered). A buffer that is outgrown stays alive: captured graphs still use it.
+
+
+def decode_plan(
+    bsz: int, hk: int, max_context_len: int, d: int, device: torch.device, policy: DecodeSplitPolicy = DEFAULT_SPLIT
+) -> tuple[int, int]:
+    """(num_splits, BLOCK_N) for decode attention under `policy` (see DecodeSplitPolicy.plan)."""
+    sms = sm_count(device)
+    if INTERPRET:
+        block_n, per_sm = 16, 1
+    elif policy.plan == "fill":
+        block_n, per_sm = (128 if d <= 64 else 64), 4
+    else:
+        block_n, per_sm = 64, 2
+    n_chunks = max(1, triton.cdiv(max_context_len, block_n))
+    if policy.plan == "fill":
+        splits = max(1, (per_sm * sms) // max(1, bsz * hk))
+    else:
+        splits = max(1, triton.cdiv(per_sm * sms, max(1, bsz * hk)))
+    return min(n_chunks, splits, policy.max_splits), block_n
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+    scale: float,
+    *,
+    policy: DecodeSplitPolicy = DEFAULT_SPLIT,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    out: torch.Tensor | None = None,
+    pdl: PdlPolicy | None = None,
+) -> torch.Tensor:
+    """One new query per sequence: q [B, Hq, D] over its cached context → o [B, Hq, D].
+
+    The context is split over programs per (sequence, kv head) as `policy` says (`num_splits` and
+    `block_n` override its plan: tests, sweeps).
+    """
+    bsz, hq, d = q.shape
+    hk = k_cache.shape[2]
+    assert hq % hk == 0 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
+    o = out if out is not None else torch.empty_like(q)
+    if bsz == 0:
+        return o
+    plan_splits, plan_bn = decode_plan(bsz, hk, max_context_len, d, q.device, policy)
+    block_n = block_n or plan_bn
+    n_chunks = max(1, triton.cdiv(max_context_len, block_n))
+    split_len = triton.cdiv(n_chunks, max(1, num_splits or plan_splits)) * block_n
+    num_splits = max(1, triton.cdiv(max(max_context_len, 1), split_len))
+    fused = num_splits > 1 and policy.fused(bsz * hk)
+    _launch_decode(q, k_cache, v_cache, block_tables, context_lens, o, scale, num_splits, split_len, block_n,
+                   fused, policy, pdl)  # fmt: skip
+    return o
+
+
+def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, o, scale, num_splits, split_len, block_n,
+                   fused, policy, pdl):  # fmt: skip
+    """The split kernel (and, split but not fused, the merge kernel) for decode_attention's plan."""
+    bsz, hq, d = q.shape
+    hk, page = k_cache.shape[2], k_cache.shape[1]
+    group, block_d, split = hq // hk, next_pow2(d), num_splits > 1
+    block_gg = max(2, next_pow2(group))
+    if split:
+        po = torch.empty((bsz * hq * num_splits, block_d), device=q.device, dtype=torch.float32)
+        pml = torch.empty((bsz * hq * num_splits, 2), device=q.device, dtype=torch.float32)
+    else:
+        po = pml = o
+    cnt = arrival_counters(q.device, bsz * hk, "decode_attention") if fused else pml
+    _decode_kernel[(bsz, hk, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, o, po, pml, cnt, hq,
+        q.stride(0), q.stride(1), o.stride(0), o.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale * LOG2E, split_len,
+        triton.cdiv(max(policy.min_split_tokens, 1), block_n) * block_n, policy.single_split_ctx,
+        GROUP=group, D=d, BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page,
+        SPLIT=split, FUSED=fused, BLOCK_GG=block_gg,
+        MERGE_S=2 if INTERPRET else max(1, min(32, 8192 // (block_gg * block_d))),
+        UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
+        **pdl_args(pdl, bsz * hk * num_splits, q.device),
+        PF_TOKENS=min(block_n, pdl.attention_prefetch_tokens) if pdl is not None else 16,
+        D_LINES=max(1, next_pow2(d * k_cache.element_size()) // 128), LINE=128 // k_cache.element_size(),
+        num_warps=1 if INTERPRET else 4, num_stages=1 if INTERPRET else 3,
+    )  # fmt: skip
+    if split and not fused:
+        _decode_reduce_kernel[(bsz, hq)](
+            po, pml, o, hq, num_splits, o.stride(0), o.stride(1), D=d, BLOCK_D=block_d,
+            BLOCK_S=max(2, next_pow2(num_splits)), **pdl_args(pdl, bsz * hq, q.device),
+            num_warps=1 if INTERPRET else 4,
+        )  # fmt: skip

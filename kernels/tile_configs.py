@@ -1,0 +1,96 @@
+"""Tile choices of the deferred-norm GEMM (kernels/norm_linear.py) at decode sizes: a table tuned
+per shape (bench/kernels.py sweeps it), and a rule for shapes it does not list."""
+
+from __future__ import annotations
+
+import torch
+
+from fusionserve.kernels.triton_env import INTERPRET, next_pow2, sm_count
+
+# ----------------------------------------------------------------------------------------------------
+# Tile configs. Decode GEMMs are weight-bandwidth bound: pick BLOCK_N so the grid covers the SMs
+# several times over, BLOCK_K and stages so enough weight bytes are in flight per SM.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)
+Config = tuple[int, int, int, int, int, int]
+
+
+# Measured winners per (N, K, M bucket, gate_up) on H100 (bench/kernels.py --sweep); heuristic otherwise.
+TUNED: dict[tuple[int, int, int, bool], Config] = {
+    # H100 80GB HBM3, torch 2.11 / triton 3.6, bench/kernels.py --sweep (CUDA graphs, rotating weights)
+    (4096, 14336, 16, False): (16, 16, 128, 2, 4, 2),
+    (4096, 14336, 32, False): (32, 32, 128, 4, 4, 2),
+    # (4096, 4096) and (6144, 4096) at M <= 16: bench/decode_configs.py (whole 8B step with PDL), two rounds
+    (4096, 4096, 16, False): (16, 16, 256, 2, 4, 2),
+    (4096, 4096, 32, False): (32, 32, 256, 4, 4, 1),
+    (6144, 4096, 16, False): (16, 16, 256, 2, 4, 1),
+    (6144, 4096, 32, False): (32, 16, 128, 2, 4, 1),
+    (14336, 4096, 16, True): (16, 64, 256, 4, 3, 1),
+    (14336, 4096, 32, True): (32, 64, 128, 4, 4, 1),
+    (28672, 4096, 16, False): (16, 64, 256, 4, 3, 1),
+    (28672, 4096, 32, False): (32, 64, 256, 4, 3, 1),
+    (128256, 4096, 16, False): (16, 16, 512, 4, 3, 1),
+    (128256, 4096, 32, False): (32, 64, 128, 4, 4, 1),
+    (576, 576, 16, False): (16, 16, 64, 4, 6, 1),
+    (576, 576, 32, False): (32, 16, 64, 4, 6, 1),
+    (576, 1536, 16, False): (16, 32, 64, 4, 6, 4),
+    (576, 1536, 32, False): (32, 32, 128, 4, 4, 4),
+    (960, 576, 16, False): (16, 16, 64, 4, 6, 1),
+    (960, 576, 32, False): (32, 16, 64, 4, 6, 1),
+    (1536, 576, 16, True): (16, 32, 64, 4, 6, 1),
+    (1536, 576, 32, True): (32, 16, 64, 4, 6, 1),
+    (3072, 576, 16, False): (16, 32, 64, 4, 6, 1),
+    (3072, 576, 32, False): (32, 32, 64, 4, 6, 1),
+    (49152, 576, 16, False): (16, 16, 128, 2, 4, 1),
+    (49152, 576, 32, False): (32, 128, 64, 4, 4, 1),
+}
+
+
+def m_bucket(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def norm_cfg(cfg) -> Config:
+    return tuple(cfg) + (1,) * (6 - len(cfg))  # type: ignore[return-value]
+
+
+def smem_bytes(cfg, elt: int, gate_up: bool) -> int:
+    bm, bn, bk, _, stages, _ = norm_cfg(cfg)
+    return max(1, stages - 1) * (bm + bn * (2 if gate_up else 1)) * bk * elt
+
+
+def _fit(cfg, elt: int, gate_up: bool, limit: int = 160 * 1024) -> Config:
+    """Shrink stages, then BLOCK_K, until the pipelined tiles fit in shared memory."""
+    bm, bn, bk, warps, stages, split = norm_cfg(cfg)
+    while smem_bytes((bm, bn, bk, warps, stages), elt, gate_up) > limit:
+        if stages > 2:
+            stages -= 1
+        elif bk > 32:
+            bk //= 2
+        else:
+            break
+    return (bm, bn, bk, warps, stages, split)
+
+
+def pick_config(m: int, n: int, k: int, device: torch.device, gate_up: bool = False, elt: int = 2) -> Config:
+    """n = output columns (I for gate/up). Tuned table first, else: enough CTAs to cover the SMs twice."""
+    if INTERPRET or device.type != "cuda":
+        return (16, 16, 32, 1, 1, 1)
+    bm = m_bucket(m)
+    hit = TUNED.get((n, k, bm, gate_up))
+    if hit is not None:
+        return _fit(hit, elt, gate_up)
+    sms = sm_count(device)
+    m_tiles = -(-m // bm)
+    bn = 16
+    for cand in (64, 32):
+        if -(-n // cand) * m_tiles >= 2 * sms and cand * (2 if gate_up else 1) <= 128:
+            bn = cand
+            break
+    bk = 256 if bm <= 16 else 128
+    if k < bk:
+        bk = max(32, next_pow2(k) // 2)
+    ctas = -(-n // bn) * m_tiles
+    split = 1
+    while ctas * split < sms and k // (bk * split * 2) >= 2:
+        split *= 2
+    return _fit((bm, bn, bk, 4, 4, split), elt, gate_up)
