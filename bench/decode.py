@@ -37,7 +37,7 @@ from fusionserve.kernels.backend import select_backend  # noqa: E402
 from fusionserve.kernels.batch import PagedBatch  # noqa: E402
 from fusionserve.kernels.pdl import pdl_available  # noqa: E402
 from fusionserve.models.config import ModelConfig  # noqa: E402
-from fusionserve.models.decoder import Decoder, geometry, KVCache  # noqa: E402
+from fusionserve.models.decoder import Decoder, KVCache, geometry  # noqa: E402
 from fusionserve.models.loader import LayerWeights, ModelWeights  # noqa: E402
 from fusionserve.server.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
 from bench.decode import best_of_interleaved, config_of, filled_kv_cache, random_weights  # noqa: E402
-from fusionserve.kernels import norm_linear as nl  # noqa: E402
+from fusionserve.kernels import tile_configs  # noqa: E402
 from fusionserve.kernels.backend import select_backend  # noqa: E402
 from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
 
@@ -52,18 +52,20 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     cfg = config_of(args.model)
-    model = Decoder(cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=args.ctx + 16)
+    model = Decoder(
+        cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=args.ctx + 16
+    )
     kv = filled_kv_cache(model, args.batch, args.ctx)
     variants: dict[str, tuple | None] = {"baseline": None}
     for key, alts in CANDIDATES[args.model].items():
         variants.update({f"{key[:2]}{' gate_up' if key[3] else ''} -> {alt}": (key, alt) for alt in alts})
-    tuned = dict(nl.TUNED)
+    tuned = dict(tile_configs.TUNED)
 
     def apply(replacement: tuple | None) -> None:
-        nl.TUNED.clear()
-        nl.TUNED.update(tuned)
+        tile_configs.TUNED.clear()
+        tile_configs.TUNED.update(tuned)
         if replacement is not None:
-            nl.TUNED[replacement[0]] = replacement[1]
+            tile_configs.TUNED[replacement[0]] = replacement[1]
 
     timed = best_of_interleaved(model, kv, args.batch, args.ctx, variants, apply, (True,), args.rounds)
     apply(None)

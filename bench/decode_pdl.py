@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict] = {  # the backend attributes of each (unset ones keep
 
 
 def apply_variant(backend, variant: dict) -> None:
-    defaults = TritonBackend()
+    defaults = TritonBackend(backend.geometry)
     backend.pdl = variant.get("pdl", defaults.pdl or False)
     backend.small_m_max = variant.get("small_m_max", defaults.small_m_max)
 
@@ -63,7 +63,9 @@ def main() -> None:
     for name in tqdm(args.models.split(","), desc="models"):
         cfg = config_of(name)
         contexts = [int(c) for c in args.contexts.split(",")]
-        model = Decoder(cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=max(contexts) + 16)
+        model = Decoder(
+            cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=max(contexts) + 16
+        )
         for ctx in contexts:
             for b in [int(x) for x in args.batches.split(",")]:
                 kv = filled_kv_cache(model, b, ctx)

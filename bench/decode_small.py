@@ -29,59 +29,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
 from bench.decode import ARCHS, config_of, decode_batch, graph_kernel_events, random_weights, time_fn  # noqa: E402
-from fusionserve.kernels import attention as attn  # noqa: E402
+from fusionserve.kernels import decode_attention as attn  # noqa: E402
 from fusionserve.kernels import triton_env  # noqa: E402
 from fusionserve.kernels.backend import select_backend  # noqa: E402
+from fusionserve.kernels.decode_attention import DecodeSplitPolicy  # noqa: E402
 from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
 from fusionserve.server.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 
 MAX_MODEL_LEN = 8192
 DEV = "cuda"
-# Each variant sets every knob (the module defaults may change with these numbers).
+# Each variant is a whole policy (the defaults may change with these numbers).
 VARIANTS = {
-    "two_kernel": dict(fused_merge=False),
-    "fused": dict(fused_merge=True),
-    "fused_min256": dict(fused_merge=True, min_split_tokens=256),
-    "fused_single1024": dict(fused_merge=True, single_split_ctx=1024),
-    "nosplit": dict(num_splits=1),
+    "two_kernel": DecodeSplitPolicy(fused_merge=False),
+    "fused": DecodeSplitPolicy(fused_merge=True),
+    "fused_min256": DecodeSplitPolicy(fused_merge=True, min_split_tokens=256),
+    "fused_single1024": DecodeSplitPolicy(fused_merge=True, single_split_ctx=1024),
+    "nosplit": DecodeSplitPolicy(fused_merge=True, max_splits=1),
 }
 
 
-def _kwargs(variant: str) -> dict:
-    kw = VARIANTS[variant]
-    return dict(
-        fused_merge=kw.get("fused_merge", True),
-        min_split_tokens=kw.get("min_split_tokens", 0),
-        single_split_ctx=kw.get("single_split_ctx", 0),
-        num_splits=kw.get("num_splits"),
-    )
-
-
 @contextmanager
-def step_variant(variant: str):
-    """The module knobs that paged_attention's default decode call reads, set for one variant."""
-    kw = _kwargs(variant)
-    saved = (
-        attn.DECODE_FUSED_MERGE,
-        attn.DECODE_MIN_SPLIT_TOKENS,
-        attn.DECODE_SINGLE_SPLIT_CTX,
-        attn.decode_plan,
-    )
-    plan = attn.decode_plan
-    attn.DECODE_FUSED_MERGE = kw["fused_merge"]
-    attn.DECODE_MIN_SPLIT_TOKENS = kw["min_split_tokens"]
-    attn.DECODE_SINGLE_SPLIT_CTX = kw["single_split_ctx"]
-    if kw["num_splits"] == 1:
-        attn.decode_plan = lambda *a, **k: (1, plan(*a, **k)[1])
+def step_variant(model: Decoder, variant: str):
+    """The decode-split policy the backend's attention calls use, set for one variant."""
+    saved = model.backend.decode_split
+    model.backend.decode_split = VARIANTS[variant]
     try:
         yield
     finally:
-        (
-            attn.DECODE_FUSED_MERGE,
-            attn.DECODE_MIN_SPLIT_TOKENS,
-            attn.DECODE_SINGLE_SPLIT_CTX,
-            attn.decode_plan,
-        ) = saved
+        model.backend.decode_split = saved
 
 
 def graph_of(fn, calls: int) -> torch.cuda.CUDAGraph:
@@ -135,11 +110,12 @@ def bench_attention(name: str, bsz: int, ctx: int) -> dict:
         model=name, batch=bsz, ctx=ctx, plan=attn.decode_plan(bsz, hk, MAX_MODEL_LEN, d, q.device)
     )
     graphs = {}
-    for v in VARIANTS:
-        kw = _kwargs(v)
+    for v, policy in VARIANTS.items():
 
-        def fn(o=outs[v], kw=kw):
-            attn.decode_attention(q, k_cache, v_cache, tables, lens, MAX_MODEL_LEN, d**-0.5, out=o, **kw)
+        def fn(o=outs[v], policy=policy):
+            attn.decode_attention(
+                q, k_cache, v_cache, tables, lens, MAX_MODEL_LEN, d**-0.5, out=o, policy=policy
+            )
 
         try:
             graphs[v] = graph_of(fn, calls)
@@ -166,7 +142,9 @@ def profile_graph(graphs: DecodeGraphs, ids, pos, pb, fused: bool) -> dict:
 
 def bench_step(contexts: list[int], rows: list[dict], save) -> None:
     cfg = config_of("135m")
-    model = Decoder(cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=MAX_MODEL_LEN)
+    model = Decoder(
+        cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=MAX_MODEL_LEN
+    )
     for ctx in contexts:
         kv = model.allocate_kv_cache(-(-(ctx + 1) // 16), 16)
         for t in kv.k + kv.v:
@@ -175,7 +153,7 @@ def bench_step(contexts: list[int], rows: list[dict], save) -> None:
         graphs = {}
         for v in VARIANTS:
             try:
-                with step_variant(v):
+                with step_variant(model, v):
                     g = DecodeGraphs(model, kv, max_batch=1, batch_sizes=(1,))
                     g.capture()
                 graphs[v] = g

@@ -98,7 +98,9 @@ def run(eng: LLMEngine, prompts, plist) -> dict:
 
     def schedule_spy():
         plan = sched()
-        if plan.seq_ids:  # a call that launches a prefill step too (the first, with overlap) is no decode step
+        if (
+            plan.seq_ids
+        ):  # a call that launches a prefill step too (the first, with overlap) is no decode step
             decode_flag["v"] = decode_flag["v"] and plan.is_decode
         return plan
 

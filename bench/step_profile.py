@@ -211,7 +211,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = config_of(args.model)
-    model = Decoder(cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=args.max_model_len)
+    model = Decoder(
+        cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=args.max_model_len
+    )
     rows: list[dict] = []
     cases = [
         (kind, c) for kind in ("prefill", "decode", "mixed") for c in getattr(args, kind).split(",") if c

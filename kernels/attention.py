@@ -34,7 +34,15 @@ def paged_attention(
     """
     if batch.is_decode_only and q.shape[0] == batch.num_seqs:
         return decode_attention(
-            q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.max_context_len, scale, policy=split, pdl=pdl
+            q,
+            k_cache,
+            v_cache,
+            batch.block_tables,
+            batch.context_lens,
+            batch.max_context_len,
+            scale,
+            policy=split,
+            pdl=pdl,
         )
     nd = min(batch.num_decodes, batch.num_seqs)
     if nd == 0:

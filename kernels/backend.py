@@ -24,7 +24,9 @@ class Backend(Protocol):
     name: str
     geometry: Geometry
 
-    def embedding(self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool) -> tuple[torch.Tensor, Stats]: ...
+    def embedding(
+        self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool
+    ) -> tuple[torch.Tensor, Stats]: ...
 
     def rmsnorm(self, x: torch.Tensor) -> torch.Tensor: ...
 

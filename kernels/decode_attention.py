@@ -277,7 +277,12 @@ DEFAULT_SPLIT = DecodeSplitPolicy()
 
 
 def decode_plan(
-    bsz: int, hk: int, max_context_len: int, d: int, device: torch.device, policy: DecodeSplitPolicy = DEFAULT_SPLIT
+    bsz: int,
+    hk: int,
+    max_context_len: int,
+    d: int,
+    device: torch.device,
+    policy: DecodeSplitPolicy = DEFAULT_SPLIT,
 ) -> tuple[int, int]:
     """(num_splits, BLOCK_N) for decode attention under `policy` (see DecodeSplitPolicy.plan)."""
     sms = sm_count(device)

@@ -146,7 +146,9 @@ class TritonBackend:
             q, kv.k_cache, kv.v_cache, batch, self.geometry.scale, pdl=self._pdl(q), split=self.decode_split
         )
 
-    def mlp_input(self, x: torch.Tensor, row_stats: torch.Tensor | None, w_gate_up: torch.Tensor) -> torch.Tensor:
+    def mlp_input(
+        self, x: torch.Tensor, row_stats: torch.Tensor | None, w_gate_up: torch.Tensor
+    ) -> torch.Tensor:
         eps = self.geometry.eps
         if self._small(x):
             stats = self._partials(row_stats, x.shape[-1])

@@ -126,7 +126,9 @@ def test_pdl_variants_compute_what_plain_launches_do(dtype):
     geom = Geometry.of(hq, hk, d, 1e-6)
 
     def rope_kv_write(qkv, positions, cos_sin, k_cache, v_cache, slots, pdl):
-        return rope_kv.rope_kv_write(qkv, Rotary(positions, cos_sin), LayerKV(k_cache, v_cache, slots), geom, pdl=pdl)
+        return rope_kv.rope_kv_write(
+            qkv, Rotary(positions, cos_sin), LayerKV(k_cache, v_cache, slots), geom, pdl=pdl
+        )
 
     both(rope_kv_write, qkv, torch.tensor([3, 9, 60]), cos_sin, *caches, torch.tensor([5, -1, 77]))
     ctx = [37, 1, 64, 20]

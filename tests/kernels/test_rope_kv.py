@@ -45,7 +45,9 @@ def test_rope_kv_write(dtype, m, scaled):
             stats = (torch.rand(m, 2, dtype=torch.float64) * HIDDEN).float().to(DEVICE)
             sumsq = stats.double().sum(-1, keepdim=True)
         raw = raw * torch.rsqrt(sumsq / HIDDEN + EPS) + bias.double()
-    q = rope_kv_write(qkv, Rotary(positions, cos_sin), LayerKV(k_cache, v_cache, slots), GEOM, stats, HIDDEN, bias)
+    q = rope_kv_write(
+        qkv, Rotary(positions, cos_sin), LayerKV(k_cache, v_cache, slots), GEOM, stats, HIDDEN, bias
+    )
     q_want, k_new = ref.rope(
         raw[:, : HQ * D].view(m, HQ, D),
         raw[:, HQ * D : (HQ + HK) * D].view(m, HK, D),

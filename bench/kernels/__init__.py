@@ -1,0 +1,1 @@
+"""Kernel benchmarks, one module per op of kernels/ (`python -m bench.kernels` runs them all)."""

@@ -1,0 +1,112 @@
+"""The decode GEMMs of kernels/norm_linear.py against cuBLAS (every GEMM of a block, M = 1 .. 4096), and
+a sweep of their tile configs (kernels/tile_configs.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from bench.kernels.common import SWEEP, _rand, n_sets, rel_err
+from fusionserve.kernels import norm_linear as nl
+from fusionserve.kernels import tile_configs
+from fusionserve.kernels.triton_backend import TritonBackend
+
+
+def bench_gemms(models, m_values, timer, device, dtype, peak_gbs, log):
+    rows = []
+    be = TritonBackend(models[0].geometry)
+    jobs = [(mdl, name, nk, m) for mdl in models for name, nk in mdl.shapes().items() for m in m_values]
+
+    def _case(mdl, name, nk, m):
+        n, k = nk
+        wbytes = n * k * dtype.itemsize
+        sets = n_sets(wbytes + m * k * dtype.itemsize)
+        ws = [_rand(n, k, dtype=dtype, device=device, scale=k**-0.5) for _ in range(sets)]
+        xs = [_rand(m, k, dtype=dtype, device=device) for _ in range(sets)]
+        row = dict(model=mdl.name, gemm=name, M=m, N=n, K=k)
+        variants = {
+            "cublas": [lambda i=i: F.linear(xs[i], ws[i]) for i in range(sets)],
+            "ours": [lambda i=i: be.linear(xs[i], ws[i]) for i in range(sets)],
+        }
+        if name == "gate_up":
+            variants["gu"] = [lambda i=i: be.mlp_input(xs[i], None, ws[i]) for i in range(sets)]
+        t = timer.compare(variants)
+        t_cublas, t_ours = t["cublas"], t["ours"]
+        y_ref = F.linear(xs[0], ws[0])
+        y_ours = be.linear(xs[0], ws[0])[0]
+        row.update(cublas_us=t_cublas, ours_us=t_ours, err=rel_err(y_ours, y_ref))
+        if name == "gate_up":
+            row["ours_gate_up_silu_us"] = t["gu"]
+        moved = wbytes + (m * k + m * n) * dtype.itemsize
+        row["cublas_pct_bw"] = 100 * moved / (t_cublas * 1e-6) / 1e9 / peak_gbs
+        row["ours_pct_bw"] = 100 * moved / (t_ours * 1e-6) / 1e9 / peak_gbs
+        row["tflops_ours"] = 2 * m * n * k / (t_ours * 1e-6) / 1e12
+        row["speedup"] = t_cublas / t_ours
+        rows.append(row)
+        log(row)
+
+    for mdl, name, nk, m in tqdm(jobs, desc="GEMMs", file=sys.stdout):
+        _case(mdl, name, nk, m)
+    return rows
+
+
+def sweep_configs(m, n_out, k, sms, gate_up, elt):
+    bm = tile_configs.m_bucket(m)
+    m_tiles = -(-m // bm)
+    for bn, bk, warps, stages in SWEEP:
+        if (gate_up and bn > 64) or bk > 2 * k:
+            continue
+        tiles = -(-n_out // bn) * m_tiles
+        for split in (1, 2, 4, 8, 16):
+            if split > 1 and (tiles * split // 2 >= 2 * sms or k < bk * split * 2):
+                break
+            cfg = (bm, bn, bk, warps, stages, split)
+            if tile_configs.smem_bytes(cfg, elt, gate_up) <= 200 * 1024:
+                yield cfg
+
+
+def bench_sweep(models, m_values, timer, device, dtype, log):
+    rows, best = [], {}
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    jobs = [
+        (mdl, name, nk, m, gu)
+        for mdl in models
+        for name, nk in mdl.shapes().items()
+        for m in m_values
+        for gu in ((True, False) if name == "gate_up" else (False,))
+    ]
+
+    def _case(mdl, name, nk, m, gate_up):
+        n, k = nk
+        n_out = n // 2 if gate_up else n
+        sets = n_sets(n * k * dtype.itemsize)
+        ws = [_rand(n, k, dtype=dtype, device=device, scale=k**-0.5) for _ in range(sets)]
+        x = _rand(m, k, dtype=dtype, device=device)
+        bm = tile_configs.m_bucket(m)
+        variants = {}
+        for cfg in sweep_configs(m, n_out, k, sms, gate_up, dtype.itemsize):
+            fn = nl.gate_up_silu if gate_up else nl.linear
+            try:
+                fn(x, ws[0], config=cfg)  # compile; a config that does not compile or launch is skipped
+            except Exception as exc:
+                log(dict(sweep_error=str(exc)[:300], cfg=cfg))
+                continue
+            variants[cfg] = [lambda i=i, c=cfg, fn=fn: fn(x, ws[i], config=c) for i in range(sets)]
+        if not variants:
+            return
+        times = timer.compare(variants)
+        results = sorted((t, cfg) for cfg, t in times.items())
+        best[(n_out, k, bm, gate_up)] = results[0][1]
+        rows.append(
+            dict(model=mdl.name, gemm=name + ("" if gate_up or name != "gate_up" else "_plain"), M=m, N=n, K=k,
+                 best_cfg=results[0][1], best_us=results[0][0],
+                 default_cfg=tile_configs.pick_config(m, n_out, k, device, gate_up), all=[(c, t) for t, c in results])
+        )  # fmt: skip
+        log(rows[-1])
+
+    for mdl, name, nk, m, gu in tqdm(jobs, desc="sweep", file=sys.stdout):
+        _case(mdl, name, nk, m, gu)
+    return rows, best
