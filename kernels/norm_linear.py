@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2
+from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2, prefetch_lines
 from fusionserve.kernels.tile_configs import norm_cfg, pick_config
 from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2
 from fusionserve.kernels.triton_helpers import cast, mma, silu
@@ -308,9 +308,7 @@ def _launch(
     cfg = (
         norm_cfg(config) if config is not None else pick_config(m, n, k, x.device, gate_up, x.element_size())
     )
-    bm, bn, bk, warps, stages, split = cfg
-    n_tiles = triton.cdiv(n, bn)
-    m_tiles = triton.cdiv(m, bm)
+    n_tiles = triton.cdiv(n, cfg[1])
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
     stats = sums = None
     if want_stats or want_sums:
@@ -329,6 +327,16 @@ def _launch(
         row_stats = row_stats.float()
         if row_stats.stride(1) != 1:
             row_stats = row_stats.contiguous()
+    _run(x, weight, y, n, cfg, bias, residual, row_stats, row_sums, col_sums, stats, sums, eps, gate_up, pdl)
+    return y, stats, sums
+
+
+def _run(x, weight, y, n, cfg, bias, residual, row_stats, row_sums, col_sums, stats, sums, eps, gate_up, pdl):
+    """One launch of _linear_kernel over (N tiles, M tiles, K splits) for _launch's prepared operands."""
+    m, k = x.shape
+    bm, bn, bk, warps, stages, split = cfg
+    n_tiles, m_tiles = triton.cdiv(n, bn), triton.cdiv(m, bm)
+    ln = row_sums is not None
     p = row_stats.shape[1] if row_stats is not None else 1
     k_per_split = triton.cdiv(triton.cdiv(k, bk), split)  # in BLOCK_K blocks
     split = triton.cdiv(k, k_per_split * bk)
@@ -393,19 +401,6 @@ def _launch(
         num_stages=stages,
         **launch,
     )
-    return y, stats, sums
-
-
-def prefetch_lines(span: int, elt: int, rows: int, policy: PdlPolicy | None, early: bool = True) -> int:
-    """128-byte lines per weight row (of `rows` in all, K splits counted) to prefetch before the PDL
-    wait: the whole K span of a program, within the policy's lines per row and bytes per GEMM; none
-    without PDL, or for a grid of several waves (`early` False) if the policy says so."""
-    if policy is None or not (early or policy.prefetch_multiwave):
-        return 0
-    cap = min(policy.prefetch_lines_max, policy.prefetch_budget // max(1, rows * 128))
-    if cap < 1:
-        return 0
-    return min(1 << (cap.bit_length() - 1), next_pow2(-(-span * elt // 128)))
 
 
 def linear(

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusionserve.kernels.triton_env import INTERPRET, sm_count
+from fusionserve.kernels.triton_env import INTERPRET, next_pow2, sm_count
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -116,3 +116,15 @@ def pdl_args(policy: PdlPolicy | None, programs: int, device: torch.device) -> d
     if policy is None:
         return {"PDL": False, "EARLY": False}
     return {"PDL": True, "EARLY": policy.one_wave(programs, device), "launch_pdl": True}
+
+
+def prefetch_lines(span: int, elt: int, rows: int, policy: PdlPolicy | None, early: bool = True) -> int:
+    """128-byte lines per weight row (of `rows` in all, K splits counted) to prefetch before the PDL
+    wait: the whole K span of a program, within the policy's lines per row and bytes per GEMM; none
+    without PDL, or for a grid of several waves (`early` False) if the policy says so."""
+    if policy is None or not (early or policy.prefetch_multiwave):
+        return 0
+    cap = min(policy.prefetch_lines_max, policy.prefetch_budget // max(1, rows * 128))
+    if cap < 1:
+        return 0
+    return min(1 << (cap.bit_length() - 1), next_pow2(-(-span * elt // 128)))

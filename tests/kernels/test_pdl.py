@@ -44,12 +44,12 @@ def test_pdl_env_switch(monkeypatch):
 def test_prefetch_budget():
     policy = pdl.PdlPolicy()
     # 135M: the whole K of every row fits (576 bf16 = 9 lines -> 16, clamped in the kernel).
-    assert nl.prefetch_lines(576, 2, 960, policy) == 16
+    assert pdl.prefetch_lines(576, 2, 960, policy) == 16
     # 8B gate/up: 28672 rows of 4096; the 8 MB budget leaves 2 lines per row, not 32.
-    assert nl.prefetch_lines(4096, 2, 28672, policy) == 2
-    assert nl.prefetch_lines(4096, 2, 28672, policy) * 128 * 28672 <= policy.prefetch_budget
+    assert pdl.prefetch_lines(4096, 2, 28672, policy) == 2
+    assert pdl.prefetch_lines(4096, 2, 28672, policy) * 128 * 28672 <= policy.prefetch_budget
     # The 8B LM head (128256 rows) prefetches nothing.
-    assert nl.prefetch_lines(4096, 2, 128256, policy) == 0
+    assert pdl.prefetch_lines(4096, 2, 128256, policy) == 0
 
 
 def test_backend_uses_pdl_for_small_steps_only():
