@@ -5,19 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from fusionserve.server.api.protocol import (
-    ChatCompletionRequest,
-    finite,
-    now,
-    usage,
-)
+from fusionserve.server.api.protocol import ChatCompletionRequest, finite, now, usage
 from fusionserve.server.api.serving_common import (
     SSE_DONE,
     SYSTEM_FINGERPRINT,
     ChoiceState,
     Primed,
     merge_outputs,
+    response_body,
     sse,
+    stream_chunk,
 )
 
 
@@ -68,15 +65,8 @@ class ChatResponses:
                     "finish_reason": st.finish_reason,
                 }
             )
-        return {
-            "id": primed.jobs[0].request_id,
-            "object": "chat.completion",
-            "created": now(),
-            "model": self.model_name,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": choices,
-            "usage": usage(prompt_tokens, sum(s.completion_tokens for s in states.values())),
-        }
+        tokens = usage(prompt_tokens, sum(s.completion_tokens for s in states.values()))
+        return response_body(primed.jobs[0].request_id, "chat.completion", self.model_name, choices, tokens)
 
     async def chat_stream(self, req: ChatCompletionRequest, primed: Primed) -> AsyncIterator[str]:
         rid, created = primed.jobs[0].request_id, now()
@@ -85,17 +75,8 @@ class ChatResponses:
         prompt_tokens = len(primed.jobs[0].prompt_ids)
 
         def chunk(idx: int, delta: dict[str, Any], lp: Any, finish: str | None) -> str:
-            body: dict[str, Any] = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model_name,
-                "system_fingerprint": SYSTEM_FINGERPRINT,
-                "choices": [{"index": idx, "delta": delta, "logprobs": lp, "finish_reason": finish}],
-            }
-            if include_usage:
-                body["usage"] = None
-            return sse(body)
+            choice = {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            return stream_chunk(rid, "chat.completion.chunk", created, self.model_name, choice, include_usage)
 
         try:
             async for _, out in merge_outputs(primed):

@@ -5,12 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from fusionserve.server.api.protocol import (
-    CompletionRequest,
-    finite,
-    now,
-    usage,
-)
+from fusionserve.server.api.protocol import CompletionRequest, finite, now, usage
 from fusionserve.server.api.serving_common import (
     SSE_DONE,
     SYSTEM_FINGERPRINT,
@@ -19,7 +14,9 @@ from fusionserve.server.api.serving_common import (
     Primed,
     discarded,
     merge_outputs,
+    response_body,
     sse,
+    stream_chunk,
 )
 
 
@@ -110,15 +107,8 @@ class CompletionResponses:
                 {"index": idx, "text": "".join(st.text), "logprobs": lp, "finish_reason": st.finish_reason}
             )
         completion_tokens = sum(s.completion_tokens for s in states.values())
-        return {
-            "id": primed.jobs[0].request_id,
-            "object": "text_completion",
-            "created": now(),
-            "model": self.model_name,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": choices,
-            "usage": usage(sum(prompt_tokens), completion_tokens),
-        }
+        tokens = usage(sum(prompt_tokens), completion_tokens)
+        return response_body(primed.jobs[0].request_id, "text_completion", self.model_name, choices, tokens)
 
     @staticmethod
     def _absorb(st: ChoiceState, out: Any) -> None:
@@ -137,17 +127,8 @@ class CompletionResponses:
         prompt_tokens = [len(j.prompt_ids) for j in primed.jobs]
 
         def chunk(idx: int, text: str, lp: dict[str, Any] | None, finish: str | None) -> str:
-            body: dict[str, Any] = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model_name,
-                "system_fingerprint": SYSTEM_FINGERPRINT,
-                "choices": [{"index": idx, "text": text, "logprobs": lp, "finish_reason": finish}],
-            }
-            if include_usage:
-                body["usage"] = None
-            return sse(body)
+            choice = {"index": idx, "text": text, "logprobs": lp, "finish_reason": finish}
+            return stream_chunk(rid, "text_completion", created, self.model_name, choice, include_usage)
 
         try:
             async for ji, out in merge_outputs(primed):

@@ -73,26 +73,23 @@ def validation_error(errors: list[dict[str, Any]]) -> ProtocolError:
     return ProtocolError("; ".join(msgs)[:500], param=param, code="invalid_value")
 
 
+def unavailable(message: str, code: str, headers: dict[str, str]) -> ProtocolError:
+    """A 503 the client should retry (Retry-After in `headers`)."""
+    return ProtocolError(message, status=503, type="service_unavailable_error", code=code, headers=headers)
+
+
 def engine_error(exc: BaseException, retry_after_s: int) -> ProtocolError | None:
     """Map the engine's errors (docs/DESIGN.md, "Errors") to HTTP errors; None if not one of them."""
     retry = {"Retry-After": str(retry_after_s)}
     if isinstance(exc, QueueFullError):
-        return ProtocolError(
-            "The server is overloaded: too many requests waiting. Retry later.",
-            status=503,
-            type="service_unavailable_error",
-            code="queue_full",
-            headers=retry,
+        return unavailable(
+            "The server is overloaded: too many requests waiting. Retry later.", "queue_full", retry
         )
     if isinstance(exc, RequestTooLongError):
         return ProtocolError(str(exc)[:500], param="messages", code="context_length_exceeded")
     if isinstance(exc, EngineDeadError):
-        return ProtocolError(
-            "The engine is not available (shutting down or failed).",
-            status=503,
-            type="service_unavailable_error",
-            code="engine_unavailable",
-            headers=retry,
+        return unavailable(
+            "The engine is not available (shutting down or failed).", "engine_unavailable", retry
         )
     if isinstance(exc, ValueError):
         return ProtocolError(str(exc)[:500], code="invalid_value")

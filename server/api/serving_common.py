@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -144,3 +145,36 @@ class TokenText:
 
     def _decode(self, token_id: int) -> str:
         return self._tok.decode([token_id], skip_special_tokens=False)
+
+
+def stream_chunk(
+    rid: str, obj: str, created: int, model: str, choice: dict[str, Any], include_usage: bool
+) -> str:
+    """One SSE chunk of a streamed answer (`obj`: text_completion / chat.completion.chunk); with
+    stream_options.include_usage every chunk carries "usage": null until the last one."""
+    body: dict[str, Any] = {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [choice],
+    }
+    if include_usage:
+        body["usage"] = None
+    return sse(body)
+
+
+def response_body(
+    rid: str, obj: str, model: str, choices: list[dict[str, Any]], usage: dict[str, int]
+) -> dict:
+    """A whole (non-streamed) answer: `obj` is text_completion or chat.completion."""
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": choices,
+        "usage": usage,
+    }

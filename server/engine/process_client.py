@@ -17,17 +17,8 @@ import queue
 import threading
 import time
 
-from fusionserve.server.contract import (
-    CoreEvent,
-    CoreEventKind,
-    CoreInfo,
-    CoreOp,
-    EngineConfig,
-    EngineCoreOutputs,
-    EngineDeadError,
-    EngineStartError,
-    OpKind,
-)
+from fusionserve.server import contract
+from fusionserve.server.contract import CoreEventKind, CoreOp, OpKind
 from fusionserve.server.engine.client import EngineClient
 from fusionserve.server.engine.core import core_main
 
@@ -42,7 +33,7 @@ class ProcessEngineClient(EngineClient):
 
     def __init__(
         self,
-        config: EngineConfig,
+        config: contract.EngineConfig,
         *,
         switch_ms: float = 0.0,
         log_level: str = "info",
@@ -75,23 +66,23 @@ class ProcessEngineClient(EngineClient):
         self._reader = threading.Thread(target=self._read, name="fusionserve-engine-pipe", daemon=True)
         self._sender = threading.Thread(target=self._write, name="fusionserve-engine-ops", daemon=True)
 
-    def _wait_ready(self, timeout_s: float) -> CoreInfo:
+    def _wait_ready(self, timeout_s: float) -> contract.CoreInfo:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._out.poll(0.5):
                 try:
-                    event: CoreEvent = self._out.recv()
+                    event: contract.CoreEvent = self._out.recv()
                 except EOFError:
                     break
                 if event.kind is CoreEventKind.READY:
                     return event.info
                 self._proc.join(10)
-                raise EngineStartError(event.reason)
+                raise contract.EngineStartError(event.reason)
             if not self._proc.is_alive():
                 break
         self._kill()
         code = self._proc.exitcode
-        raise EngineStartError(
+        raise contract.EngineStartError(
             f"the engine process exited during start-up (exit code {code})"
             if code is not None
             else f"the engine process did not start within {timeout_s:.0f}s"
@@ -161,7 +152,7 @@ class ProcessEngineClient(EngineClient):
             while True:
                 msg = self._out.recv()
                 self._last_msg = time.monotonic()
-                if isinstance(msg, EngineCoreOutputs):
+                if isinstance(msg, contract.EngineCoreOutputs):
                     self.cpu_seconds = msg.cpu_seconds
                     self._on_outputs(msg)
                 elif msg.kind is CoreEventKind.DEAD:
@@ -173,5 +164,5 @@ class ProcessEngineClient(EngineClient):
             pass
         if not self._stopping:
             log.error("%s", reason)
-        self._error = EngineDeadError(reason)
+        self._error = contract.EngineDeadError(reason)
         self._fail_all(self._error)

@@ -32,24 +32,29 @@ CLIENT_CLOSED = 499
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    st = app_state(request)
-    st.check_api_key(request)
-    st.check_accepting()
-    req = await read_json(request, CompletionRequest, st.settings.max_body_bytes)
-    jobs = st.serving.completion_jobs(req)
-    full, stream = partial(st.serving.completion_full, req), partial(st.serving.completion_stream, req)
-    return await _run(st, request, jobs, bool(req.stream), full, stream)
+    return await _generate(request, CompletionRequest)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
+    return await _generate(request, ChatCompletionRequest)
+
+
+async def _generate(request: Request, model: type[CompletionRequest | ChatCompletionRequest]) -> Response:
     st = app_state(request)
     st.check_api_key(request)
     st.check_accepting()
-    req = await read_json(request, ChatCompletionRequest, st.settings.max_body_bytes)
-    job = st.serving.chat_job(req)
-    full, stream = partial(st.serving.chat_full, req), partial(st.serving.chat_stream, req)
-    return await _run(st, request, [job], bool(req.stream), full, stream)
+    req = await read_json(request, model, st.settings.max_body_bytes)
+    sv = st.serving
+    if isinstance(req, ChatCompletionRequest):
+        jobs, full, stream = [sv.chat_job(req)], partial(sv.chat_full, req), partial(sv.chat_stream, req)
+    else:
+        jobs, full, stream = (
+            sv.completion_jobs(req),
+            partial(sv.completion_full, req),
+            partial(sv.completion_stream, req),
+        )
+    return await _run(st, request, jobs, bool(req.stream), full, stream)
 
 
 async def _run(
