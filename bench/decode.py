@@ -1,7 +1,7 @@
 """Per-token decode latency on the GPU: fusionserve fused vs off vs gpt-fast vs HF transformers vs the roofline.
 
 Random bf16 weights of the real shapes are generated on the device (no
-download). Our step is the product's own CUDA-graph replay (server/cuda_graphs.py)
+download). Our step is the product's own CUDA-graph replay (server/engine/cuda_graphs.py)
 of forward + LM head; every sequence in the batch sits at the same context
 length, its KV cache filled with random values. gpt-fast's model.py (brought
 with the search tool's `fetch`, never committed) runs compiled with

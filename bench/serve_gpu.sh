@@ -6,7 +6,7 @@
 #   bash bench/serve_gpu.sh          # on the device machine; results under $OUT
 #
 # Steps: install carried wheels (.whl_serve/*.whl → /tmp/site), make the checkpoint under /tmp
-# (bench/make_random_checkpoint.py; kept if complete), start `python3 -m server.cli serve` in the
+# (bench/make_random_checkpoint.py; kept if complete), start `python3 -m fusionserve.server.api.cli serve` in the
 # background, wait for /health, warm both fusion paths, run the load per (rate, fusion) with a
 # /metrics snapshot before and after each run (step latency by phase and path, server CPU time,
 # preemptions) and nvidia-smi sampling, SIGTERM the server, run HF's generate_batch, then write
@@ -94,7 +94,7 @@ EOF
     fi
     mark "server launch"
     # shellcheck disable=SC2086
-    python3 -m server.cli serve --model "$MODEL" --admin-key "$KEY" --max-num-seqs "$SEQS" \
+    python3 -m fusionserve.server.api.cli serve --model "$MODEL" --admin-key "$KEY" --max-num-seqs "$SEQS" \
         --max-num-batched-tokens "$MBT" --max-queue 4096 --port "$PORT" $SERVE_EXTRA >"$W/server.log" 2>&1 &
     SPID=$!
     echo "$SPID" >"$W/server.pid"
@@ -330,8 +330,8 @@ if os.path.isfile(f"{W}/pyspy_inf_off.txt"):
             continue
         n = int(n)
         frames = [re.sub(r" \((?:.*/)?([^/]+?):\d+\)$", r" (\1)", f) for f in stack.split(";")[1:]]
-        kind = ("engine thread" if any("._run (engine.py)" in f or "_Core.run (engine_process.py)" in f for f in frames) else
-                "engine process pipe" if any("EngineProcess._read" in f for f in frames) else
+        kind = ("engine thread" if any("EngineCore.run (core.py)" in f for f in frames) else
+                "engine process pipe" if any("ProcessEngineClient._read" in f for f in frames) else
                 "asyncio/HTTP thread" if any("asyncio" in f or "uvicorn" in f or "base_events" in f for f in frames)
                 else "other")
         threads[kind] = threads.get(kind, 0) + n
@@ -348,8 +348,8 @@ if os.path.isfile(f"{W}/pyspy_inf_off.txt"):
                   "a sample = a thread on CPU): " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in threads.items()), "",
                   "| thread | function (inclusive) | % of samples |", "|---|---|---|"]
         skip = ("(threading.py)", "runpy>)", "(base_events.py)", "(runners.py)", "(cli.py)", "(_contextlib.py)",
-                "(events.py)", "run_serve (serve.py)", "Server.run (server.py)", "._run (engine.py)", "<module> (<string>)",
-                "_Core.run (engine_process.py)", "core_main (engine_process.py)", "(process.py)", "(spawn.py)")
+                "(events.py)", "run_serve (serve.py)", "Server.run (server.py)", "<module> (<string>)",
+                "EngineCore.run (core.py)", "core_main (core.py)", "(process.py)", "(spawn.py)")
         shown = 0
         for kind, f, v in prof["inclusive"]:
             if f.endswith(skip) or f.startswith(("process ", "thread (", " spawn_main")) or 100 * v / total < 2:

@@ -55,7 +55,7 @@ def simulate(minutes: float = 30.0, interval: float = 15.0, seed: int = 0) -> li
     """ServerMetrics fed plausible traffic for the 135M default model on one GPU.
 
     Fusion mode goes on -> off -> ab; the deferred norm saves ~8% of a decode step
-    (DESIGN.md section 2 puts the prize for the 135M model at about 10%).
+    (docs/DESIGN.md, "The deferred-norm contract", puts the prize for the 135M model at about 10%).
     """
     from fusionserve.server.api.metrics import ServerMetrics
 

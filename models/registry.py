@@ -119,14 +119,31 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> Path:
+    """models.gguf_convert.convert_gguf in a spawned process: the conversion needs torch, and the
+    server's HTTP process, which resolves the model before it starts the engine, must not import it
+    (docs/DESIGN.md, "Two processes")."""
+    import concurrent.futures
+    import multiprocessing
+
+    if "torch" in sys.modules:  # a process that computes anyway (CLI generate, tests): convert here
+        return _convert(gguf, out, progress)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_convert, gguf, out, progress).result()
+
+
+def _convert(gguf: Path, out: Path, progress: bool) -> Path:
+    from .gguf_convert import convert_gguf as convert
+
+    return convert(gguf, out, progress=progress)
+
+
 def default_model_dir(home: Path | None = None, progress: bool = True) -> Path:
     """Path of the converted default model, converting it on first use.
 
     Safe to call from several processes at once: the first converts under a file lock, the others
     wait and then find the finished folder.
     """
-    from .gguf_convert import convert_gguf
-
     root = fusionserve_home(home)
     out = root / "models" / DEFAULT_MODEL_NAME
     if _is_converted(out):
@@ -155,8 +172,6 @@ def resolve_model(path_or_none: str | os.PathLike[str] | None, progress: bool = 
         return default_model_dir(progress=progress)
     path = Path(path_or_none).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        from .gguf_convert import convert_gguf
-
         out = fusionserve_home() / "models" / path.stem
         if _is_converted(out):
             return out

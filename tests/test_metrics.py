@@ -11,7 +11,7 @@ from fusionserve.server.api.metrics import METRIC_NAMES, ServerMetrics
 
 MODEL = "test-model"
 
-# DESIGN.md section 4: base name -> (type, label names)
+# docs/DESIGN.md, "Metrics": base name -> (type, label names)
 EXPECTED = {
     "fusionserve_layer_latency_seconds": ("histogram", {"layer", "part", "phase", "fusion"}),
     "fusionserve_step_latency_seconds": ("histogram", {"phase", "fusion"}),
@@ -27,7 +27,7 @@ EXPECTED = {
     "fusionserve_preemptions_total": ("counter", set()),
     "fusionserve_aborts_total": ("counter", set()),
     "fusionserve_fusion_mode": ("gauge", {"mode"}),
-    # beyond DESIGN.md section 4: the engine process's CPU (server/engine_process.py)
+    # the engine process's CPU, as the core reports it (server/engine/process_client.py)
     "fusionserve_engine_process_cpu_seconds_total": ("counter", set()),
 }
 

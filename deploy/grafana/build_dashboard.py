@@ -5,7 +5,7 @@
 
 The JSON is committed (Grafana provisions it as is); this script is its source,
 and tests/test_deploy.py checks that the two agree. Every metric queried here
-comes from server/metrics.py.
+comes from server/api/metrics.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Client-disconnect detection for every phase of a request (DESIGN.md section 5).
+"""Client-disconnect detection for every phase of a request (docs/DESIGN.md, "Reliability").
 
 Starlette tells a handler nothing when the client leaves: uvicorn's ``send()`` just
 returns, and a non-streaming handler would keep the engine busy until the answer is

@@ -1,7 +1,7 @@
 """OpenAI-compatible request schemas, the error shape and response builders.
 
 Why strict: every request is validated here, before the engine sees it
-(DESIGN.md section 5). JSON ``NaN``/``Infinity`` are refused (``allow_inf_nan=False``),
+(docs/DESIGN.md, "HTTP API"). JSON ``NaN``/``Infinity`` are refused (``allow_inf_nan=False``),
 every number has its range, strings must be valid UTF-8 (no lone surrogates).
 
 Unknown top-level fields: OpenAI rejects unrecognized arguments with a 400, and so

@@ -1,7 +1,7 @@
 """`fusionserve serve`: options, engine construction and a real uvicorn server.
 
 Every option has a ``FUSIONSERVE_*`` environment variable as its default (containers and
-Kubernetes configure through the environment). Shutdown follows DESIGN.md section 5:
+Kubernetes configure through the environment). Shutdown follows docs/DESIGN.md, "Reliability":
 the first SIGTERM/SIGINT stops admitting work (503) while in-flight requests finish
 within ``--shutdown-timeout``; then the process exits with status 0. Plain uvicorn
 re-raises the signal after its graceful shutdown (exit 143), so :class:`GracefulServer`

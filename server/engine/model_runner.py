@@ -5,7 +5,7 @@ are computed only for rows that will be sampled (the last new token of a
 sequence whose chunk reaches its end) and, for prompt logprobs, the prompt rows.
 Sampled steps time each layer half through the decoder's `timer` hook.
 
-CUDA graphs (server/cuda_graphs.py): on CUDA, decode-only steps replay a graph
+CUDA graphs (cuda_graphs.py): on CUDA, decode-only steps replay a graph
 captured for the smallest batch size >= theirs, unless the step is timed
 (per-layer timing needs the eager path). Everything else runs eagerly.
 """
