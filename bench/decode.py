@@ -120,9 +120,14 @@ def decode_batch(batch: int, ctx: int, block_size: int) -> tuple[PagedBatch, tor
     tables = torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq)
     slots = (tables[:, ctx // block_size].long() * block_size + ctx % block_size).contiguous()
     pb = PagedBatch(
-        query_start=torch.arange(batch + 1, dtype=torch.int32), context_lens=torch.full((batch,), ctx + 1, dtype=torch.int32),
-        block_tables=tables, slot_mapping=slots, max_query_len=1, max_context_len=ctx + 1, block_size=block_size,
-    )  # fmt: skip
+        query_start=torch.arange(batch + 1, dtype=torch.int32),
+        context_lens=torch.full((batch,), ctx + 1, dtype=torch.int32),
+        block_tables=tables,
+        slot_mapping=slots,
+        max_query_len=1,
+        max_context_len=ctx + 1,
+        block_size=block_size,
+    )
     return (
         pb.to("cuda"),
         torch.randint(0, 1000, (batch,), device="cuda"),
@@ -304,11 +309,18 @@ def bench_hf(name: str, cases: list[tuple[int, int]], results: list[dict]) -> No
 
     a = ARCHS[name]
     cfg = LlamaConfig(
-        vocab_size=a["vocab_size"], hidden_size=a["hidden_size"], intermediate_size=a["intermediate_size"],
-        num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"], num_key_value_heads=a["num_kv_heads"],
-        head_dim=a["head_dim"], rope_theta=a["rope_theta"], max_position_embeddings=a["max_position_embeddings"],
-        tie_word_embeddings=a.get("tie_word_embeddings", False), rope_scaling=a.get("rope_scaling"),
-    )  # fmt: skip
+        vocab_size=a["vocab_size"],
+        hidden_size=a["hidden_size"],
+        intermediate_size=a["intermediate_size"],
+        num_hidden_layers=a["num_layers"],
+        num_attention_heads=a["num_heads"],
+        num_key_value_heads=a["num_kv_heads"],
+        head_dim=a["head_dim"],
+        rope_theta=a["rope_theta"],
+        max_position_embeddings=a["max_position_embeddings"],
+        tie_word_embeddings=a.get("tie_word_embeddings", False),
+        rope_scaling=a.get("rope_scaling"),
+    )
     cfg._attn_implementation = "sdpa"
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
@@ -347,15 +359,30 @@ def report(results: list[dict], profiles: list[dict], bw: float, out: str | None
     for r in results:
         if "fused_ms" not in r:
             continue
-        peers = {k: v for x in results if x.get("model") == r["model"] and x.get("batch") == r["batch"] and x.get("ctx") == r["ctx"]
-                 for k, v in x.items() if k in ("gptfast_ms", "hf_ms")}  # fmt: skip
+        peers = {
+            k: v
+            for x in results
+            if x.get("model") == r["model"] and x.get("batch") == r["batch"] and x.get("ctx") == r["ctx"]
+            for k, v in x.items()
+            if k in ("gptfast_ms", "hf_ms")
+        }
         gf = peers.get("gptfast_ms")
-        rows.append([
-            r["model"], r["batch"], r["ctx"], r["fused_ms"], r["off_ms"], f"{r['fused_gain_pct']:+.1f}%",
-            *[r.get(k + "_ms", "-") for k in alt],
-            gf if gf else "-", f"{gf / r['fused_ms']:.2f}x" if gf else "-", peers.get("hf_ms", "-"),
-            r["roofline_ms"], f"{r['fused_pct_of_roofline']:.0f}%",
-        ])  # fmt: skip
+        rows.append(
+            [
+                r["model"],
+                r["batch"],
+                r["ctx"],
+                r["fused_ms"],
+                r["off_ms"],
+                f"{r['fused_gain_pct']:+.1f}%",
+                *[r.get(k + "_ms", "-") for k in alt],
+                gf if gf else "-",
+                f"{gf / r['fused_ms']:.2f}x" if gf else "-",
+                peers.get("hf_ms", "-"),
+                r["roofline_ms"],
+                f"{r['fused_pct_of_roofline']:.0f}%",
+            ]
+        )
     env = environment()
     pdl = next((r["pdl"] for r in results if "pdl" in r), None)
     headers = ["model", "batch", "ctx", "fused", "off", "fused gain", *[k.replace("_", " ") for k in alt]]
@@ -366,9 +393,15 @@ def report(results: list[dict], profiles: list[dict], bw: float, out: str | None
         f"in fused/off; medians\n\n" + markdown_table(headers, rows)
     )
     if profiles:
-        prow = [[p["model"], "on" if p["fused"] else "off", p["kernels_per_step"],
-                 *[round(p["category_us"][c], 1) for c in ("gemm", "attention", "norm", "elementwise/other")]]
-                for p in profiles]  # fmt: skip
+        prow = [
+            [
+                p["model"],
+                "on" if p["fused"] else "off",
+                p["kernels_per_step"],
+                *[round(p["category_us"][c], 1) for c in ("gemm", "attention", "norm", "elementwise/other")],
+            ]
+            for p in profiles
+        ]
         table += (
             "\n\nBatch-1 decode step profile (ctx 512, µs per step by kernel category)\n\n"
             + markdown_table(

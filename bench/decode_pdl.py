@@ -70,9 +70,14 @@ def main() -> None:
             for b in [int(x) for x in args.batches.split(",")]:
                 kv = filled_kv_cache(model, b, ctx)
                 best = best_of_interleaved(
-                    model, kv, b, ctx, {v: VARIANTS[v] for v in names}, lambda v, m=model: apply_variant(m.backend, v),
+                    model,
+                    kv,
+                    b,
+                    ctx,
+                    {v: VARIANTS[v] for v in names},
+                    lambda v, m=model: apply_variant(m.backend, v),
                     rounds=args.rounds,
-                )  # fmt: skip
+                )
                 row = dict(model=name, batch=b, ctx=ctx)
                 row.update({f"{v} | {'fused' if fused else 'off'}": ms for (v, fused), ms in best.items()})
                 results.append(row)
@@ -89,8 +94,18 @@ def main() -> None:
         base = r[f"{names[0]} | fused"]
         for v in names:
             f, o = r[f"{v} | fused"], r[f"{v} | off"]
-            rows.append([r["model"], r["batch"], r["ctx"], v, round(f, 4), round(o, 4),
-                         f"{100 * (o / f - 1):+.1f}%", f"{base / f:.3f}x"])  # fmt: skip
+            rows.append(
+                [
+                    r["model"],
+                    r["batch"],
+                    r["ctx"],
+                    v,
+                    round(f, 4),
+                    round(o, 4),
+                    f"{100 * (o / f - 1):+.1f}%",
+                    f"{base / f:.3f}x",
+                ]
+            )
     table = (
         f"Backend variants, decode ms/step, {env.get('gpu')}, torch {env['torch']}, triton {env.get('triton')}, "
         f"{env['date']}; CUDA graphs; best of {args.rounds} interleaved medians\n\n"

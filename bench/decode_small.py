@@ -136,8 +136,12 @@ def bench_attention(name: str, bsz: int, ctx: int) -> dict:
 def profile_graph(graphs: DecodeGraphs, ids, pos, pb, fused: bool) -> dict:
     events = graph_kernel_events(graphs, ids, pos, pb, fused)
     attn = [us for name, us in events if "_decode_kernel" in name or "_decode_reduce_kernel" in name]
-    return dict(kernels_per_step=len(events) / 10, attn_kernels_per_step=len(attn) / 10,
-                attn_us_per_step=sum(attn) / 10, kernel_us_per_step=sum(us for _, us in events) / 10)  # fmt: skip
+    return dict(
+        kernels_per_step=len(events) / 10,
+        attn_kernels_per_step=len(attn) / 10,
+        attn_us_per_step=sum(attn) / 10,
+        kernel_us_per_step=sum(us for _, us in events) / 10,
+    )
 
 
 def bench_step(contexts: list[int], rows: list[dict], save) -> None:
@@ -195,8 +199,18 @@ def render(attn_rows: list[dict], step_rows: list[dict], env: dict) -> str:
     for r in attn_rows:
         best = min((v for v in vs if f"{v}_us" in r), key=lambda v: r[f"{v}_us"], default="-")
         diff = max((r.get(f"{v}_maxdiff", 0.0) for v in vs), default=0.0)
-        rows.append([r["model"], r["batch"], r["ctx"], str(r["plan"]), *[r.get(f"{v}_us", "-") for v in vs], best,
-                     f"{diff:.1e}", r["counters_clean"]])  # fmt: skip
+        rows.append(
+            [
+                r["model"],
+                r["batch"],
+                r["ctx"],
+                str(r["plan"]),
+                *[r.get(f"{v}_us", "-") for v in vs],
+                best,
+                f"{diff:.1e}",
+                r["counters_clean"],
+            ]
+        )
     out += markdown_table(
         ["model", "batch", "ctx", "plan", *vs, "best", "max abs diff vs two_kernel", "counters 0"], rows
     )
@@ -207,13 +221,31 @@ def render(attn_rows: list[dict], step_rows: list[dict], env: dict) -> str:
             rows.append([r["ctx"], r["variant"], "error", "-", "-", "-", "-", "-"])
             continue
         p = r.get("profile_fused", {})
-        rows.append([r["ctx"], r["variant"], r["fused_ms"], r["off_ms"], p.get("kernels_per_step", "-"),
-                     p.get("attn_kernels_per_step", "-"), p.get("attn_us_per_step", "-"),
-                     f"{r.get('logits_maxdiff', float('nan')):.1e}"])  # fmt: skip
+        rows.append(
+            [
+                r["ctx"],
+                r["variant"],
+                r["fused_ms"],
+                r["off_ms"],
+                p.get("kernels_per_step", "-"),
+                p.get("attn_kernels_per_step", "-"),
+                p.get("attn_us_per_step", "-"),
+                f"{r.get('logits_maxdiff', float('nan')):.1e}",
+            ]
+        )
     out += markdown_table(
-        ["ctx", "variant", "fused ms", "off ms", "kernels/step", "attn kernels/step", "attn µs/step",
-         "logits max abs diff"], rows,
-    )  # fmt: skip
+        [
+            "ctx",
+            "variant",
+            "fused ms",
+            "off ms",
+            "kernels/step",
+            "attn kernels/step",
+            "attn µs/step",
+            "logits max abs diff",
+        ],
+        rows,
+    )
     return out
 
 
@@ -232,8 +264,13 @@ def main() -> None:
     step_rows: list[dict] = []
 
     def save() -> str:
-        payload = {"env": env, "max_model_len": MAX_MODEL_LEN, "variants": VARIANTS, "attention": attn_rows,
-                   "step_135m_b1": step_rows}  # fmt: skip
+        payload = {
+            "env": env,
+            "max_model_len": MAX_MODEL_LEN,
+            "variants": VARIANTS,
+            "attention": attn_rows,
+            "step_135m_b1": step_rows,
+        }
         table = render(attn_rows, step_rows, env)
         write_results(f"decode_small_{gpu}", payload, table)
         if args.out:

@@ -78,10 +78,14 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     config = EngineConfig(
-        model_dir=args.model, device=args.device, max_num_seqs=max(64, args.requests),
-        enable_prefix_caching=False, fusion=args.fusion, layer_timing_every=0,
+        model_dir=args.model,
+        device=args.device,
+        max_num_seqs=max(64, args.requests),
+        enable_prefix_caching=False,
+        fusion=args.fusion,
+        layer_timing_every=0,
         kv_cache_gb=0.5,
-    )  # fmt: skip
+    )
     engine = LLMEngine(config)
     prompts = make_prompts(engine.tokenizer, args.requests)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)

@@ -125,8 +125,14 @@ def run(eng: LLMEngine, prompts, plist) -> dict:
     wall = time.perf_counter() - t_all
     dec = [s for s in steps if s["decode"]]
     mean = {k: 1e3 * sum(s[k] for s in dec) / max(1, len(dec)) for k in (*PHASES, "total")}
-    return {"decode_steps": len(dec), "steps": len(steps), "tokens": tokens, "wall_s": wall,
-            "tok_per_s": tokens / wall, "decode_ms": mean}  # fmt: skip
+    return {
+        "decode_steps": len(dec),
+        "steps": len(steps),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_per_s": tokens / wall,
+        "decode_ms": mean,
+    }
 
 
 def main() -> None:
@@ -159,8 +165,15 @@ def main() -> None:
         plist = [params_for(kind, i, args.max_tokens, tok is not None) for i in range(args.requests)]
         best = None
         for _ in range(args.repeats):
-            cfg = EngineConfig(model_dir=str(path), num_kv_blocks=4096, max_num_seqs=args.requests,
-                               max_num_batched_tokens=8192, layer_timing_every=0, seed=0, **kw)  # fmt: skip
+            cfg = EngineConfig(
+                model_dir=str(path),
+                num_kv_blocks=4096,
+                max_num_seqs=args.requests,
+                max_num_batched_tokens=8192,
+                layer_timing_every=0,
+                seed=0,
+                **kw,
+            )
             eng = LLMEngine(cfg, decoder=dec, tokenizer=tok)
             r = run(eng, prompts, plist)
             assert eng.blocks.check_all_free()
@@ -173,18 +186,30 @@ def main() -> None:
     jpath = RESULTS / "engine_host_cpu.json"
     data = json.loads(jpath.read_text()) if jpath.exists() else {"runs": {}}
     data["runs"][args.label] = {
-        "env": environment(), "requests": args.requests, "max_tokens": args.max_tokens,
-        "tokenizer": tok is not None, "overlap": args.overlap, "results": results,
-    }  # fmt: skip
+        "env": environment(),
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "tokenizer": tok is not None,
+        "overlap": args.overlap,
+        "results": results,
+    }
     jpath.write_text(json.dumps(data, indent=2))
     rows = []
     for label, run_ in data["runs"].items():
         for kind, r in run_["results"].items():
             m = r["decode_ms"]
-            rows.append([label, kind, *(round(m[k], 3) for k in (*PHASES, "total")),
-                         r["decode_steps"], round(r["tok_per_s"])])  # fmt: skip
-    table = markdown_table(["run", "workload", *(f"{p} ms" for p in PHASES), "total ms", "decode steps",
-                            "tok/s"], rows)  # fmt: skip
+            rows.append(
+                [
+                    label,
+                    kind,
+                    *(round(m[k], 3) for k in (*PHASES, "total")),
+                    r["decode_steps"],
+                    round(r["tok_per_s"]),
+                ]
+            )
+    table = markdown_table(
+        ["run", "workload", *(f"{p} ms" for p in PHASES), "total ms", "decode steps", "tok/s"], rows
+    )
     head = (
         "# Engine host time per decode step (CPU, tiny random model)\n\n"
         f"`python bench/engine_host.py`: {args.requests} concurrent requests, prompts 8-32 tokens, "

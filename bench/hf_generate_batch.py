@@ -121,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     # A small batch first: CUDA context, cuBLAS handles and kernels warm (the timed call still
     # builds and warms its own manager; the span figure leaves that out).
-    run_batch(model, prompts[:8], GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=-1,
-                                                    pad_token_id=0), False)  # fmt: skip
+    run_batch(
+        model,
+        prompts[:8],
+        GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0),
+        False,
+    )
     outputs, wall = run_batch(model, prompts, gen_cfg, True)
     summary = summarize(outputs, args.num_requests, wall, args.output_len)
     meta = {

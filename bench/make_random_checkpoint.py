@@ -142,8 +142,9 @@ def shard_plan(
     return shards
 
 
-def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+def random_tensor(
+    name: str, shape: tuple[int, ...], gen: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     if len(shape) == 1:  # RMSNorm gains
         return torch.ones(shape, dtype=dtype, device=device)
     t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
@@ -168,10 +169,16 @@ def write_tokenizer(out: Path, cfg: dict) -> None:
     )
     tok.save(str(out / "tokenizer.json"))
     added = {
-        str(n_words + k): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
-                           "single_word": False, "special": True}
+        str(n_words + k): {
+            "content": s,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for k, s in enumerate(specials)
-    }  # fmt: skip
+    }
     tcfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": bos,
@@ -184,8 +191,9 @@ def write_tokenizer(out: Path, cfg: dict) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
 
 
-def write_checkpoint(out: Path, cfg: dict, shard_gb: float, seed: int, device: torch.device,
-                     progress: bool = True) -> dict:  # fmt: skip
+def write_checkpoint(
+    out: Path, cfg: dict, shard_gb: float, seed: int, device: torch.device, progress: bool = True
+) -> dict:
     from safetensors.torch import save_file
 
     dtype = torch.bfloat16
@@ -193,8 +201,13 @@ def write_checkpoint(out: Path, cfg: dict, shard_gb: float, seed: int, device: t
     out.mkdir(parents=True, exist_ok=True)
     (out / ".complete").unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
-               "do_sample": True, "temperature": 0.6, "top_p": 0.9}  # fmt: skip
+    gen_cfg = {
+        "bos_token_id": cfg["bos_token_id"],
+        "eos_token_id": cfg["eos_token_id"],
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_p": 0.9,
+    }
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
     write_tokenizer(out, cfg)
 
@@ -242,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)
     info = write_checkpoint(out, dict(PRESETS[args.preset]), args.shard_gb, args.seed, device)
     gb = info["bytes"] / 1e9
-    print(f"wrote {out}: {gb:.2f} GB in {info['shards']} shards, {info['seconds']:.1f}s "
-          f"({gb / info['seconds']:.2f} GB/s) on {device}", file=sys.stderr)  # fmt: skip
+    print(
+        f"wrote {out}: {gb:.2f} GB in {info['shards']} shards, {info['seconds']:.1f}s "
+        f"({gb / info['seconds']:.2f} GB/s) on {device}",
+        file=sys.stderr,
+    )
     return 0
 
 

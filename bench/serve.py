@@ -185,8 +185,9 @@ class ClientSetup:
     model: str
 
 
-def _load_share(setup: ClientSetup, prompts: list[list[int]], arrivals: list[float], spec: LoadSpec,
-                start_at: float) -> tuple[list[RequestResult], float, float]:  # fmt: skip
+def _load_share(
+    setup: ClientSetup, prompts: list[list[int]], arrivals: list[float], spec: LoadSpec, start_at: float
+) -> tuple[list[RequestResult], float, float]:
     """One process's share of a run: its requests at their arrival times after the common wall-clock
     start; (results, wall time its last request ended, its CPU seconds)."""
 
@@ -230,7 +231,7 @@ def run_load_procs(
         futures = [
             pool.submit(_load_share, setup, prompts[k::procs], arrivals[k::procs], spec, start_at)
             for k in range(procs)
-        ]  # fmt: skip
+        ]
         shares = [f.result() for f in futures]
     results: list[RequestResult] = [RequestResult(ok=False)] * len(prompts)
     for k, (part, _, _) in enumerate(shares):
@@ -263,8 +264,18 @@ def summarize(
 
 
 def markdown(spec: LoadSpec, runs: list[RunSummary], meta: dict[str, Any]) -> str:
-    cols = ["run", "fusion", "ok/failed", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms",
-            "ITL p50 ms", "ITL p99 ms", "e2e p50 ms"]  # fmt: skip
+    cols = [
+        "run",
+        "fusion",
+        "ok/failed",
+        "req/s",
+        "output tok/s",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "ITL p50 ms",
+        "ITL p99 ms",
+        "e2e p50 ms",
+    ]
     lines = [
         f"# Serving benchmark ({meta['model']}, {meta['date']})",
         "",
@@ -341,9 +352,12 @@ async def main_async(args: argparse.Namespace) -> int:
         base = spec.seed if args.prompt_seed is None else args.prompt_seed
         if args.warmup_requests > 0:
             warm = LoadSpec(
-                min(args.warmup_requests, spec.num_requests), spec.input_len, min(4, spec.output_len),
-                math.inf, spec.seed,
-            )  # fmt: skip
+                min(args.warmup_requests, spec.num_requests),
+                spec.input_len,
+                min(4, spec.output_len),
+                math.inf,
+                spec.seed,
+            )
             warm_prompts = build_prompts(warm, vocab_size, special, base + len(plan))
             await run_load(client, model, warm_prompts, warm, "warmup", False)
         runs = []
@@ -409,9 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-requests", type=int, default=2, help="short untimed requests first (0: none)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument(
-        "--client-procs", type=int, default=1,
+        "--client-procs",
+        type=int,
+        default=1,
         help="load-generator processes (hundreds of streams at 10k+ tok/s need more than one)",
-    )  # fmt: skip
+    )
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--tag", default="", help="added to the result file names")
     return p

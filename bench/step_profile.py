@@ -145,10 +145,18 @@ def profile_eager(model: Decoder, n_dec: int, ctx: int, n_prompts: int, length: 
             ms = time_fn(step, inner=2, outer=7) * 1e3
             s = summarize_events(profiled(step), 3)
             gemm_ms = s["category_us"]["gemm"] / 1e3
-            rows.append(dict(case=name + ("" if split else " (all on prefill kernel)"), fused=fused, step_ms=ms,
-                             **s, gemm_tflops=floor["flops"] / gemm_ms / 1e9 if gemm_ms else 0.0,
-                             cublas_floor_ms=floor["ms"], cublas_tflops=floor["tflops"],
-                             cublas_per_gemm=floor["per_gemm"]))  # fmt: skip
+            rows.append(
+                dict(
+                    case=name + ("" if split else " (all on prefill kernel)"),
+                    fused=fused,
+                    step_ms=ms,
+                    **s,
+                    gemm_tflops=floor["flops"] / gemm_ms / 1e9 if gemm_ms else 0.0,
+                    cublas_floor_ms=floor["ms"],
+                    cublas_tflops=floor["tflops"],
+                    cublas_per_gemm=floor["per_gemm"],
+                )
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -163,9 +171,17 @@ def profile_decode(model: Decoder, batch: int, ctx: int) -> list[dict]:
     for fused in (True, False):
         ms = time_fn(lambda f=fused: graphs.run(ids, pos, pb, f), inner=10, outer=9) * 1e3
         s = summarize_events(profiled(lambda f=fused: graphs.run(ids, pos, pb, f), 5), 5)
-        rows.append(dict(case=f"decode b{batch} ctx{ctx}", fused=fused, step_ms=ms, **s,
-                         cublas_floor_ms=floor["ms"], cublas_tflops=floor["tflops"],
-                         cublas_per_gemm=floor["per_gemm"]))  # fmt: skip
+        rows.append(
+            dict(
+                case=f"decode b{batch} ctx{ctx}",
+                fused=fused,
+                step_ms=ms,
+                **s,
+                cublas_floor_ms=floor["ms"],
+                cublas_tflops=floor["tflops"],
+                cublas_per_gemm=floor["per_gemm"],
+            )
+        )
         print(rows[-1], flush=True)
     return rows
 

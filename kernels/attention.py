@@ -49,7 +49,15 @@ def paged_attention(
         return prefill_attention(q, k_cache, v_cache, batch, scale)
     o = torch.empty_like(q)
     decode_attention(
-        q[:nd], k_cache, v_cache, batch.block_tables[:nd], batch.context_lens[:nd], batch.max_context_len,
-        scale, out=o[:nd], policy=split, pdl=pdl,
-    )  # fmt: skip
+        q[:nd],
+        k_cache,
+        v_cache,
+        batch.block_tables[:nd],
+        batch.context_lens[:nd],
+        batch.max_context_len,
+        scale,
+        out=o[:nd],
+        policy=split,
+        pdl=pdl,
+    )
     return prefill_attention(q, k_cache, v_cache, batch, scale, out=o, first_seq=nd)

@@ -27,9 +27,20 @@ def load_kv(
 
 @triton.jit
 def prefetch_kv(
-    k_ptr, v_ptr, bt_row, start, end, head_off, stride_blk, stride_tok, PAGE: tl.constexpr,
-    PF_TOKENS: tl.constexpr, D_LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
+    k_ptr,
+    v_ptr,
+    bt_row,
+    start,
+    end,
+    head_off,
+    stride_blk,
+    stride_tok,
+    PAGE: tl.constexpr,
+    PF_TOKENS: tl.constexpr,
+    D_LINES: tl.constexpr,
+    LINE: tl.constexpr,
+    PDL: tl.constexpr,
+):
     """L2 prefetch of the cached K/V rows of tokens [start, start + PF_TOKENS) ∩ [start, end).
 
     Block tables and context lengths are step inputs and past K/V was written by earlier steps, so this

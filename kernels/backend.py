@@ -46,9 +46,14 @@ class Backend(Protocol):
         ...
 
     def attn_input(
-        self, x: torch.Tensor, row_stats: Stats, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, rotary: Rotary,
+        self,
+        x: torch.Tensor,
+        row_stats: Stats,
+        w_qkv: torch.Tensor,
+        b_qkv: torch.Tensor | None,
+        rotary: Rotary,
         kv: LayerKV,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """qkv GEMM (deferred norm) → RoPE → K/V written to the cache; returns q [T, Hq, D]."""
         ...
 

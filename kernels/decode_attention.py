@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from fusionserve.kernels.attention_tiles import LOG2E, attend_range, prefetch_kv
+from fusionserve.kernels.decode_merge import merge_splits, merge_splits_launch
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_wait
 from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
 from fusionserve.kernels.triton_helpers import cast
@@ -23,11 +24,30 @@ from fusionserve.kernels.triton_helpers import cast
 
 @triton.jit
 def _decode_partial(
-    q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt, stride_blk,
-    stride_tok, stride_kh, qk_scale, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, UPCAST: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    b,
+    kvh,
+    start,
+    end,
+    stride_qt,
+    stride_qh,
+    stride_bt,
+    stride_blk,
+    stride_tok,
+    stride_kh,
+    qk_scale,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
-):  # fmt: skip
+):
     """Unnormalised online softmax of the GROUP query heads of kv head `kvh` over keys [start, end)."""
     g = tl.arange(0, BLOCK_G)
     g_mask = g < GROUP
@@ -47,52 +67,28 @@ def _decode_partial(
     # The one new query of a decode step sees every key before `end`: the causal mask with qpos = end - 1.
     qpos = tl.zeros([BLOCK_G], dtype=tl.int32) + (end - 1)
     return attend_range(
-        acc, l_i, m_i, q, qpos, k_ptr, v_ptr, bt_row, head_off, d, d_mask, stride_blk, stride_tok,
-        qk_scale, start, end, end, True, BLOCK_N, PAGE, UPCAST, IEEE,
-    )  # fmt: skip
-
-
-@triton.jit
-def _merge_splits(
-    po_ptr, pml_ptr, o_ptr, b, kvh, HQ, n_splits, n_active, stride_ot, stride_oh, GROUP: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_GG: tl.constexpr, MERGE_S: tl.constexpr,
-):  # fmt: skip
-    """Merge the partials of splits 0 .. n_active-1 of (b, kvh), in split order, and write o.
-
-    The partials were written by other programs of this launch: .cg loads read them from L2."""
-    gg = tl.arange(0, BLOCK_GG)
-    g_mask = gg < GROUP
-    heads = kvh * GROUP + gg
-    base = (b * HQ + heads) * n_splits
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    m = tl.full([BLOCK_GG], float("-inf"), dtype=tl.float32)
-    den = tl.zeros([BLOCK_GG], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_GG, BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, n_active, MERGE_S):
-        s = s0 + tl.arange(0, MERGE_S)
-        rows = base[:, None] + s[None, :]
-        msk = g_mask[:, None] & (s < n_active)[None, :]
-        ms = tl.load(pml_ptr + rows * 2, mask=msk, other=float("-inf"), cache_modifier=".cg")
-        ls = tl.load(pml_ptr + rows * 2 + 1, mask=msk, other=0.0, cache_modifier=".cg")
-        ps = tl.load(
-            po_ptr + rows[:, :, None] * BLOCK_D + d[None, None, :],
-            mask=msk[:, :, None] & d_mask[None, None, :],
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        m_new = tl.maximum(m, tl.max(ms, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_ref)
-        w = tl.math.exp2(ms - m_ref[:, None])
-        den = den * alpha + tl.sum(w * ls, 1)
-        acc = acc * alpha[:, None] + tl.sum(ps * w[:, :, None], 1)
-        m = m_new
-    o = acc / tl.where(den > 0, den, 1.0)[:, None]
-    tl.store(
-        o_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
-        cast(o, o_ptr.dtype.element_ty),
-        mask=g_mask[:, None] & d_mask[None, :],
+        acc,
+        l_i,
+        m_i,
+        q,
+        qpos,
+        k_ptr,
+        v_ptr,
+        bt_row,
+        head_off,
+        d,
+        d_mask,
+        stride_blk,
+        stride_tok,
+        qk_scale,
+        start,
+        end,
+        end,
+        True,
+        BLOCK_N,
+        PAGE,
+        UPCAST,
+        IEEE,
     )
 
 
@@ -164,17 +160,48 @@ def _decode_kernel(
     end = tl.minimum(ctx, start + seq_split)
     if PDL and EARLY:
         prefetch_kv(
-            k_ptr, v_ptr, bt_ptr + b.to(tl.int64) * stride_bt, start, end, kvh.to(tl.int64) * stride_kh,
-            stride_blk, stride_tok, PAGE, PF_TOKENS, D_LINES, LINE, PDL,
-        )  # fmt: skip
+            k_ptr,
+            v_ptr,
+            bt_ptr + b.to(tl.int64) * stride_bt,
+            start,
+            end,
+            kvh.to(tl.int64) * stride_kh,
+            stride_blk,
+            stride_tok,
+            PAGE,
+            PF_TOKENS,
+            D_LINES,
+            LINE,
+            PDL,
+        )
     pdl_wait(PDL, EARLY)
     if SPLIT and FUSED:
         if sp < n_active:
             acc, l_i, m_i = _decode_partial(
-                q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt,
-                stride_blk, stride_tok, stride_kh, qk_scale, GROUP, BLOCK_G, D, BLOCK_D, BLOCK_N, PAGE,
-                UPCAST, IEEE,
-            )  # fmt: skip
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                bt_ptr,
+                b,
+                kvh,
+                start,
+                end,
+                stride_qt,
+                stride_qh,
+                stride_bt,
+                stride_blk,
+                stride_tok,
+                stride_kh,
+                qk_scale,
+                GROUP,
+                BLOCK_G,
+                D,
+                BLOCK_D,
+                BLOCK_N,
+                PAGE,
+                UPCAST,
+                IEEE,
+            )
             if n_active == 1:
                 o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
                 tl.store(o_ptr + o_offs, cast(o, o_ptr.dtype.element_ty), mask=out_mask)
@@ -187,16 +214,50 @@ def _decode_kernel(
                 cnt = cnt_ptr + b * tl.num_programs(1) + kvh
                 ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
                 if ticket == n_active - 1:
-                    _merge_splits(
-                        po_ptr, pml_ptr, o_ptr, b, kvh, HQ, n_splits, n_active, stride_ot, stride_oh,
-                        GROUP, D, BLOCK_D, BLOCK_GG, MERGE_S,
-                    )  # fmt: skip
+                    merge_splits(
+                        po_ptr,
+                        pml_ptr,
+                        o_ptr,
+                        b,
+                        kvh,
+                        HQ,
+                        n_splits,
+                        n_active,
+                        stride_ot,
+                        stride_oh,
+                        GROUP,
+                        D,
+                        BLOCK_D,
+                        BLOCK_GG,
+                        MERGE_S,
+                    )
                     tl.store(cnt, 0)  # every split has arrived: ready for the next launch / replay
     else:
         acc, l_i, m_i = _decode_partial(
-            q_ptr, k_ptr, v_ptr, bt_ptr, b, kvh, start, end, stride_qt, stride_qh, stride_bt, stride_blk,
-            stride_tok, stride_kh, qk_scale, GROUP, BLOCK_G, D, BLOCK_D, BLOCK_N, PAGE, UPCAST, IEEE,
-        )  # fmt: skip
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            bt_ptr,
+            b,
+            kvh,
+            start,
+            end,
+            stride_qt,
+            stride_qh,
+            stride_bt,
+            stride_blk,
+            stride_tok,
+            stride_kh,
+            qk_scale,
+            GROUP,
+            BLOCK_G,
+            D,
+            BLOCK_D,
+            BLOCK_N,
+            PAGE,
+            UPCAST,
+            IEEE,
+        )
         if SPLIT:
             row = (b * HQ + heads) * n_splits + sp
             tl.store(po_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
@@ -205,41 +266,6 @@ def _decode_kernel(
         else:
             o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(o_ptr + o_offs, cast(o, o_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    po_ptr,
-    pml_ptr,
-    o_ptr,
-    HQ,
-    n_splits,
-    stride_ot,
-    stride_oh,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr,
-    EARLY: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    pdl_wait(PDL, EARLY)
-    s = tl.arange(0, BLOCK_S)
-    s_mask = s < n_splits
-    row = (b * HQ + h) * n_splits + s
-    m = tl.load(pml_ptr + row * 2, mask=s_mask, other=float("-inf"))
-    li = tl.load(pml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_max)
-    denom = tl.sum(w * li, 0)
-    d = tl.arange(0, BLOCK_D)
-    acc = tl.load(
-        po_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None] & (d[None, :] < D), other=0.0
-    )
-    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(o_ptr + b * stride_ot + h * stride_oh + d, cast(o, o_ptr.dtype.element_ty), mask=d < D)
 
 
 @dataclass(frozen=True)
@@ -332,13 +358,39 @@ def decode_attention(
     split_len = triton.cdiv(n_chunks, max(1, num_splits or plan_splits)) * block_n
     num_splits = max(1, triton.cdiv(max(max_context_len, 1), split_len))
     fused = num_splits > 1 and policy.fused(bsz * hk)
-    _launch_decode(q, k_cache, v_cache, block_tables, context_lens, o, scale, num_splits, split_len, block_n,
-                   fused, policy, pdl)  # fmt: skip
+    _launch_decode(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        o,
+        scale,
+        num_splits,
+        split_len,
+        block_n,
+        fused,
+        policy,
+        pdl,
+    )
     return o
 
 
-def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, o, scale, num_splits, split_len, block_n,
-                   fused, policy, pdl):  # fmt: skip
+def _launch_decode(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    context_lens,
+    o,
+    scale,
+    num_splits,
+    split_len,
+    block_n,
+    fused,
+    policy,
+    pdl,
+):
     """The split kernel (and, split but not fused, the merge kernel) for decode_attention's plan."""
     bsz, hq, d = q.shape
     hk, page = k_cache.shape[2], k_cache.shape[1]
@@ -351,22 +403,46 @@ def _launch_decode(q, k_cache, v_cache, block_tables, context_lens, o, scale, nu
         po = pml = o
     cnt = arrival_counters(q.device, bsz * hk, "decode_attention") if fused else pml
     _decode_kernel[(bsz, hk, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, o, po, pml, cnt, hq,
-        q.stride(0), q.stride(1), o.stride(0), o.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale * LOG2E, split_len,
-        triton.cdiv(max(policy.min_split_tokens, 1), block_n) * block_n, policy.single_split_ctx,
-        GROUP=group, D=d, BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page,
-        SPLIT=split, FUSED=fused, BLOCK_GG=block_gg,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        o,
+        po,
+        pml,
+        cnt,
+        hq,
+        q.stride(0),
+        q.stride(1),
+        o.stride(0),
+        o.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        scale * LOG2E,
+        split_len,
+        triton.cdiv(max(policy.min_split_tokens, 1), block_n) * block_n,
+        policy.single_split_ctx,
+        GROUP=group,
+        D=d,
+        BLOCK_G=max(16, next_pow2(group)),
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        PAGE=page,
+        SPLIT=split,
+        FUSED=fused,
+        BLOCK_GG=block_gg,
         MERGE_S=2 if INTERPRET else max(1, min(32, 8192 // (block_gg * block_d))),
-        UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
+        UPCAST=INTERPRET,
+        IEEE=q.dtype == torch.float32,
         **pdl_args(pdl, bsz * hk * num_splits, q.device),
         PF_TOKENS=min(block_n, pdl.attention_prefetch_tokens) if pdl is not None else 16,
-        D_LINES=max(1, next_pow2(d * k_cache.element_size()) // 128), LINE=128 // k_cache.element_size(),
-        num_warps=1 if INTERPRET else 4, num_stages=1 if INTERPRET else 3,
-    )  # fmt: skip
+        D_LINES=max(1, next_pow2(d * k_cache.element_size()) // 128),
+        LINE=128 // k_cache.element_size(),
+        num_warps=1 if INTERPRET else 4,
+        num_stages=1 if INTERPRET else 3,
+    )
     if split and not fused:
-        _decode_reduce_kernel[(bsz, hq)](
-            po, pml, o, hq, num_splits, o.stride(0), o.stride(1), D=d, BLOCK_D=block_d,
-            BLOCK_S=max(2, next_pow2(num_splits)), **pdl_args(pdl, bsz * hq, q.device),
-            num_warps=1 if INTERPRET else 4,
-        )  # fmt: skip
+        merge_splits_launch(po, pml, o, num_splits, pdl)

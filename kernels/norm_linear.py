@@ -247,10 +247,33 @@ def _linear_kernel(
         )
     if SPLIT_K == 1:
         _epilogue(
-            acc, acc_u, r, mean, offs_m, offs_n, offs_nc, m_mask, n_mask, pid_n, y_ptr, bias_ptr, res_ptr,
-            colsum_ptr, stats_out_ptr, sums_out_ptr, stride_ym, stride_rm, stride_so,
-            HAS_BIAS, HAS_RES, HAS_SCALE, LN, WANT_STATS, WANT_SUMS, GATE_UP,
-        )  # fmt: skip
+            acc,
+            acc_u,
+            r,
+            mean,
+            offs_m,
+            offs_n,
+            offs_nc,
+            m_mask,
+            n_mask,
+            pid_n,
+            y_ptr,
+            bias_ptr,
+            res_ptr,
+            colsum_ptr,
+            stats_out_ptr,
+            sums_out_ptr,
+            stride_ym,
+            stride_rm,
+            stride_so,
+            HAS_BIAS,
+            HAS_RES,
+            HAS_SCALE,
+            LN,
+            WANT_STATS,
+            WANT_SUMS,
+            GATE_UP,
+        )
     else:
         # Split-K without a second launch: every split parks its fp32 tile in the workspace and bumps
         # the tile's counter; the last to arrive sums the tiles in split order (deterministic), runs
@@ -275,13 +298,36 @@ def _linear_kernel(
                     acc_u += tl.load(base + s * TILE + BLOCK_M * BLOCK_N + idx, cache_modifier=".cg")
             tl.store(cnt_ptr + tile, 0)
             _epilogue(
-                acc, acc_u, r, mean, offs_m, offs_n, offs_nc, m_mask, n_mask, pid_n, y_ptr, bias_ptr, res_ptr,
-                colsum_ptr, stats_out_ptr, sums_out_ptr, stride_ym, stride_rm, stride_so,
-                HAS_BIAS, HAS_RES, HAS_SCALE, LN, WANT_STATS, WANT_SUMS, GATE_UP,
-            )  # fmt: skip
+                acc,
+                acc_u,
+                r,
+                mean,
+                offs_m,
+                offs_n,
+                offs_nc,
+                m_mask,
+                n_mask,
+                pid_n,
+                y_ptr,
+                bias_ptr,
+                res_ptr,
+                colsum_ptr,
+                stats_out_ptr,
+                sums_out_ptr,
+                stride_ym,
+                stride_rm,
+                stride_so,
+                HAS_BIAS,
+                HAS_RES,
+                HAS_SCALE,
+                LN,
+                WANT_STATS,
+                WANT_SUMS,
+                GATE_UP,
+            )
 
 
-def _launch(
+def launch(
     x: torch.Tensor,
     weight: torch.Tensor,
     n: int,
@@ -332,7 +378,7 @@ def _launch(
 
 
 def _run(x, weight, y, n, cfg, bias, residual, row_stats, row_sums, col_sums, stats, sums, eps, gate_up, pdl):
-    """One launch of _linear_kernel over (N tiles, M tiles, K splits) for _launch's prepared operands."""
+    """One launch of _linear_kernel over (N tiles, M tiles, K splits) for launch's prepared operands."""
     m, k = x.shape
     bm, bn, bk, warps, stages, split = cfg
     n_tiles, m_tiles = triton.cdiv(n, bn), triton.cdiv(m, bm)
@@ -415,7 +461,7 @@ def linear(
     pdl: PdlPolicy | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """reference.linear as one Triton GEMM: returns (y [M, N], Σy² partials [M, n_tiles] or None)."""
-    y, stats, _ = _launch(
+    y, stats, _ = launch(
         x,
         weight,
         weight.shape[0],
@@ -440,7 +486,7 @@ def gate_up_silu(
 ) -> torch.Tensor:
     """reference.gate_up_silu in one kernel: silu(r * x Wg^T) * (r * x Wu^T), W = [gate; up] of [2I, K]."""
     assert w_gate_up.shape[0] % 2 == 0
-    y, _, _ = _launch(
+    y, _, _ = launch(
         x,
         w_gate_up,
         w_gate_up.shape[0] // 2,
@@ -451,41 +497,3 @@ def gate_up_silu(
         pdl=pdl,
     )
     return y
-
-
-def linear_layernorm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    col_sums: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    row_stats: torch.Tensor | None = None,
-    row_sums: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    residual: torch.Tensor | None = None,
-    want_stats: bool = False,
-    config=None,
-    pdl: PdlPolicy | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Deferred LayerNorm: y = rsqrt(var + eps) * (x W'^T - mean * c) + b' (+ residual).
-
-    W' = W diag(gamma), c = W' 1 (`col_sums`, fp32 [N]) and b' = W beta + b (`bias`) are precomputed at
-    load; row_stats / row_sums are the producer's Σx² and Σx partials. Returns (y, Σy² partials,
-    Σy partials) when want_stats, for a following LayerNorm.
-    """
-    if row_stats is not None:
-        assert row_sums is not None and col_sums is not None
-    y, stats, sums = _launch(
-        x,
-        weight,
-        weight.shape[0],
-        bias=bias,
-        residual=residual,
-        row_stats=row_stats,
-        row_sums=row_sums,
-        col_sums=col_sums.float() if col_sums is not None else None,
-        eps=eps,
-        want_sums=want_stats,
-        config=config,
-        pdl=pdl,
-    )
-    return y, stats, sums

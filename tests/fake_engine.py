@@ -138,8 +138,18 @@ class FakeEngine:
             first = True
             if params.max_tokens == 0:
                 for i in range(params.n):
-                    yield RequestOutput(request_id, i, "", [], [] if params.logprobs is not None else None,
-                                        plps if i == 0 else None, True, "length", len(prompt_ids), 0)  # fmt: skip
+                    yield RequestOutput(
+                        request_id,
+                        i,
+                        "",
+                        [],
+                        [] if params.logprobs is not None else None,
+                        plps if i == 0 else None,
+                        True,
+                        "length",
+                        len(prompt_ids),
+                        0,
+                    )
                 return
             while not all(done):
                 await asyncio.sleep(self.delay)
@@ -164,8 +174,18 @@ class FakeEngine:
                     lps = None
                     if params.logprobs is not None:
                         lps = [TokenLogprob(tid, -0.5, [(tid, -0.5), (OFFSET + 65, -2.0)][: params.logprobs])]
-                    yield RequestOutput(request_id, i, out_text, [tid], lps, plps if first else None,
-                                        done[i], finish, len(prompt_ids), counts[i])  # fmt: skip
+                    yield RequestOutput(
+                        request_id,
+                        i,
+                        out_text,
+                        [tid],
+                        lps,
+                        plps if first else None,
+                        done[i],
+                        finish,
+                        len(prompt_ids),
+                        counts[i],
+                    )
                 first = False
         finally:
             with self.lock:

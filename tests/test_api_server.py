@@ -56,8 +56,23 @@ class Server:
 
 def start_server(model_dir: Path, log: Path, *extra: str) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "fusionserve.server.api.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--max-model-len", str(MAX_LEN), "--max-body-bytes", str(MAX_BODY), "--log-level", "warning", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "fusionserve.server.api.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(MAX_LEN),
+        "--max-body-bytes",
+        str(MAX_BODY),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -90,9 +105,17 @@ def stop_server(server: Server) -> None:
 def srv(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("srv") / "server.log"
     server = start_server(
-        default_model_dir, log, "--fusion", "ab", "--layer-timing-every", "1", "--admin-key", ADMIN,
-        "--max-num-seqs", "32",
-    )  # fmt: skip
+        default_model_dir,
+        log,
+        "--fusion",
+        "ab",
+        "--layer-timing-every",
+        "1",
+        "--admin-key",
+        ADMIN,
+        "--max-num-seqs",
+        "32",
+    )
     yield server
     stop_server(server)
 
@@ -136,10 +159,14 @@ def test_chat_stream_usage_equals_non_stream(client: openai.OpenAI) -> None:
     assert "Paris" in full.choices[0].message.content
     chunks = list(
         client.chat.completions.create(
-            model=MODEL, messages=MSGS, max_tokens=12, temperature=0, stream=True,
+            model=MODEL,
+            messages=MSGS,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
-    )  # fmt: skip
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].choices == []
@@ -259,8 +286,14 @@ def test_bad_input_battery(http: httpx.Client) -> None:
 
 def test_32_streams_half_disconnect(srv: Server, http: httpx.Client) -> None:
     async def one(c: httpx.AsyncClient, i: int) -> str | None:
-        body = {"model": MODEL, "prompt": f"Story number {i}:", "max_tokens": 24 if i % 2 else 200,
-                "temperature": 0.8, "seed": i, "stream": True}  # fmt: skip
+        body = {
+            "model": MODEL,
+            "prompt": f"Story number {i}:",
+            "max_tokens": 24 if i % 2 else 200,
+            "temperature": 0.8,
+            "seed": i,
+            "stream": True,
+        }
         async with c.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             lines = []
@@ -383,8 +416,14 @@ def test_api_key_admin_disabled_and_sigterm_drain(default_model_dir: Path, tmp_p
             first_chunk = threading.Event()
 
             def in_flight() -> None:
-                stream = sdk.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=48,
-                                                temperature=0, stream=True, stream_options={"include_usage": True})  # fmt: skip
+                stream = sdk.completions.create(
+                    model=MODEL,
+                    prompt="Count: 1, 2, 3,",
+                    max_tokens=48,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
                 text = []
                 for chunk in stream:
                     first_chunk.set()

@@ -29,9 +29,16 @@ def test_generate_chat_with_the_default_model(default_model_dir):
     home = default_model_dir.parents[1]  # $FUSIONSERVE_HOME/models/<name>
     for fusion in ("on", "off"):
         run = cli(
-            "generate", "--prompt", "What is the capital of France?", "--chat", "--max-tokens", "16",
-            "--fusion", fusion, env_home=home,
-        )  # fmt: skip
+            "generate",
+            "--prompt",
+            "What is the capital of France?",
+            "--chat",
+            "--max-tokens",
+            "16",
+            "--fusion",
+            fusion,
+            env_home=home,
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         assert "Paris" in run.stdout
         assert "tokens/s" in run.stderr and f"fusion {fusion}" in run.stderr

@@ -10,9 +10,12 @@ from fusionserve.models.decoder import Decoder
 from tests.tiny_models import make_tiny_checkpoint, rel_err
 
 LLAMA3_ROPE = {
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
-}  # fmt: skip
+}
 CASES = {
     "llama": dict(arch="llama"),
     "llama-tied": dict(arch="llama", tie=True),

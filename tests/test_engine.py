@@ -101,9 +101,12 @@ def test_random_submit_abort_interleavings_free_everything(tiny):
             rid = f"r{added}"
             added += 1
             p = SamplingParams(
-                max_tokens=rng.randint(1, 30), temperature=rng.choice([0, 1.0]), n=rng.choice([1, 1, 2]),
-                ignore_eos=rng.random() < 0.5, seed=rng.choice([None, 3]),
-            )  # fmt: skip
+                max_tokens=rng.randint(1, 30),
+                temperature=rng.choice([0, 1.0]),
+                n=rng.choice([1, 1, 2]),
+                ignore_eos=rng.random() < 0.5,
+                seed=rng.choice([None, 3]),
+            )
             eng.add_request(rid, prompts(1, 1, 90, seed=rng.randrange(10**6))[0], p)
             live.add(rid)
         elif r < 0.55 and live:

@@ -54,7 +54,9 @@ async def collect(front, rid, prompt, params):
 
 
 def test_same_tokens_as_the_engine_in_process(proc, tiny_dir):
-    want = LLMEngine(config(tiny_dir)).generate(PROMPTS, [GREEDY, GREEDY, SamplingParams(max_tokens=6, n=2, temperature=0.9, seed=3), GREEDY])  # fmt: skip
+    want = LLMEngine(config(tiny_dir)).generate(
+        PROMPTS, [GREEDY, GREEDY, SamplingParams(max_tokens=6, n=2, temperature=0.9, seed=3), GREEDY]
+    )
 
     async def main():
         params = [GREEDY, GREEDY, SamplingParams(max_tokens=6, n=2, temperature=0.9, seed=3), GREEDY]
@@ -122,7 +124,11 @@ def test_metrics_and_fusion_cross_the_pipe(proc):
     http.count_request("/v1/completions", 200)
     text = http.render()[0].decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
-    steps = {s.labels["fusion"] for s in fams["fusionserve_step_latency_seconds"].samples if s.name.endswith("_count") and s.value > 0}  # fmt: skip
+    steps = {
+        s.labels["fusion"]
+        for s in fams["fusionserve_step_latency_seconds"].samples
+        if s.name.endswith("_count") and s.value > 0
+    }
     assert steps == {"on", "off"}
     assert any(s.value == 1 for s in fams["fusionserve_requests"].samples)  # the HTTP side's own series
     assert fams["fusionserve_engine_process_cpu_seconds"].samples[0].value > 0

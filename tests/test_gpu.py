@@ -84,9 +84,14 @@ def test_engine_on_cuda_with_graphs_and_overlap(ckpt):
     results = {}
     for overlap in (True, False):
         cfg = EngineConfig(
-            model_dir=str(ckpt), device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=16,
-            layer_timing_every=0, overlap=overlap,
-        )  # fmt: skip
+            model_dir=str(ckpt),
+            device="cuda",
+            dtype="float32",
+            num_kv_blocks=256,
+            max_num_seqs=16,
+            layer_timing_every=0,
+            overlap=overlap,
+        )
         eng = LLMEngine(cfg)
         assert eng.runner.graphs is not None
         together = [o[0].token_ids for o in eng.generate(prompts, greedy)]
@@ -109,8 +114,14 @@ def test_engine_process_on_cuda_equals_in_process(ckpt):
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 60))] for _ in range(8)]
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    cfg = EngineConfig(model_dir=str(ckpt), device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=8,
-                       layer_timing_every=3)  # fmt: skip
+    cfg = EngineConfig(
+        model_dir=str(ckpt),
+        device="cuda",
+        dtype="float32",
+        num_kv_blocks=256,
+        max_num_seqs=8,
+        layer_timing_every=3,
+    )
     want = [o[0].token_ids for o in LLMEngine(cfg).generate(prompts, greedy)]
     front = ProcessEngineClient(cfg)
     front.start()

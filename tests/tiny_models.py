@@ -36,11 +36,19 @@ def make_tiny_checkpoint(
         "qwen2": transformers.Qwen2ForCausalLM,
     }
     kwargs = dict(
-        vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
         **ARCH_KWARGS[arch],
-    )  # fmt: skip
+    )
     if rope_scaling is not None:
         kwargs["rope_scaling"] = rope_scaling
         kwargs["rope_theta"] = 500000.0

@@ -74,23 +74,38 @@ def markdown(res) -> str:
             f"{_f(r['off_us'])} / {_f(r['off_torch_us'])} | **{_f(r['fused_us'])}** | {_f(r['hidden_pct'], 0)}% | "
             f"{r['fused_vs_off_pct']:+.1f}% |"
         )
-    out += ["", "## Decode attention (paged, GQA; KV bytes read / time)", "",
-            "| model | B | context | µs | GB/s | % of copy BW | policy fill / wave2 µs |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    out += [
+        "",
+        "## Decode attention (paged, GQA; KV bytes read / time)",
+        "",
+        "| model | B | context | µs | GB/s | % of copy BW | policy fill / wave2 µs |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in res.get("attn_decode", []):
         out.append(
             f"| {r['model']} | {r['B']} | {r['ctx']} | {_f(r['us'])} | {_f(r['GBs'], 0)} | {_f(r['pct_bw'], 0)}% | "
             f"{_f(r.get('us_fill'))} / {_f(r.get('us_wave2'))} |"
         )
-    out += ["", "## Prefill attention (causal, paged) vs torch SDPA flash", "",
-            "| model | seqs × len | ours µs | SDPA flash µs | ours/SDPA time | ours TFLOP/s |", "|---|---|---|---|---|---|"]  # fmt: skip
+    out += [
+        "",
+        "## Prefill attention (causal, paged) vs torch SDPA flash",
+        "",
+        "| model | seqs × len | ours µs | SDPA flash µs | ours/SDPA time | ours TFLOP/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res.get("attn_prefill", []):
         out.append(
             f"| {r['model']} | {r['seqs']}×{r['seqlen']} | {_f(r['ours_us'])} | {_f(r['sdpa_flash_us'])} | "
             f"{_f(r['ratio'], 2)} | {_f(r['ours_tflops'], 0)} |"
         )
     if res.get("sweep"):
-        out += ["", "## Tile sweep winners (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", "",
-                "| model | GEMM | M | best | µs | default |", "|---|---|---|---|---|---|"]  # fmt: skip
+        out += [
+            "",
+            "## Tile sweep winners (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)",
+            "",
+            "| model | GEMM | M | best | µs | default |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in res["sweep"]:
             out.append(
                 f"| {r['model']} | {r['gemm']} | {r['M']} | {r['best_cfg']} | {_f(r['best_us'])} | {r['default_cfg']} |"
@@ -119,8 +134,11 @@ def goals(res) -> list[str]:
             n_ok = sum(r["hidden_pct"] >= target for r in sel)
             lines.append(f"- norm cost hidden >= {target}% at M in [{lo}, {hi}]: {n_ok}/{len(sel)} ({vals})")
     if ch:
-        worse = [f"{r['model']} {r['chain']} M={r['M']} ({r['fused_vs_off_pct']:+.1f}%)" for r in ch
-                 if r["fused_vs_off_pct"] > 0]  # fmt: skip
+        worse = [
+            f"{r['model']} {r['chain']} M={r['M']} ({r['fused_vs_off_pct']:+.1f}%)"
+            for r in ch
+            if r["fused_vs_off_pct"] > 0
+        ]
         lines.append(
             f"- fused never slower than the best off path: {len(ch) - len(worse)}/{len(ch)}"
             + (f"; slower: {', '.join(worse)}" if worse else "")
@@ -210,7 +228,7 @@ def main(argv=None):
             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             copy_GBs=copy_bandwidth_gbs(device) if device.type == "cuda" else float("nan"),
             interpret=os.environ.get("TRITON_INTERPRET", ""),
-        )  # fmt: skip
+        )
     }
     peak = res["meta"]["copy_GBs"]
     print(f"{gpu}: copy bandwidth {peak:.0f} GB/s", flush=True)
@@ -247,8 +265,14 @@ def main(argv=None):
         save()
     if "decode" in sections:
         if device.type == "cuda":
-            cases = [(LLAMA_8B, 1, 32768), (LLAMA_8B, 8, 4096), (LLAMA_8B, 8, 16384), (LLAMA_8B, 32, 4096),
-                     (LLAMA_8B, 32, 8192), (SMOL_135M, 32, 4096)]  # fmt: skip
+            cases = [
+                (LLAMA_8B, 1, 32768),
+                (LLAMA_8B, 8, 4096),
+                (LLAMA_8B, 8, 16384),
+                (LLAMA_8B, 32, 4096),
+                (LLAMA_8B, 32, 8192),
+                (SMOL_135M, 32, 4096),
+            ]
         else:
             cases = [(TINY, 2, 40)]
         res["attn_decode"] = bench_decode_attention(cases, timer, device, dtype, peak, log)

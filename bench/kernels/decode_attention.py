@@ -35,10 +35,14 @@ def bench_decode_attention(cases, timer, device, dtype, peak_gbs, log):
         t = times[DecodeSplitPolicy().plan]
         kc, vc, bt = caches[0]
         batch = PagedBatch(
-            query_start=torch.arange(bsz + 1, dtype=torch.int32), context_lens=lens.cpu(),
-            block_tables=bt.cpu(), slot_mapping=torch.zeros(bsz, dtype=torch.int64),
-            max_query_len=1, max_context_len=ctx, block_size=16,
-        )  # fmt: skip
+            query_start=torch.arange(bsz + 1, dtype=torch.int32),
+            context_lens=lens.cpu(),
+            block_tables=bt.cpu(),
+            slot_mapping=torch.zeros(bsz, dtype=torch.int64),
+            max_query_len=1,
+            max_context_len=ctx,
+            block_size=16,
+        )
         err = float("nan")
         if bsz * ctx <= 65536:
             from fusionserve.kernels import reference

@@ -101,10 +101,18 @@ def bench_sweep(models, m_values, timer, device, dtype, log):
         results = sorted((t, cfg) for cfg, t in times.items())
         best[(n_out, k, bm, gate_up)] = results[0][1]
         rows.append(
-            dict(model=mdl.name, gemm=name + ("" if gate_up or name != "gate_up" else "_plain"), M=m, N=n, K=k,
-                 best_cfg=results[0][1], best_us=results[0][0],
-                 default_cfg=tile_configs.pick_config(m, n_out, k, device, gate_up), all=[(c, t) for t, c in results])
-        )  # fmt: skip
+            dict(
+                model=mdl.name,
+                gemm=name + ("" if gate_up or name != "gate_up" else "_plain"),
+                M=m,
+                N=n,
+                K=k,
+                best_cfg=results[0][1],
+                best_us=results[0][0],
+                default_cfg=tile_configs.pick_config(m, n_out, k, device, gate_up),
+                all=[(c, t) for t, c in results],
+            )
+        )
         log(rows[-1])
 
     for mdl, name, nk, m, gu in tqdm(jobs, desc="sweep", file=sys.stdout):

@@ -27,10 +27,14 @@ def bench_prefill_attention(cases, timer, device, dtype, log):
         q = _rand(t_tot, hq, d, dtype=dtype, device=device)
         qs = torch.arange(0, t_tot + 1, seqlen, dtype=torch.int32, device=device)
         batch = PagedBatch(
-            query_start=qs, context_lens=torch.full((n_seqs,), seqlen, dtype=torch.int32, device=device),
-            block_tables=tables, slot_mapping=torch.zeros(t_tot, dtype=torch.int64, device=device),
-            max_query_len=seqlen, max_context_len=seqlen, block_size=bs,
-        )  # fmt: skip
+            query_start=qs,
+            context_lens=torch.full((n_seqs,), seqlen, dtype=torch.int32, device=device),
+            block_tables=tables,
+            slot_mapping=torch.zeros(t_tot, dtype=torch.int64, device=device),
+            max_query_len=seqlen,
+            max_context_len=seqlen,
+            block_size=bs,
+        )
         # the same K/V, contiguous and expanded to Hq heads for SDPA (its flash path has no GQA)
         kk = k_cache[tables.long()].reshape(n_seqs, per * bs, hk, d)[:, :seqlen]
         vv = v_cache[tables.long()].reshape(n_seqs, per * bs, hk, d)[:, :seqlen]
@@ -50,8 +54,16 @@ def bench_prefill_attention(cases, timer, device, dtype, log):
         t_ours, t_sdpa = times["ours"], times["sdpa"]
         err = rel_err(ours().view(n_seqs, seqlen, hq, d), sdpa().transpose(1, 2))
         flops = 4 * n_seqs * seqlen * seqlen * hq * d / 2
-        row = dict(model=mdl.name, seqs=n_seqs, seqlen=seqlen, ours_us=t_ours, sdpa_flash_us=t_sdpa,
-                   ratio=t_ours / t_sdpa, ours_tflops=flops / (t_ours * 1e-6) / 1e12, err=err)  # fmt: skip
+        row = dict(
+            model=mdl.name,
+            seqs=n_seqs,
+            seqlen=seqlen,
+            ours_us=t_ours,
+            sdpa_flash_us=t_sdpa,
+            ratio=t_ours / t_sdpa,
+            ours_tflops=flops / (t_ours * 1e-6) / 1e12,
+            err=err,
+        )
         rows.append(row)
         log(row)
 

@@ -58,9 +58,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tok.encode(args.prompt)
     opts = GenerateOptions(
-        max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-        fusion=args.fusion == "on", stop_ids=tok.eos_token_ids,
-    )  # fmt: skip
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        fusion=args.fusion == "on",
+        stop_ids=tok.eos_token_ids,
+    )
     detok = IncrementalDetokenizer(tok)
     count, t0 = 0, time.perf_counter()
     try:

@@ -56,8 +56,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--fusion", default=_env("FUSION", "on"), choices=("on", "off", "ab"), help="deferred-norm path"
     )
     g.add_argument(
-        "--layer-timing-every", type=int, default=_env("LAYER_TIMING_EVERY", 50), help="sample per-layer timing every N steps (0: off)"
-    )  # fmt: skip
+        "--layer-timing-every",
+        type=int,
+        default=_env("LAYER_TIMING_EVERY", 50),
+        help="sample per-layer timing every N steps (0: off)",
+    )
     e = p.add_argument_group("engine limits")
     e.add_argument("--max-model-len", type=int, default=_env("MAX_MODEL_LEN", None))
     e.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", 64))
@@ -70,15 +73,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-cuda-graphs", action="store_true", default=not _env_flag("CUDA_GRAPHS", True))
     e.add_argument("--no-prefix-caching", action="store_true", default=not _env_flag("PREFIX_CACHING", True))
     e.add_argument(
-        "--engine-core", default=_env("ENGINE_CORE", "process"), choices=("process", "thread"),
+        "--engine-core",
+        default=_env("ENGINE_CORE", "process"),
+        choices=("process", "thread"),
         help="where the engine loop runs: its own process (default; no GIL shared with the HTTP "
         "streams) or a thread of the server process (one process: debugging, profiling)",
-    )  # fmt: skip
+    )
     e.add_argument(
-        "--gil-switch-ms", type=float, default=_env("GIL_SWITCH_MS", 0.5),
+        "--gil-switch-ms",
+        type=float,
+        default=_env("GIL_SWITCH_MS", 0.5),
         help="Python's thread switch interval: how long a thread waiting for the GIL waits at most "
         "(with --engine-core thread the GPU idles meanwhile; Python's default is 5 ms)",
-    )  # fmt: skip
+    )
     h = p.add_argument_group("http")
     h.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     h.add_argument("--port", type=int, default=_env("PORT", 8000))
@@ -94,8 +101,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="seconds to finish in-flight requests",
     )
     h.add_argument(
-        "--log-level", default=_env("LOG_LEVEL", "info"), choices=("critical", "error", "warning", "info", "debug")
-    )  # fmt: skip
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=("critical", "error", "warning", "info", "debug"),
+    )
 
 
 @dataclass(frozen=True)

@@ -132,8 +132,13 @@ async def static_outputs(job: Job) -> AsyncIterator[Any]:
 
 def discarded(out: Any) -> Any:
     """The throw-away token of a max_tokens=0 echo+logprobs request: keep only prompt logprobs."""
-    return _StaticOutput(out.request_id, out.index, out.prompt_tokens, prompt_logprobs=out.prompt_logprobs,
-                         finished=out.finished)  # fmt: skip
+    return _StaticOutput(
+        out.request_id,
+        out.index,
+        out.prompt_tokens,
+        prompt_logprobs=out.prompt_logprobs,
+        finished=out.finished,
+    )
 
 
 class TokenText:

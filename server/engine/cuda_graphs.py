@@ -34,10 +34,14 @@ class DecodeGraphs:
 
     def _batch(self, bs: int) -> PagedBatch:
         return PagedBatch(
-            query_start=self.query_start[: bs + 1], context_lens=self.context_lens[:bs],
-            block_tables=self.block_tables[:bs], slot_mapping=self.slots[:bs], max_query_len=1,
-            max_context_len=self.decoder.max_model_len, block_size=self.kv.block_size,
-        )  # fmt: skip
+            query_start=self.query_start[: bs + 1],
+            context_lens=self.context_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            slot_mapping=self.slots[:bs],
+            max_query_len=1,
+            max_context_len=self.decoder.max_model_len,
+            block_size=self.kv.block_size,
+        )
 
     def _step(self, bs: int, fused: bool) -> torch.Tensor:
         d = self.decoder

@@ -138,9 +138,11 @@ class LLMEngine:
 
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, p.skip_special_tokens)
         seq = Sequence(
-            seq_id=next(self._seq_ids), tokens=tokens, num_prompt=len(req.prompt_ids),
+            seq_id=next(self._seq_ids),
+            tokens=tokens,
+            num_prompt=len(req.prompt_ids),
             use_prefix_cache=p.prompt_logprobs is None,
-        )  # fmt: skip
+        )
         choice = Choice(req, index, seq, generator, detok, StopMatcher(p.stop) if p.stop else None)
         req.choices.append(choice)
         self.choices[seq.seq_id] = choice
@@ -169,11 +171,15 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-            kv_usage=self.blocks.usage, preemptions=self.scheduler.num_preemptions,
-            prefix_hit_rate=self.blocks.prefix_hit_rate, steps=self.num_steps,
-            num_blocks=self.blocks.num_blocks, free_blocks=self.blocks.num_free,
-        )  # fmt: skip
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_usage=self.blocks.usage,
+            preemptions=self.scheduler.num_preemptions,
+            prefix_hit_rate=self.blocks.prefix_hit_rate,
+            steps=self.num_steps,
+            num_blocks=self.blocks.num_blocks,
+            free_blocks=self.blocks.num_free,
+        )
 
     def take_step_stats(self) -> StepStats:
         """What was measured since the last call (the core sends it with the step's outputs)."""
@@ -250,9 +256,13 @@ class LLMEngine:
             pending_rows = [ch.pending_row for ch in planned]
             pending_ids = ahead_of.handle.chosen
         inputs = self.runner.prepare(
-            plan, [ch.seq.tokens for ch in planned], [ch.seq.num_prompt for ch in planned], want_prompt,
-            pending_ids, pending_rows,
-        )  # fmt: skip
+            plan,
+            [ch.seq.tokens for ch in planned],
+            [ch.seq.num_prompt for ch in planned],
+            want_prompt,
+            pending_ids,
+            pending_rows,
+        )
         logits = self.runner.execute(inputs, fused, timer, scaled)
         self.scheduler.advance(plan)
         rows, handle = self._sample(planned, inputs.sample_index, logits, any(want_prompt))
@@ -282,9 +292,11 @@ class LLMEngine:
         # The sampler may change its input in place: index (copy) when prompt rows share it.
         whole = len(src) == logits.shape[0] and src[-1] == len(src) - 1 and not shared
         handle = self.sampler.launch(
-            logits if whole else logits[src], [ch.request.params for ch in rows],
-            [ch.generator for ch in rows], lambda i: (rows[i].seq.tokens, rows[i].seq.num_prompt),
-        )  # fmt: skip
+            logits if whole else logits[src],
+            [ch.request.params for ch in rows],
+            [ch.generator for ch in rows],
+            lambda i: (rows[i].seq.tokens, rows[i].seq.num_prompt),
+        )
         return rows, handle
 
     def _collect(self) -> tuple[SampleHandle | None, list[tuple[Choice, int, int]]] | None:

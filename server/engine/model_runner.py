@@ -156,11 +156,15 @@ class ModelRunner:
         )
         ids_t, pos_t, slot_t, logit_t, qs_t, cl_t, dst_t, src_t, tab_t = self._to_device(parts)
         batch = PagedBatch(
-            query_start=qs_t.to(torch.int32), context_lens=cl_t.to(torch.int32),
-            block_tables=tab_t.view(b, width).to(torch.int32), slot_mapping=slot_t,
-            max_query_len=int(ns.max()), max_context_len=int(ends.max()), block_size=bs,
+            query_start=qs_t.to(torch.int32),
+            context_lens=cl_t.to(torch.int32),
+            block_tables=tab_t.view(b, width).to(torch.int32),
+            slot_mapping=slot_t,
+            max_query_len=int(ns.max()),
+            max_context_len=int(ends.max()),
+            block_size=bs,
             num_decodes=leading_ones(ns),  # decodes lead every plan
-        )  # fmt: skip
+        )
         if len(gather_dst):
             ids_t[dst_t] = pending_ids[src_t]
         # The layout the torch attention reads on the host: from our arrays, not a device sync.
@@ -263,9 +267,12 @@ class ModelRunner:
             query_start=torch.tensor(qs, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(ctx_all, dtype=torch.int32, device=dev),
             block_tables=torch.zeros((len(ctx_all), -(-max(ctx_all) // bs)), dtype=torch.int32, device=dev),
-            slot_mapping=torch.full((t,), -1, dtype=torch.int64, device=dev), max_query_len=max(chunk, 1),
-            max_context_len=max(ctx_all), block_size=bs, num_decodes=n_dec,
-        )  # fmt: skip
+            slot_mapping=torch.full((t,), -1, dtype=torch.int64, device=dev),
+            max_query_len=max(chunk, 1),
+            max_context_len=max(ctx_all),
+            block_size=bs,
+            num_decodes=n_dec,
+        )
         pos = torch.cat([torch.full((n_dec,), ctx - 1), torch.arange(chunk)]).to(dev)
         ids = torch.zeros(t, dtype=torch.long, device=dev)
         hidden = self.decoder.forward(ids, pos, batch, self.kv, fused, self.make_timer())
@@ -288,16 +295,21 @@ def _decode_rows(tokens: list[list[int]], starts: np.ndarray, seq_lens: np.ndarr
 
 
 def _mixed_rows(
-    tokens: list[list[int]], starts: np.ndarray, ns: np.ndarray, seq_lens: list[int],
-    num_prompts: list[int], prompt_rows: list[bool],
-):  # fmt: skip
+    tokens: list[list[int]],
+    starts: np.ndarray,
+    ns: np.ndarray,
+    seq_lens: list[int],
+    num_prompts: list[int],
+    prompt_rows: list[bool],
+):
     """Prompt chunks (and decodes): every chunk's ids; logits for each sampled row and, for prompt
     logprobs, the prompt rows (row p predicts token p + 1)."""
     b = len(tokens)
     ids = np.fromiter(
         itertools.chain.from_iterable(t[s : s + n] for t, s, n in zip(tokens, starts.tolist(), ns.tolist())),
-        dtype=np.int64, count=int(ns.sum()),
-    )  # fmt: skip
+        dtype=np.int64,
+        count=int(ns.sum()),
+    )
     rows = np.repeat(np.arange(b), ns)
     row0 = np.concatenate(([0], np.cumsum(ns)[:-1]))
     positions = np.arange(len(ids), dtype=np.int64) - np.repeat(row0, ns) + np.repeat(starts, ns)

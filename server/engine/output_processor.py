@@ -95,11 +95,17 @@ class Choice:
         if req.prompt_lps is not None and not self.sent_prompt_lps:
             prompt_lps, self.sent_prompt_lps = list(req.prompt_lps), True
         out = RequestOutput(
-            request_id=req.request_id, index=self.index, text=self.new_text, token_ids=self.new_ids,
-            logprobs=self.new_lps if req.params.logprobs is not None else None, prompt_logprobs=prompt_lps,
-            finished=self.finish_reason is not None, finish_reason=self.finish_reason,
-            prompt_tokens=self.seq.num_prompt, completion_tokens=self.seq.num_output,
-        )  # fmt: skip
+            request_id=req.request_id,
+            index=self.index,
+            text=self.new_text,
+            token_ids=self.new_ids,
+            logprobs=self.new_lps if req.params.logprobs is not None else None,
+            prompt_logprobs=prompt_lps,
+            finished=self.finish_reason is not None,
+            finish_reason=self.finish_reason,
+            prompt_tokens=self.seq.num_prompt,
+            completion_tokens=self.seq.num_output,
+        )
         self.new_ids, self.new_lps, self.new_text = [], [], ""
         return out
 
@@ -108,10 +114,21 @@ def abort_outputs(req: RequestState, done: set[int]) -> list[RequestOutput]:
     """The final 'abort' delta of every choice not finished yet."""
     by_index = {ch.index: ch for ch in req.choices}
     return [
-        RequestOutput(req.request_id, index, "", [], [] if req.params.logprobs is not None else None, None,
-                      True, "abort", len(req.prompt_ids), by_index[index].seq.num_output if index in by_index else 0)
-        for index in range(req.params.n) if index not in done
-    ]  # fmt: skip
+        RequestOutput(
+            req.request_id,
+            index,
+            "",
+            [],
+            [] if req.params.logprobs is not None else None,
+            None,
+            True,
+            "abort",
+            len(req.prompt_ids),
+            by_index[index].seq.num_output if index in by_index else 0,
+        )
+        for index in range(req.params.n)
+        if index not in done
+    ]
 
 
 def merge_output(merged: dict[tuple[str, int], RequestOutput], out: RequestOutput) -> None:
@@ -119,8 +136,13 @@ def merge_output(merged: dict[tuple[str, int], RequestOutput], out: RequestOutpu
     key = (out.request_id, out.index)
     acc = merged.get(key)
     if acc is None:
-        merged[key] = RequestOutput(**{**out.__dict__, "token_ids": list(out.token_ids),
-                                       "logprobs": list(out.logprobs) if out.logprobs is not None else None})  # fmt: skip
+        merged[key] = RequestOutput(
+            **{
+                **out.__dict__,
+                "token_ids": list(out.token_ids),
+                "logprobs": list(out.logprobs) if out.logprobs is not None else None,
+            }
+        )
         return
     acc.text += out.text
     acc.token_ids.extend(out.token_ids)

@@ -50,9 +50,11 @@ class ProcessEngineClient(EngineClient):
         ops_child, self._ops = ctx.Pipe(duplex=False)
         self._out, out_child = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(
-            target=core_main, args=(config, ops_child, out_child, switch_ms, log_level),
-            name="fusionserve-engine", daemon=True,
-        )  # fmt: skip
+            target=core_main,
+            args=(config, ops_child, out_child, switch_ms, log_level),
+            name="fusionserve-engine",
+            daemon=True,
+        )
         self._proc.start()
         ops_child.close()
         out_child.close()

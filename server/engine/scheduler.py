@@ -92,10 +92,13 @@ class Scheduler:
             self._admit(planned, budget)
         seqs = list(planned)
         return SchedulerOutput(
-            seq_ids=[s.seq_id for s in seqs], num_new_tokens=list(planned.values()),
-            num_computed=[s.num_computed for s in seqs], seq_lens=[s.num_tokens for s in seqs],
-            block_tables=[s.table.blocks for s in seqs], preempted_ids=[s.seq_id for s in preempted],
-        )  # fmt: skip
+            seq_ids=[s.seq_id for s in seqs],
+            num_new_tokens=list(planned.values()),
+            num_computed=[s.num_computed for s in seqs],
+            seq_lens=[s.num_tokens for s in seqs],
+            block_tables=[s.table.blocks for s in seqs],
+            preempted_ids=[s.seq_id for s in preempted],
+        )
 
     def _plan_running(
         self, seq: Sequence, n: int, decode: bool, planned: dict[Sequence, int], preempted: list[Sequence]

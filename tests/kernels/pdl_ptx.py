@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 import fusionserve.kernels.triton_env as env  # noqa: E402
 
 env.INTERPRET = False
-from fusionserve.kernels import decode_attention, embedding, norm_linear, rmsnorm, rope_kv  # noqa: E402
+from fusionserve.kernels import decode_attention, decode_merge, embedding, norm_linear, rmsnorm, rope_kv  # noqa: E402
 
 FLOATS = {"inv_k", "eps", "qk_scale"}
 F32 = {
@@ -87,7 +87,7 @@ CASES = {
     "linear split-K multi-wave": (norm_linear._linear_kernel, dict(LINEAR, GATE_UP=False, SPLIT_K=4, EARLY=False, LATE_TRIGGER=True)),
     "decode attention fused merge": (decode_attention._decode_kernel, dict(DECODE, FUSED=True, EARLY=True)),
     "decode attention two-pass": (decode_attention._decode_kernel, dict(DECODE, FUSED=False, EARLY=True)),
-    "decode reduce": (decode_attention._decode_reduce_kernel, dict(D=64, BLOCK_D=64, BLOCK_S=8, PDL=True, EARLY=True)),
+    "decode reduce": (decode_merge._decode_reduce_kernel, dict(D=64, BLOCK_D=64, BLOCK_S=8, PDL=True, EARLY=True)),
     "rope + kv write": (rope_kv._rope_kv_kernel, dict(D=64, HALF=32, HAS_SCALE=True, HAS_BIAS=False, BLOCK_HQ=16,
                                                      BLOCK_HK=4, BLOCK_HALF=32, BLOCK_D=64, BLOCK_P=1, PDL=True, EARLY=True)),
     "embedding": (embedding._embedding_kernel, dict(WANT_STATS=True, BLOCK=1024, PDL=True, EARLY=True)),

@@ -120,8 +120,18 @@ def test_block_fused_vs_off_vs_reference(dtype, small_m_max):
         "lm_head": cpu64(weights["lm_head"]),
         "layers": [{k: cpu64(v) for k, v in layer.items()} for layer in weights["layers"]],
     }
-    want = run(TorchBackend(GEOM), w64, torch.float64, False, prefill, decode,
-               [(cpu64(k), cpu64(v)) for k, v in prefix_cache], cos_sin.cpu(), ids, "cpu")  # fmt: skip
+    want = run(
+        TorchBackend(GEOM),
+        w64,
+        torch.float64,
+        False,
+        prefill,
+        decode,
+        [(cpu64(k), cpu64(v)) for k, v in prefix_cache],
+        cos_sin.cpu(),
+        ids,
+        "cpu",
+    )
     be = TritonBackend(GEOM, small_m_max=small_m_max)
     fused = run(be, weights, dtype, True, prefill, decode, prefix_cache, cos_sin, ids, DEVICE)
     off = run(be, weights, dtype, False, prefill, decode, prefix_cache, cos_sin, ids, DEVICE)

@@ -60,9 +60,18 @@ def test_decode_attention_split_merge(dtype, variant):
     for q in (qs[0], qs[1], qs[0]):
         out = torch.full_like(q, float("nan"))
         decode_attention(
-            q, k_cache, v_cache, b.block_tables, b.context_lens, 192, scale, num_splits=6, block_n=16, out=out,
+            q,
+            k_cache,
+            v_cache,
+            b.block_tables,
+            b.context_lens,
+            192,
+            scale,
+            num_splits=6,
+            block_n=16,
+            out=out,
             policy=SPLIT_VARIANTS[variant],
-        )  # fmt: skip
+        )
         want = ref.paged_attention(
             q.double().cpu(), k_cache.double().cpu(), v_cache.double().cpu(), batch, scale
         )

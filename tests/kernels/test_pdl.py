@@ -135,5 +135,14 @@ def test_pdl_variants_compute_what_plain_launches_do(dtype):
     batch = random_batch([1] * len(ctx), ctx, nb)
     q = rand(len(ctx), hq, d, dtype=dtype)
     for fused in (True, False):
-        both(decode_attention.decode_attention, q, *caches, batch.block_tables, batch.context_lens,
-             batch.max_context_len, d**-0.5, num_splits=3, policy=DecodeSplitPolicy(fused_merge=fused))  # fmt: skip
+        both(
+            decode_attention.decode_attention,
+            q,
+            *caches,
+            batch.block_tables,
+            batch.context_lens,
+            batch.max_context_len,
+            d**-0.5,
+            num_splits=3,
+            policy=DecodeSplitPolicy(fused_merge=fused),
+        )

@@ -25,8 +25,13 @@ def test_rope_kv_write(dtype, m, scaled):
     """`scaled`: partial sums of squares, or ("rows") the GEMM input rows themselves as the statistic."""
     width = (HQ + 2 * HK) * D
     qkv = rand(m, width, dtype=dtype)
-    cos_sin = rope_cos_sin(64, D, 500000.0, {"rope_type": "llama3", "factor": 8.0,
-                                             "original_max_position_embeddings": 16}, device=DEVICE)  # fmt: skip
+    cos_sin = rope_cos_sin(
+        64,
+        D,
+        500000.0,
+        {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16},
+        device=DEVICE,
+    )
     positions = torch.randint(0, 64, (m,), device=DEVICE)
     slots = torch.randperm(NB * BS, device=DEVICE)[:m]
     if m > 1:
@@ -66,8 +71,13 @@ def test_cos_sin_tables():
     inv = 1.0 / 10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
     assert torch.allclose(plain.double(), torch.cat(((pos * inv).cos(), (pos * inv).sin()), -1), atol=1e-6)
     # llama3: high frequencies untouched, the lowest divided by `factor`, the band in between smoothed
-    cfg = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-           "original_max_position_embeddings": 64}  # fmt: skip
+    cfg = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     scaled = rope_cos_sin(4, 64, 500000.0, cfg)
     inv = 1.0 / 500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
     got = torch.atan2(scaled[1, 32:].double(), scaled[1, :32].double())  # position 1: angle = inv_freq
