@@ -59,7 +59,8 @@ def test_backend_uses_pdl_for_small_steps_only():
     assert TritonBackend(GEOM, pdl=False)._pdl(torch.zeros(1, 8)) is None
     be.pdl = pdl.PdlPolicy(prefetch_budget=1 << 20)
     assert be._pdl(torch.zeros(1, 8)).prefetch_budget == 1 << 20
-    assert TritonBackend(GEOM).pdl is None  # auto: off without a Hopper GPU
+    auto = TritonBackend(GEOM).pdl  # auto: on exactly where the GPU and Triton support it (Hopper)
+    assert (auto is not None) == pdl.pdl_available("cuda")
 
 
 @pytest.mark.skipif(not pdl.HAVE_GDC, reason="this Triton has no griddepcontrol ops")
@@ -117,7 +118,7 @@ def test_pdl_variants_compute_what_plain_launches_do(dtype):
         nl.linear, x, w, None, None, stats, 1e-5, False, config=(16, 16, 16, 1, 1, 2)
     )  # split-K: 3 x 2 programs
     both(nl.gate_up_silu, x, rand(2 * n, k, dtype=dtype), stats, 1e-5)
-    both(embedding.embedding, torch.tensor([5, 0, 7]), rand(11, k, dtype=dtype), True)
+    both(embedding.embedding, torch.tensor([5, 0, 7], device=x.device), rand(11, k, dtype=dtype), True)
     both(rmsnorm.rmsnorm, x, 1e-5)
     hq, hk, d, bs, nb = 4, 2, 16, 16, 40
     cos_sin = rope_kv.rope_cos_sin(64, d, device=x.device)
@@ -130,9 +131,16 @@ def test_pdl_variants_compute_what_plain_launches_do(dtype):
             qkv, Rotary(positions, cos_sin), LayerKV(k_cache, v_cache, slots), geom, pdl=pdl
         )
 
-    both(rope_kv_write, qkv, torch.tensor([3, 9, 60]), cos_sin, *caches, torch.tensor([5, -1, 77]))
+    both(
+        rope_kv_write,
+        qkv,
+        torch.tensor([3, 9, 60], device=x.device),
+        cos_sin,
+        *caches,
+        torch.tensor([5, -1, 77], device=x.device),
+    )
     ctx = [37, 1, 64, 20]
-    batch = random_batch([1] * len(ctx), ctx, nb)
+    batch = random_batch([1] * len(ctx), ctx, nb).to(x.device)
     q = rand(len(ctx), hq, d, dtype=dtype)
     for fused in (True, False):
         both(
