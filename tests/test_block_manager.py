@@ -98,3 +98,42 @@ def test_prefix_caching_disabled_never_matches():
     assert bm.match_prefix(list(range(9))).blocks == []
     bm.free(t)
     assert bm.check_all_free()
+
+
+def test_never_cached_blocks_go_before_cached_ones_are_evicted():
+    """A freed, hashed block stays a prefix-cache hit until no never-cached block is left."""
+    bm = BlockManager(4, 2)
+    a = BlockTable()
+    bm.grow(a, 4)
+    bm.commit(a, [1, 2, 3, 4], 4)
+    cached = list(a.blocks)
+    bm.free(a)
+    b = BlockTable()
+    bm.grow(b, 4)  # the two never-cached blocks
+    assert not set(b.blocks) & set(cached)
+    assert bm.match_prefix([1, 2, 3, 4, 5]).blocks == cached  # still served (and referenced again)
+
+
+def test_commit_is_idempotent_and_hit_rate_counts_full_blocks():
+    bm = BlockManager(8, 2)
+    a = BlockTable()
+    bm.grow(a, 6)
+    bm.commit(a, list(range(6)), 6)
+    bm.commit(a, list(range(6)), 6)  # nothing new: the same hashes, no double registration
+    assert a.num_hashed == 3
+    hit = bm.match_prefix(list(range(7)))  # 3 full blocks before the last token: all hit
+    miss = bm.match_prefix([9] + list(range(1, 7)))  # the chain breaks at the first block
+    assert len(hit.blocks) == 3 and miss.blocks == []
+    assert bm.prefix_queries == 6 and bm.prefix_hits == 3 and bm.prefix_hit_rate == 0.5
+    for t in (a, hit, miss):
+        bm.free(t)
+    assert bm.check_all_free()
+
+
+def test_usage_tracks_referenced_blocks():
+    bm = BlockManager(10, 4)
+    t = BlockTable()
+    bm.grow(t, 12)
+    assert bm.usage == pytest.approx(0.3)
+    bm.free(t)
+    assert bm.usage == 0.0
