@@ -175,64 +175,10 @@ def _decode_kernel(
             PDL,
         )
     pdl_wait(PDL, EARLY)
+    active = True
     if SPLIT and FUSED:
-        if sp < n_active:
-            acc, l_i, m_i = _decode_partial(
-                q_ptr,
-                k_ptr,
-                v_ptr,
-                bt_ptr,
-                b,
-                kvh,
-                start,
-                end,
-                stride_qt,
-                stride_qh,
-                stride_bt,
-                stride_blk,
-                stride_tok,
-                stride_kh,
-                qk_scale,
-                GROUP,
-                BLOCK_G,
-                D,
-                BLOCK_D,
-                BLOCK_N,
-                PAGE,
-                UPCAST,
-                IEEE,
-            )
-            if n_active == 1:
-                o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-                tl.store(o_ptr + o_offs, cast(o, o_ptr.dtype.element_ty), mask=out_mask)
-            else:
-                row = (b * HQ + heads) * n_splits + sp
-                tl.store(po_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
-                tl.store(pml_ptr + row * 2, m_i, mask=g_mask)
-                tl.store(pml_ptr + row * 2 + 1, l_i, mask=g_mask)
-                tl.debug_barrier()  # every thread's partial stores precede the release below
-                cnt = cnt_ptr + b * tl.num_programs(1) + kvh
-                ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-                if ticket == n_active - 1:
-                    merge_splits(
-                        po_ptr,
-                        pml_ptr,
-                        o_ptr,
-                        b,
-                        kvh,
-                        HQ,
-                        n_splits,
-                        n_active,
-                        stride_ot,
-                        stride_oh,
-                        GROUP,
-                        D,
-                        BLOCK_D,
-                        BLOCK_GG,
-                        MERGE_S,
-                    )
-                    tl.store(cnt, 0)  # every split has arrived: ready for the next launch / replay
-    else:
+        active = sp < n_active
+    if active:
         acc, l_i, m_i = _decode_partial(
             q_ptr,
             k_ptr,
@@ -258,14 +204,40 @@ def _decode_kernel(
             UPCAST,
             IEEE,
         )
-        if SPLIT:
+        whole = not SPLIT  # this program saw the whole context: it writes o itself
+        if SPLIT and FUSED:
+            whole = n_active == 1
+        if whole:
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(o_ptr + o_offs, cast(o, o_ptr.dtype.element_ty), mask=out_mask)
+        else:
             row = (b * HQ + heads) * n_splits + sp
             tl.store(po_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
             tl.store(pml_ptr + row * 2, m_i, mask=g_mask)
             tl.store(pml_ptr + row * 2 + 1, l_i, mask=g_mask)
-        else:
-            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(o_ptr + o_offs, cast(o, o_ptr.dtype.element_ty), mask=out_mask)
+            if FUSED:
+                tl.debug_barrier()  # every thread's partial stores precede the release below
+                cnt = cnt_ptr + b * tl.num_programs(1) + kvh
+                ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+                if ticket == n_active - 1:
+                    merge_splits(
+                        po_ptr,
+                        pml_ptr,
+                        o_ptr,
+                        b,
+                        kvh,
+                        HQ,
+                        n_splits,
+                        n_active,
+                        stride_ot,
+                        stride_oh,
+                        GROUP,
+                        D,
+                        BLOCK_D,
+                        BLOCK_GG,
+                        MERGE_S,
+                    )
+                    tl.store(cnt, 0)  # every split has arrived: ready for the next launch / replay
 
 
 @dataclass(frozen=True)

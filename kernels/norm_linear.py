@@ -131,6 +131,45 @@ def _epilogue(
 
 
 @triton.jit
+def _split_k_reduce(
+    acc,
+    acc_u,
+    ws_ptr,
+    cnt_ptr,
+    pid_m,
+    pid_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GATE_UP: tl.constexpr,
+):
+    """Split-K without a second launch: every split parks its fp32 tile in the workspace and bumps the
+    tile's counter; the last to arrive sums the tiles in split order (deterministic), re-arms the counter
+    (so CUDA-graph replays start from zero) and runs the epilogue: (acc, acc_u, whether it is last)."""
+    tile = pid_m * tl.num_programs(0) + pid_n
+    TILE: tl.constexpr = BLOCK_M * BLOCK_N * (2 if GATE_UP else 1)
+    idx = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    base = ws_ptr + tile.to(tl.int64) * (SPLIT_K * TILE)
+    mine = base + tl.program_id(2) * TILE
+    tl.store(mine + idx, acc)
+    if GATE_UP:
+        tl.store(mine + BLOCK_M * BLOCK_N + idx, acc_u)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    if last:
+        tl.debug_barrier()
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in range(SPLIT_K):
+            acc += tl.load(base + s * TILE + idx, cache_modifier=".cg")
+            if GATE_UP:
+                acc_u += tl.load(base + s * TILE + BLOCK_M * BLOCK_N + idx, cache_modifier=".cg")
+        tl.store(cnt_ptr + tile, 0)
+    return acc, acc_u, last
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr,
     w_ptr,
@@ -245,7 +284,12 @@ def _linear_kernel(
         r, mean = _stats_finish(
             s_pre, u_pre, stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, inv_k, eps, LN, BLOCK_P
         )
-    if SPLIT_K == 1:
+    run = True
+    if SPLIT_K > 1:
+        acc, acc_u, run = _split_k_reduce(
+            acc, acc_u, ws_ptr, cnt_ptr, pid_m, pid_n, BLOCK_M, BLOCK_N, SPLIT_K, GATE_UP
+        )
+    if run:
         _epilogue(
             acc,
             acc_u,
@@ -274,57 +318,6 @@ def _linear_kernel(
             WANT_SUMS,
             GATE_UP,
         )
-    else:
-        # Split-K without a second launch: every split parks its fp32 tile in the workspace and bumps
-        # the tile's counter; the last to arrive sums the tiles in split order (deterministic), runs
-        # the epilogue and re-arms the counter (so CUDA-graph replays start from zero).
-        tile = pid_m * tl.num_programs(0) + pid_n
-        TILE: tl.constexpr = BLOCK_M * BLOCK_N * (2 if GATE_UP else 1)
-        idx = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        base = ws_ptr + tile.to(tl.int64) * (SPLIT_K * TILE)
-        mine = base + tl.program_id(2) * TILE
-        tl.store(mine + idx, acc)
-        if GATE_UP:
-            tl.store(mine + BLOCK_M * BLOCK_N + idx, acc_u)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            tl.debug_barrier()
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(base + s * TILE + idx, cache_modifier=".cg")
-                if GATE_UP:
-                    acc_u += tl.load(base + s * TILE + BLOCK_M * BLOCK_N + idx, cache_modifier=".cg")
-            tl.store(cnt_ptr + tile, 0)
-            _epilogue(
-                acc,
-                acc_u,
-                r,
-                mean,
-                offs_m,
-                offs_n,
-                offs_nc,
-                m_mask,
-                n_mask,
-                pid_n,
-                y_ptr,
-                bias_ptr,
-                res_ptr,
-                colsum_ptr,
-                stats_out_ptr,
-                sums_out_ptr,
-                stride_ym,
-                stride_rm,
-                stride_so,
-                HAS_BIAS,
-                HAS_RES,
-                HAS_SCALE,
-                LN,
-                WANT_STATS,
-                WANT_SUMS,
-                GATE_UP,
-            )
 
 
 def launch(
