@@ -51,6 +51,29 @@ class PagedBatch:
         """True when every sequence brings exactly one new token (the decode step)."""
         return self.max_query_len == 1
 
+    @classmethod
+    def from_lists(
+        cls,
+        query_lens: list[int],
+        context_lens: list[int],
+        tables: torch.Tensor,
+        slots: list[int],
+        block_size: int,
+    ) -> PagedBatch:
+        """A CPU batch from per-sequence new-token counts, context lengths, block tables and slots."""
+        qs = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+        qs[1:] = torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0)
+        return cls(
+            query_start=qs,
+            context_lens=torch.tensor(context_lens, dtype=torch.int32),
+            block_tables=tables,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            max_query_len=max(query_lens),
+            max_context_len=max(context_lens),
+            block_size=block_size,
+            num_decodes=leading_ones(query_lens),
+        )
+
     def to(self, device: torch.device | str) -> PagedBatch:
         return PagedBatch(
             query_start=self.query_start.to(device, non_blocking=True),
@@ -79,18 +102,7 @@ def contiguous_batch(
         for pos in range(c - q, c):
             slots.append((start + pos // block_size) * block_size + pos % block_size)
         start += n
-    qs = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-    qs[1:] = torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0)
-    return PagedBatch(
-        query_start=qs,
-        context_lens=torch.tensor(context_lens, dtype=torch.int32),
-        block_tables=tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        max_query_len=max(query_lens),
-        max_context_len=max(context_lens),
-        block_size=block_size,
-        num_decodes=leading_ones(query_lens),
-    )
+    return PagedBatch.from_lists(query_lens, context_lens, tables, slots, block_size)
 
 
 def leading_ones(query_lens) -> int:

@@ -100,12 +100,18 @@ def test_prefix_caching_disabled_never_matches():
     assert bm.check_all_free()
 
 
+def computed(bm: BlockManager, tokens: list[int]) -> BlockTable:
+    """A table holding `tokens`, its full blocks registered in the prefix cache (as after a step)."""
+    table = BlockTable()
+    bm.grow(table, len(tokens))
+    bm.commit(table, tokens, len(tokens))
+    return table
+
+
 def test_never_cached_blocks_go_before_cached_ones_are_evicted():
     """A freed, hashed block stays a prefix-cache hit until no never-cached block is left."""
     bm = BlockManager(4, 2)
-    a = BlockTable()
-    bm.grow(a, 4)
-    bm.commit(a, [1, 2, 3, 4], 4)
+    a = computed(bm, [1, 2, 3, 4])
     cached = list(a.blocks)
     bm.free(a)
     b = BlockTable()
@@ -116,9 +122,7 @@ def test_never_cached_blocks_go_before_cached_ones_are_evicted():
 
 def test_commit_is_idempotent_and_hit_rate_counts_full_blocks():
     bm = BlockManager(8, 2)
-    a = BlockTable()
-    bm.grow(a, 6)
-    bm.commit(a, list(range(6)), 6)
+    a = computed(bm, list(range(6)))
     bm.commit(a, list(range(6)), 6)  # nothing new: the same hashes, no double registration
     assert a.num_hashed == 3
     hit = bm.match_prefix(list(range(7)))  # 3 full blocks before the last token: all hit

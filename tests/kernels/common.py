@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fusionserve.kernels.batch import PagedBatch, leading_ones  # noqa: E402
+from fusionserve.kernels.batch import PagedBatch  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
@@ -69,18 +69,7 @@ def random_batch(query_lens, context_lens, num_blocks, spare=0):
         used += widths[i]
         tables[i, : widths[i]] = torch.tensor(blocks, dtype=torch.int32)
         slots += [blocks[p // BS] * BS + p % BS for p in range(c - q, c)]
-    qs = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-    qs[1:] = torch.cumsum(torch.tensor(query_lens), 0)
-    return PagedBatch(
-        query_start=qs,
-        context_lens=torch.tensor(context_lens, dtype=torch.int32),
-        block_tables=tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        max_query_len=max(query_lens),
-        max_context_len=max(context_lens),
-        block_size=BS,
-        num_decodes=leading_ones(query_lens),
-    )
+    return PagedBatch.from_lists(query_lens, context_lens, tables, slots, BS)
 
 
 def caches(num_blocks, hk, d, dtype):

@@ -9,43 +9,7 @@ from fusionserve.kernels import reference as ref
 from fusionserve.kernels.batch import Geometry
 from fusionserve.kernels.triton_backend import TritonBackend
 from tests.kernels.common import DEVICE, DTYPES, M_VALUES, TOL, check, poison_outputs, rand  # noqa: F401
-
-N, K = 37, 45  # odd: no multiple of any block size
-EPS = 1e-5
-
-
-CASES = {
-    "plain": dict(),
-    "bias_scale": dict(bias=True, scale=True),
-    "res_stats": dict(residual=True, want_stats=True),
-    "all": dict(bias=True, residual=True, scale=True, want_stats=True),
-}
-
-
-def _args(m, dtype, case):
-    x = rand(m, K, dtype=dtype)
-    w = rand(N, K, dtype=dtype, scale=K**-0.5)
-    bias = rand(N, dtype=dtype) if case.get("bias") else None
-    residual = rand(m, N, dtype=dtype) if case.get("residual") else None
-    stats = producer_stats(m) if case.get("scale") else None
-    return x, w, bias, residual, stats
-
-
-def ref_linear64(x, w, bias=None, residual=None, row_stats=None, eps=EPS, dtype=None):
-    """The float64 oracle: the epilogue math of reference.linear without any rounding."""
-    acc = x.double() @ w.double().t()
-    if row_stats is not None:
-        acc = acc * torch.rsqrt(row_stats.double().sum(-1, keepdim=True) / x.shape[-1] + eps)
-    if bias is not None:
-        acc = acc + bias.double()
-    if residual is not None:
-        acc = acc + residual.double()
-    return acc
-
-
-def producer_stats(m, k=K):
-    """Σx² partials as a producer would emit them: several columns of a plausible magnitude."""
-    return (torch.rand(m, 3, dtype=torch.float64) * k / 3 + 0.1).float().to(rand(1).device)
+from tests.kernels.linear_cases import CASES, EPS, K, N, case_args, producer_stats, ref_linear64
 
 
 def sumsq_of(stats: torch.Tensor, width: int) -> torch.Tensor:
@@ -63,7 +27,7 @@ def test_large_m_paths(dtype, m, rows_stats_max_m):
     statistic being h itself (rows_stats_max_m=512, big decode batches) or a row pass (0, prefill)."""
     be = TritonBackend(Geometry.of(1, 1, 2, EPS), small_m_max=2, rows_stats_max_m=rows_stats_max_m)
     for case in CASES.values():
-        x, w, bias, residual, stats = _args(m, dtype, case)
+        x, w, bias, residual, stats = case_args(m, dtype, case)
         want = ref_linear64(x, w, bias, residual, stats)  # first: the backend may consume `residual`
         y, st = be.linear(x, w, bias, residual, stats, case.get("want_stats", False))
         check(y, want, dtype)
