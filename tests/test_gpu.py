@@ -20,6 +20,13 @@ def ckpt(request, tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), arch=request.param)
 
 
+def cuda_config(ckpt, **kw):
+    """The engine on the GPU in fp32 (comparable to the CPU reference), with a fixed cache."""
+    from fusionserve.server.contract import EngineConfig
+
+    return EngineConfig(model_dir=str(ckpt), device="cuda", dtype="float32", num_kv_blocks=256, **kw)
+
+
 def run_steps(model: Decoder, ids: torch.Tensor, fusion: bool) -> torch.Tensor:
     """Prefill 40 tokens (large-M path), then 8 decode steps (small-M path); logits of every row."""
     dev = model.device
@@ -74,7 +81,7 @@ def test_engine_on_cuda_with_graphs_and_overlap(ckpt):
     overlap on == off, CUDA-graph decode steps used, every block freed."""
     import random
 
-    from fusionserve.server.contract import EngineConfig, SamplingParams
+    from fusionserve.server.contract import SamplingParams
     from fusionserve.server.engine.llm_engine import LLMEngine
 
     rng = random.Random(0)
@@ -83,16 +90,7 @@ def test_engine_on_cuda_with_graphs_and_overlap(ckpt):
     seeded = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
     results = {}
     for overlap in (True, False):
-        cfg = EngineConfig(
-            model_dir=str(ckpt),
-            device="cuda",
-            dtype="float32",
-            num_kv_blocks=256,
-            max_num_seqs=16,
-            layer_timing_every=0,
-            overlap=overlap,
-        )
-        eng = LLMEngine(cfg)
+        eng = LLMEngine(cuda_config(ckpt, max_num_seqs=16, layer_timing_every=0, overlap=overlap))
         assert eng.runner.graphs is not None
         together = [o[0].token_ids for o in eng.generate(prompts, greedy)]
         alone = [eng.generate([p], greedy)[0][0].token_ids for p in prompts]
@@ -107,21 +105,14 @@ def test_engine_process_on_cuda_equals_in_process(ckpt):
     import asyncio
     import random
 
-    from fusionserve.server.contract import EngineConfig, SamplingParams
+    from fusionserve.server.contract import SamplingParams
     from fusionserve.server.engine.llm_engine import LLMEngine
     from fusionserve.server.engine.process_client import ProcessEngineClient
 
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(1, 60))] for _ in range(8)]
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    cfg = EngineConfig(
-        model_dir=str(ckpt),
-        device="cuda",
-        dtype="float32",
-        num_kv_blocks=256,
-        max_num_seqs=8,
-        layer_timing_every=3,
-    )
+    cfg = cuda_config(ckpt, max_num_seqs=8, layer_timing_every=3)
     want = [o[0].token_ids for o in LLMEngine(cfg).generate(prompts, greedy)]
     front = ProcessEngineClient(cfg)
     front.start()
