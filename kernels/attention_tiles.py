@@ -12,11 +12,14 @@ from fusionserve.kernels.triton_helpers import cast, mma
 LOG2E = 1.4426950408889634
 
 
+# A paged KV view is the tuple (k_ptr, v_ptr, bt_row, head_off, stride_blk, stride_tok): one kv head of
+# one sequence in the caches [num_blocks, PAGE, Hk, D], through that sequence's row of the block table.
+
+
 @triton.jit
-def load_kv(
-    k_ptr, v_ptr, bt_row, toks, valid, head_off, d, d_mask, stride_blk, stride_tok, PAGE: tl.constexpr
-):
+def load_kv(kv, toks, valid, d, d_mask, PAGE: tl.constexpr):
     """Gather BLOCK_N cached tokens (rows of D) of one kv head through the block table."""
+    k_ptr, v_ptr, bt_row, head_off, stride_blk, stride_tok = kv
     blk = tl.load(bt_row + toks // PAGE, mask=valid, other=0).to(tl.int64)
     off = blk * stride_blk + (toks % PAGE).to(tl.int64) * stride_tok + head_off
     mask = valid[:, None] & d_mask[None, :]
@@ -27,14 +30,9 @@ def load_kv(
 
 @triton.jit
 def prefetch_kv(
-    k_ptr,
-    v_ptr,
-    bt_row,
+    kv,
     start,
     end,
-    head_off,
-    stride_blk,
-    stride_tok,
     PAGE: tl.constexpr,
     PF_TOKENS: tl.constexpr,
     D_LINES: tl.constexpr,
@@ -45,6 +43,7 @@ def prefetch_kv(
 
     Block tables and context lengths are step inputs and past K/V was written by earlier steps, so this
     runs before the PDL wait, under the tail of the kernel that writes q."""
+    k_ptr, v_ptr, bt_row, head_off, stride_blk, stride_tok = kv
     toks = start + tl.arange(0, PF_TOKENS)
     valid = toks < end
     blk = tl.load(bt_row + toks // PAGE, mask=valid, other=0).to(tl.int64)
@@ -56,20 +55,9 @@ def prefetch_kv(
 
 @triton.jit
 def attend_range(
-    acc,
-    l_i,
-    m_i,
-    q,
-    qpos,
-    k_ptr,
-    v_ptr,
-    bt_row,
-    head_off,
-    d,
-    d_mask,
-    stride_blk,
-    stride_tok,
-    qk_scale,
+    state,
+    query,
+    kv,
     lo,
     hi,
     ctx,
@@ -79,12 +67,16 @@ def attend_range(
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Online softmax of queries q (positions qpos) over keys [lo, hi) of one sequence (ctx keys in all);
-    unnormalised: the caller divides by l_i once at the end. MASKED applies the causal mask."""
+    """Online softmax over keys [lo, hi) of one sequence (ctx keys in all) of the queries
+    `query` = (q [rows, D], their positions qpos, d, d_mask, qk_scale), continuing `state` =
+    (acc, l_i, m_i); unnormalised: the caller divides by l_i once at the end. MASKED applies the
+    causal mask."""
+    acc, l_i, m_i = state
+    q, qpos, d, d_mask, qk_scale = query
     for n0 in range(lo, hi, BLOCK_N):
         toks = n0 + tl.arange(0, BLOCK_N)
         valid = toks < ctx
-        k, v = load_kv(k_ptr, v_ptr, bt_row, toks, valid, head_off, d, d_mask, stride_blk, stride_tok, PAGE)
+        k, v = load_kv(kv, toks, valid, d, d_mask, PAGE)
         s = mma(tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), q, tl.trans(k), UPCAST, IEEE) * qk_scale
         if MASKED:
             s = tl.where((toks[None, :] <= qpos[:, None]) & valid[None, :], s, float("-inf"))
@@ -95,3 +87,10 @@ def attend_range(
         acc = mma(acc * alpha[:, None], cast(p, v.dtype), v, UPCAST, IEEE)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def empty_state(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(acc, l_i, m_i) before any key: nothing summed, running max -inf."""
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    return acc, tl.zeros([ROWS], dtype=tl.float32), tl.full([ROWS], float("-inf"), dtype=tl.float32)

@@ -15,81 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fusionserve.kernels.attention_tiles import LOG2E, attend_range, prefetch_kv
+from fusionserve.kernels.attention_tiles import LOG2E, attend_range, empty_state, prefetch_kv
 from fusionserve.kernels.decode_merge import merge_splits, merge_splits_launch
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_wait
 from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2, sm_count
 from fusionserve.kernels.triton_helpers import cast
-
-
-@triton.jit
-def _decode_partial(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    bt_ptr,
-    b,
-    kvh,
-    start,
-    end,
-    stride_qt,
-    stride_qh,
-    stride_bt,
-    stride_blk,
-    stride_tok,
-    stride_kh,
-    qk_scale,
-    GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """Unnormalised online softmax of the GROUP query heads of kv head `kvh` over keys [start, end)."""
-    g = tl.arange(0, BLOCK_G)
-    g_mask = g < GROUP
-    heads = kvh * GROUP + g
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    q = tl.load(
-        q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    head_off = kvh.to(tl.int64) * stride_kh
-    # The one new query of a decode step sees every key before `end`: the causal mask with qpos = end - 1.
-    qpos = tl.zeros([BLOCK_G], dtype=tl.int32) + (end - 1)
-    return attend_range(
-        acc,
-        l_i,
-        m_i,
-        q,
-        qpos,
-        k_ptr,
-        v_ptr,
-        bt_row,
-        head_off,
-        d,
-        d_mask,
-        stride_blk,
-        stride_tok,
-        qk_scale,
-        start,
-        end,
-        end,
-        True,
-        BLOCK_N,
-        PAGE,
-        UPCAST,
-        IEEE,
-    )
 
 
 @triton.jit
@@ -158,52 +88,27 @@ def _decode_kernel(
         n_active = tl.maximum(tl.cdiv(ctx, seq_split), 1)
     start = sp * seq_split
     end = tl.minimum(ctx, start + seq_split)
+    kv = (
+        k_ptr,
+        v_ptr,
+        bt_ptr + b.to(tl.int64) * stride_bt,
+        kvh.to(tl.int64) * stride_kh,
+        stride_blk,
+        stride_tok,
+    )
     if PDL and EARLY:
-        prefetch_kv(
-            k_ptr,
-            v_ptr,
-            bt_ptr + b.to(tl.int64) * stride_bt,
-            start,
-            end,
-            kvh.to(tl.int64) * stride_kh,
-            stride_blk,
-            stride_tok,
-            PAGE,
-            PF_TOKENS,
-            D_LINES,
-            LINE,
-            PDL,
-        )
+        prefetch_kv(kv, start, end, PAGE, PF_TOKENS, D_LINES, LINE, PDL)
     pdl_wait(PDL, EARLY)
     active = True
     if SPLIT and FUSED:
         active = sp < n_active
     if active:
-        acc, l_i, m_i = _decode_partial(
-            q_ptr,
-            k_ptr,
-            v_ptr,
-            bt_ptr,
-            b,
-            kvh,
-            start,
-            end,
-            stride_qt,
-            stride_qh,
-            stride_bt,
-            stride_blk,
-            stride_tok,
-            stride_kh,
-            qk_scale,
-            GROUP,
-            BLOCK_G,
-            D,
-            BLOCK_D,
-            BLOCK_N,
-            PAGE,
-            UPCAST,
-            IEEE,
-        )
+        # Every key before `end` is visible to the one new query: the causal mask with qpos = end - 1.
+        d_mask = d < D
+        q = tl.load(q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=out_mask, other=0.0)
+        query = (q, tl.zeros([BLOCK_G], dtype=tl.int32) + (end - 1), d, d_mask, qk_scale)
+        state = empty_state(BLOCK_G, BLOCK_D)
+        acc, l_i, m_i = attend_range(state, query, kv, start, end, end, True, BLOCK_N, PAGE, UPCAST, IEEE)
         whole = not SPLIT  # this program saw the whole context: it writes o itself
         if SPLIT and FUSED:
             whole = n_active == 1
@@ -220,23 +125,9 @@ def _decode_kernel(
                 cnt = cnt_ptr + b * tl.num_programs(1) + kvh
                 ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
                 if ticket == n_active - 1:
-                    merge_splits(
-                        po_ptr,
-                        pml_ptr,
-                        o_ptr,
-                        b,
-                        kvh,
-                        HQ,
-                        n_splits,
-                        n_active,
-                        stride_ot,
-                        stride_oh,
-                        GROUP,
-                        D,
-                        BLOCK_D,
-                        BLOCK_GG,
-                        MERGE_S,
-                    )
+                    out = (o_ptr, stride_ot, stride_oh)
+                    where = (b, kvh, HQ, n_splits, n_active)
+                    merge_splits(po_ptr, pml_ptr, out, where, GROUP, D, BLOCK_D, BLOCK_GG, MERGE_S)
                     tl.store(cnt, 0)  # every split has arrived: ready for the next launch / replay
 
 
@@ -330,40 +221,26 @@ def decode_attention(
     split_len = triton.cdiv(n_chunks, max(1, num_splits or plan_splits)) * block_n
     num_splits = max(1, triton.cdiv(max(max_context_len, 1), split_len))
     fused = num_splits > 1 and policy.fused(bsz * hk)
-    _launch_decode(
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        context_lens,
-        o,
-        scale,
-        num_splits,
-        split_len,
-        block_n,
-        fused,
-        policy,
-        pdl,
-    )
+    plan = (num_splits, split_len, block_n, fused)
+    _launch_decode(q, k_cache, v_cache, block_tables, context_lens, o, scale, plan, policy, pdl)
     return o
 
 
 def _launch_decode(
-    q,
-    k_cache,
-    v_cache,
-    block_tables,
-    context_lens,
-    o,
-    scale,
-    num_splits,
-    split_len,
-    block_n,
-    fused,
-    policy,
-    pdl,
-):
-    """The split kernel (and, split but not fused, the merge kernel) for decode_attention's plan."""
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    o: torch.Tensor,
+    scale: float,
+    plan: tuple[int, int, int, bool],
+    policy: DecodeSplitPolicy,
+    pdl: PdlPolicy | None,
+) -> None:
+    """The split kernel (and, split but not fused, the merge kernel) for decode_attention's `plan`:
+    (num_splits, split_len, block_n, fused)."""
+    num_splits, split_len, block_n, fused = plan
     bsz, hq, d = q.shape
     hk, page = k_cache.shape[2], k_cache.shape[1]
     group, block_d, split = hq // hk, next_pow2(d), num_splits > 1

@@ -19,23 +19,20 @@ from fusionserve.kernels.triton_helpers import cast
 def merge_splits(
     po_ptr,
     pml_ptr,
-    o_ptr,
-    b,
-    kvh,
-    HQ,
-    n_splits,
-    n_active,
-    stride_ot,
-    stride_oh,
+    out,
+    where,
     GROUP: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_GG: tl.constexpr,
     MERGE_S: tl.constexpr,
 ):
-    """Merge the partials of splits 0 .. n_active-1 of (b, kvh), in split order, and write o.
+    """Merge the partials of splits 0 .. n_active-1 of (b, kvh), in split order, and write o
+    (`out` = (o_ptr, stride_ot, stride_oh)).
 
     The partials were written by other programs of this launch: .cg loads read them from L2."""
+    o_ptr, stride_ot, stride_oh = out
+    b, kvh, HQ, n_splits, n_active = where  # this program's (sequence, kv head), and the splits
     gg = tl.arange(0, BLOCK_GG)
     g_mask = gg < GROUP
     heads = kvh * GROUP + gg

@@ -77,60 +77,6 @@ def _stats_finish(
 
 
 @triton.jit
-def _epilogue(
-    acc,
-    acc_u,
-    r,
-    mean,
-    offs_m,
-    offs_n,
-    offs_nc,
-    m_mask,
-    n_mask,
-    pid_n,
-    y_ptr,
-    bias_ptr,
-    res_ptr,
-    colsum_ptr,
-    stats_out_ptr,
-    sums_out_ptr,
-    stride_ym,
-    stride_rm,
-    stride_so,
-    HAS_BIAS: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    LN: tl.constexpr,
-    WANT_STATS: tl.constexpr,
-    WANT_SUMS: tl.constexpr,
-    GATE_UP: tl.constexpr,
-):
-    """scale (+ mean correction) → bias → residual → [silu(gate) * up] → round → store → Σ², Σ partials."""
-    if HAS_SCALE:
-        if LN:
-            c = tl.load(colsum_ptr + offs_nc).to(tl.float32)
-            acc = acc - mean[:, None] * c[None, :]
-        acc = acc * r[:, None]
-        if GATE_UP:
-            acc_u = acc_u * r[:, None]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_nc).to(tl.float32)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_RES:
-        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-        acc += res.to(tl.float32)
-    if GATE_UP:
-        acc = silu(acc) * acc_u
-    y = cast(acc, y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
-    if WANT_STATS:
-        yf = tl.where(mask, y.to(tl.float32), 0.0)
-        tl.store(stats_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf * yf, 1), mask=m_mask)
-        if WANT_SUMS:
-            tl.store(sums_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf, 1), mask=m_mask)
-
-
-@triton.jit
 def _split_k_reduce(
     acc,
     acc_u,
@@ -289,35 +235,30 @@ def _linear_kernel(
         acc, acc_u, run = _split_k_reduce(
             acc, acc_u, ws_ptr, cnt_ptr, pid_m, pid_n, BLOCK_M, BLOCK_N, SPLIT_K, GATE_UP
         )
+    # The epilogue: scale (+ mean correction) → bias → residual → [silu(gate) * up] → round → store → Σ², Σ.
     if run:
-        _epilogue(
-            acc,
-            acc_u,
-            r,
-            mean,
-            offs_m,
-            offs_n,
-            offs_nc,
-            m_mask,
-            n_mask,
-            pid_n,
-            y_ptr,
-            bias_ptr,
-            res_ptr,
-            colsum_ptr,
-            stats_out_ptr,
-            sums_out_ptr,
-            stride_ym,
-            stride_rm,
-            stride_so,
-            HAS_BIAS,
-            HAS_RES,
-            HAS_SCALE,
-            LN,
-            WANT_STATS,
-            WANT_SUMS,
-            GATE_UP,
-        )
+        if HAS_SCALE:
+            if LN:
+                c = tl.load(colsum_ptr + offs_nc).to(tl.float32)
+                acc = acc - mean[:, None] * c[None, :]
+            acc = acc * r[:, None]
+            if GATE_UP:
+                acc_u = acc_u * r[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_nc).to(tl.float32)[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if HAS_RES:
+            res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+            acc += res.to(tl.float32)
+        if GATE_UP:
+            acc = silu(acc) * acc_u
+        y = cast(acc, y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
+        if WANT_STATS:
+            yf = tl.where(mask, y.to(tl.float32), 0.0)
+            tl.store(stats_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf * yf, 1), mask=m_mask)
+            if WANT_SUMS:
+                tl.store(sums_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf, 1), mask=m_mask)
 
 
 def launch(

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusionserve.kernels.attention_tiles import LOG2E, attend_range
+from fusionserve.kernels.attention_tiles import LOG2E, attend_range, empty_state
 from fusionserve.kernels.batch import PagedBatch
 from fusionserve.kernels.triton_env import INTERPRET, next_pow2
 from fusionserve.kernels.triton_helpers import cast
@@ -61,63 +61,15 @@ def _prefill_kernel(
             mask=r_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        qpos = prefix + rows
+        query = (q, prefix + rows, d, d_mask, qk_scale)
         bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-        head_off = (h // GROUP).to(tl.int64) * stride_kh
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        kv = (k_ptr, v_ptr, bt_row, (h // GROUP).to(tl.int64) * stride_kh, stride_blk, stride_tok)
         first = prefix + mb * BLOCK_M  # keys below this are visible to every row of the block
         full_end = (first // BLOCK_N) * BLOCK_N
         hi = tl.minimum(ctx, prefix + (mb + 1) * BLOCK_M)
-        acc, l_i, m_i = attend_range(
-            acc,
-            l_i,
-            m_i,
-            q,
-            qpos,
-            k_ptr,
-            v_ptr,
-            bt_row,
-            head_off,
-            d,
-            d_mask,
-            stride_blk,
-            stride_tok,
-            qk_scale,
-            0,
-            full_end,
-            ctx,
-            False,
-            BLOCK_N,
-            PAGE,
-            UPCAST,
-            IEEE,
-        )
-        acc, l_i, m_i = attend_range(
-            acc,
-            l_i,
-            m_i,
-            q,
-            qpos,
-            k_ptr,
-            v_ptr,
-            bt_row,
-            head_off,
-            d,
-            d_mask,
-            stride_blk,
-            stride_tok,
-            qk_scale,
-            full_end,
-            hi,
-            ctx,
-            True,
-            BLOCK_N,
-            PAGE,
-            UPCAST,
-            IEEE,
-        )
+        state = empty_state(BLOCK_M, BLOCK_D)
+        state = attend_range(state, query, kv, 0, full_end, ctx, False, BLOCK_N, PAGE, UPCAST, IEEE)
+        acc, l_i, m_i = attend_range(state, query, kv, full_end, hi, ctx, True, BLOCK_N, PAGE, UPCAST, IEEE)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(
             o_ptr + tok_rows[:, None] * stride_ot + h * stride_oh + d[None, :],
