@@ -2,7 +2,7 @@
 
 bench/kernels.py --sweep picks tiles per GEMM in isolation; with programmatic dependent launch a
 grid's size also decides whether it overlaps its neighbours (one wave: early launch + prefetch), so
-this replaces one TUNED entry at a time and times the full step against the baseline, interleaved in
+this replaces one entry of the backend's tile table at a time and times the full step against the baseline, interleaved in
 one process (best of `--rounds` medians each).
 
     python bench/decode_configs.py --model 8b --batch 1 --ctx 512
@@ -15,6 +15,7 @@ import gc
 import os
 import sys
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -59,13 +60,13 @@ def main() -> None:
     variants: dict[str, tuple | None] = {"baseline": None}
     for key, alts in CANDIDATES[args.model].items():
         variants.update({f"{key[:2]}{' gate_up' if key[3] else ''} -> {alt}": (key, alt) for alt in alts})
-    tuned = dict(tile_configs.TUNED)
 
-    def apply(replacement: tuple | None) -> None:
-        tile_configs.TUNED.clear()
-        tile_configs.TUNED.update(tuned)
+    def apply(replacement: tuple | None, backend=model.backend) -> None:
+        """The backend's tile table for one variant (captured into that variant's graphs)."""
+        tiles = dict(tile_configs.TUNED)
         if replacement is not None:
-            tile_configs.TUNED[replacement[0]] = replacement[1]
+            tiles[replacement[0]] = replacement[1]
+        backend.tiles = MappingProxyType(tiles)
 
     timed = best_of_interleaved(model, kv, args.batch, args.ctx, variants, apply, (True,), args.rounds)
     apply(None)

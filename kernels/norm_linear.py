@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2, prefetch_lines
-from fusionserve.kernels.tile_configs import norm_cfg, pick_config
+from fusionserve.kernels.tile_configs import TUNED, norm_cfg, pick_config
 from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2
 from fusionserve.kernels.triton_helpers import cast, mma, silu
 
@@ -286,7 +286,9 @@ def launch(
         weight = weight.contiguous()
     m, k = x.shape
     cfg = (
-        norm_cfg(config) if config is not None else pick_config(m, n, k, x.device, gate_up, x.element_size())
+        norm_cfg(config)
+        if isinstance(config, tuple)
+        else pick_config(m, n, k, x.device, gate_up, x.element_size(), TUNED if config is None else config)
     )
     n_tiles = triton.cdiv(n, cfg[1])
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -394,7 +396,10 @@ def linear(
     config=None,
     pdl: PdlPolicy | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """reference.linear as one Triton GEMM: returns (y [M, N], Σy² partials [M, n_tiles] or None)."""
+    """reference.linear as one Triton GEMM: returns (y [M, N], Σy² partials [M, n_tiles] or None).
+
+    `config`: a tile config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split-K), or a tile table to
+    pick from (kernels/tile_configs.py; default TUNED)."""
     y, stats, _ = launch(
         x,
         weight,

@@ -1,7 +1,10 @@
 """Tile choices of the deferred-norm GEMM (kernels/norm_linear.py) at decode sizes: a table tuned
-per shape (bench/kernels.py sweeps it), and a rule for shapes it does not list."""
+per shape (`python -m bench.kernels --sweep` measures it), and a rule for shapes it does not list."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 
@@ -14,8 +17,8 @@ from fusionserve.kernels.triton_env import INTERPRET, next_pow2, sm_count
 Config = tuple[int, int, int, int, int, int]
 
 
-# Measured winners per (N, K, M bucket, gate_up) on H100 (bench/kernels.py --sweep); heuristic otherwise.
-TUNED: dict[tuple[int, int, int, bool], Config] = {
+# Measured winners per (N, K, M bucket, gate_up) on H100 (python -m bench.kernels --sweep); heuristic otherwise.
+_TUNED: dict[tuple[int, int, int, bool], Config] = {
     # H100 80GB HBM3, torch 2.11 / triton 3.6, bench/kernels.py --sweep (CUDA graphs, rotating weights)
     (4096, 14336, 16, False): (16, 16, 128, 2, 4, 2),
     (4096, 14336, 32, False): (32, 32, 128, 4, 4, 2),
@@ -44,6 +47,11 @@ TUNED: dict[tuple[int, int, int, bool], Config] = {
     (49152, 576, 32, False): (32, 128, 64, 4, 4, 1),
 }
 
+#: A backend's tile table (TritonBackend.tiles): read-only, so a sweep builds its own table
+#: ({**TUNED, key: config}) instead of changing the one every backend reads.
+TileTable = Mapping[tuple[int, int, int, bool], Config]
+TUNED: TileTable = MappingProxyType(_TUNED)
+
 
 def m_bucket(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
@@ -71,12 +79,20 @@ def _fit(cfg, elt: int, gate_up: bool, limit: int = 160 * 1024) -> Config:
     return (bm, bn, bk, warps, stages, split)
 
 
-def pick_config(m: int, n: int, k: int, device: torch.device, gate_up: bool = False, elt: int = 2) -> Config:
-    """n = output columns (I for gate/up). Tuned table first, else: enough CTAs to cover the SMs twice."""
+def pick_config(
+    m: int,
+    n: int,
+    k: int,
+    device: torch.device,
+    gate_up: bool = False,
+    elt: int = 2,
+    table: TileTable = TUNED,
+) -> Config:
+    """n = output columns (I for gate/up). The tuned `table` first, else: enough CTAs to cover the SMs twice."""
     if INTERPRET or device.type != "cuda":
         return (16, 16, 32, 1, 1, 1)
     bm = m_bucket(m)
-    hit = TUNED.get((n, k, bm, gate_up))
+    hit = table.get((n, k, bm, gate_up))
     if hit is not None:
         return _fit(hit, elt, gate_up)
     sms = sm_count(device)

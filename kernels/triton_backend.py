@@ -34,6 +34,7 @@ from fusionserve.kernels.rmsnorm import (
 from fusionserve.kernels.rope_kv import rope_kv_write
 from fusionserve.kernels.row_epilogue import row_epilogue
 from fusionserve.kernels.silu_mul import silu_mul
+from fusionserve.kernels.tile_configs import TUNED, TileTable
 
 
 class TritonBackend:
@@ -41,7 +42,8 @@ class TritonBackend:
     a PdlPolicy, True (the default policy), False (off) or, at construction, None (on where the GPU and
     Triton support it). Set it before capturing graphs. Large-M steps never use it: their neighbours
     are cuBLAS GEMMs, which it cannot overlap (H100: 135M batch 64 at 4k context 2% slower with it).
-    `decode_split`: how decode attention splits a context (kernels/decode_attention.py)."""
+    `decode_split`: how decode attention splits a context (kernels/decode_attention.py); `tiles`: the
+    decode GEMMs' tile table (kernels/tile_configs.py). Benchmarks set these, never module globals."""
 
     name = "triton"
 
@@ -52,9 +54,11 @@ class TritonBackend:
         pdl: PdlPolicy | bool | None = None,
         rows_stats_max_m: int = 512,
         decode_split: DecodeSplitPolicy = DecodeSplitPolicy(),
+        tiles: TileTable = TUNED,
     ):
         self.geometry = geometry
         self.decode_split = decode_split
+        self.tiles = tiles
         self.small_m_max = small_m_max
         self.rows_stats_max_m = rows_stats_max_m
         self.pdl = pdl_available("cuda") if pdl is None else pdl
@@ -101,7 +105,9 @@ class TritonBackend:
         k, eps = x.shape[-1], self.geometry.eps
         if self._small(x):
             stats = self._partials(row_stats, k)
-            return small_m_linear(x, weight, bias, residual, stats, eps, want_stats, pdl=self._pdl_policy)
+            return small_m_linear(
+                x, weight, bias, residual, stats, eps, want_stats, self.tiles, self._pdl_policy
+            )
         if row_stats is None and (bias is None or residual is None):
             # Raw cuBLAS with its own epilogue; the producer statistic is h itself (its consumers
             # square it) or, past rows_stats_max_m, one row pass over h.
@@ -132,7 +138,7 @@ class TritonBackend:
         eps = self.geometry.eps
         if self._small(x):
             stats = self._partials(row_stats, x.shape[-1])
-            qkv, _ = small_m_linear(x, w_qkv, bias=b_qkv, row_stats=stats, eps=eps, pdl=self._pdl_policy)
+            qkv, _ = small_m_linear(x, w_qkv, b_qkv, None, stats, eps, False, self.tiles, self._pdl_policy)
             scale_stats, bias = None, None
         else:
             qkv = F.linear(x, w_qkv)
@@ -152,5 +158,5 @@ class TritonBackend:
         eps = self.geometry.eps
         if self._small(x):
             stats = self._partials(row_stats, x.shape[-1])
-            return gate_up_silu(x, w_gate_up, stats, eps, pdl=self._pdl_policy)
+            return gate_up_silu(x, w_gate_up, stats, eps, self.tiles, self._pdl_policy)
         return silu_mul(F.linear(x, w_gate_up), row_stats, x.shape[-1], eps)

@@ -25,6 +25,7 @@ import math
 import os
 import platform
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -247,18 +248,19 @@ def main(argv=None):
         (out_dir / f"kernels_{slug}.md").write_text(markdown(res))
 
     sections = set(args.only.split(","))
+    tiles = tile_configs.TUNED
     if args.sweep:
         sweep_timer = Timer(device, max(5, args.replays // 3), min_calls=8)
         sweep_m = [int(v) for v in args.sweep_m.split(",")] if device.type == "cuda" else [1]
         res["sweep"], best = bench_sweep(models, sweep_m, sweep_timer, device, dtype, log)
-        tile_configs.TUNED.update(best)
+        tiles = MappingProxyType({**tile_configs.TUNED, **best})  # the GEMM table below uses the winners
         print("TUNED = {")
         for key, cfg in sorted(best.items()):
             print(f"    {key}: {cfg},")
         print("}")
         save()
     if "gemm" in sections:
-        res["gemm"] = bench_gemms(models, m_values, timer, device, dtype, peak, log)
+        res["gemm"] = bench_gemms(models, m_values, timer, device, dtype, peak, log, tiles)
         save()
     if "chain" in sections:
         res["chain"] = bench_chains(models, chain_m, timer, device, dtype, log)

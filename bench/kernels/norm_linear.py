@@ -15,9 +15,9 @@ from fusionserve.kernels import tile_configs
 from fusionserve.kernels.triton_backend import TritonBackend
 
 
-def bench_gemms(models, m_values, timer, device, dtype, peak_gbs, log):
+def bench_gemms(models, m_values, timer, device, dtype, peak_gbs, log, tiles=tile_configs.TUNED):
     rows = []
-    be = TritonBackend(models[0].geometry)
+    be = TritonBackend(models[0].geometry, tiles=tiles)
     jobs = [(mdl, name, nk, m) for mdl in models for name, nk in mdl.shapes().items() for m in m_values]
 
     def _case(mdl, name, nk, m):
