@@ -1,7 +1,7 @@
 """Next-token choice for a whole batch on the logits' device, each row with its own parameters.
 
 Why Gumbel-max: `argmax(z/T + G)` with G ~ Gumbel(0, 1) draws exactly from
-softmax(z/T) without computing the softmax denominator (docs/DESIGN.md, "Deferred softmax"),
+softmax(z/T) without computing the softmax denominator (docs/DESIGN.md, "The deferred-norm contract"),
 and top-k / min-p filters are plain comparisons on z/T. Only top-p needs
 probabilities, and only logprobs need a log-softmax; both run only for the
 rows that ask. Seeded rows draw their noise from their own torch.Generator, so
