@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fusionserve.server.contract import (
+    CoreEvent,
+    CoreEventKind,
     CoreInfo,
     CoreOp,
     EngineConfig,
@@ -50,6 +52,8 @@ class EngineClient:
     """The asyncio front of an engine core: `generate`, `abort`, `stats`, `is_alive`,
     `begin_drain`, `wait_idle`, `shutdown`, plus what the core told it when ready."""
 
+    WEDGED_AFTER_S = 120.0  # no message for this long while requests wait counts as wedged
+
     def __init__(self, config: EngineConfig, tokenizer: object | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -60,6 +64,7 @@ class EngineClient:
         self._draining = False
         self._error: BaseException | None = None
         self._adds_sent = self._adds_seen = 0
+        self.cpu_seconds = 0.0  # the core's process CPU time, as of its last message
 
     def _ready(self, info: CoreInfo) -> None:
         self.model_name = info.model_name
@@ -67,6 +72,7 @@ class EngineClient:
         self.limits = info.limits
         self.max_model_len = info.limits.max_model_len
         self._stats: EngineStats = info.stats
+        self._last_msg = time.monotonic()  # READY is the core's first message
 
     # -- what subclasses provide ------------------------------------------------------
 
@@ -88,6 +94,10 @@ class EngineClient:
     def _has_streams(self) -> bool:
         with self._lock:
             return bool(self._streams)
+
+    def _responsive(self) -> bool:
+        """Not wedged: the core has sent something recently, or nobody is waiting for it."""
+        return not self._has_streams() or time.monotonic() - self._last_msg < self.WEDGED_AFTER_S
 
     def _idle(self) -> bool:
         st = self._stats
@@ -164,9 +174,22 @@ class EngineClient:
 
     # -- from the core ---------------------------------------------------------------
 
+    def _on_message(self, msg: EngineCoreOutputs | CoreEvent) -> None:
+        """One message from the core, in either placement: a step's outputs, or the core's death."""
+        self._last_msg = time.monotonic()
+        if isinstance(msg, EngineCoreOutputs):
+            self._on_outputs(msg)
+        elif msg.kind is CoreEventKind.DEAD:
+            self._die(f"engine loop died: {msg.reason}")
+
+    def _die(self, reason: str) -> None:
+        """The core is gone: every waiting consumer gets EngineDeadError, and so does every new request."""
+        self._error = EngineDeadError(reason)
+        self._fail_all(self._error)
+
     def _on_outputs(self, outs: EngineCoreOutputs) -> None:
-        """One message from the core: state first (the queue check), then the deltas, then stats."""
-        self._stats, self._adds_seen = outs.stats, outs.adds_seen
+        """State first (the queue check), then the deltas, then the step's measurements."""
+        self._stats, self._adds_seen, self.cpu_seconds = outs.stats, outs.adds_seen, outs.cpu_seconds
         if outs.outputs:
             self._deliver_all(
                 [(o.request_id, o) if isinstance(o, RequestOutput) else (o[0], o[1]) for o in outs.outputs]

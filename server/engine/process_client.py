@@ -29,8 +29,6 @@ class ProcessEngineClient(EngineClient):
     """Spawns the core, waits until it is READY, then feeds it through a sender thread (a full pipe
     never blocks the event loop) and reads its messages on a reader thread."""
 
-    WEDGED_AFTER_S = 120.0  # no message for this long while requests wait counts as wedged
-
     def __init__(
         self,
         config: contract.EngineConfig,
@@ -63,8 +61,6 @@ class ProcessEngineClient(EngineClient):
         self._stopping = False
         info = self._wait_ready(start_timeout_s)
         self._ready(dataclasses.replace(info, kernel_path=info.kernel_path + ", engine process"))
-        self.cpu_seconds = 0.0  # the child's CPU time, as of its last message
-        self._last_msg = time.monotonic()
         self._reader = threading.Thread(target=self._read, name="fusionserve-engine-pipe", daemon=True)
         self._sender = threading.Thread(target=self._write, name="fusionserve-engine-ops", daemon=True)
 
@@ -103,7 +99,7 @@ class ProcessEngineClient(EngineClient):
     def is_alive(self) -> bool:
         if self._error is not None or not self._engine_running() or not self._reader.is_alive():
             return False
-        return not self._has_streams() or time.monotonic() - self._last_msg < self.WEDGED_AFTER_S
+        return self._responsive()
 
     def shutdown(self) -> None:
         """Stop the child; every request still in flight finishes with 'abort'."""
@@ -153,18 +149,14 @@ class ProcessEngineClient(EngineClient):
         try:
             while True:
                 msg = self._out.recv()
-                self._last_msg = time.monotonic()
-                if isinstance(msg, contract.EngineCoreOutputs):
-                    self.cpu_seconds = msg.cpu_seconds
-                    self._on_outputs(msg)
-                elif msg.kind is CoreEventKind.DEAD:
+                if isinstance(msg, contract.CoreEvent) and msg.kind is CoreEventKind.STOPPED:
+                    return
+                if isinstance(msg, contract.CoreEvent) and msg.kind is CoreEventKind.DEAD:
                     reason = f"engine loop died: {msg.reason}"
                     break
-                elif msg.kind is CoreEventKind.STOPPED:
-                    return
+                self._on_message(msg)
         except (EOFError, OSError):
             pass
         if not self._stopping:
             log.error("%s", reason)
-        self._error = contract.EngineDeadError(reason)
-        self._fail_all(self._error)
+        self._die(reason)

@@ -4,17 +4,12 @@ for debugging and profiling; the server's default is ProcessEngineClient."""
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from typing import TYPE_CHECKING
 
 from fusionserve.server.contract import (
-    CoreEvent,
-    CoreEventKind,
     CoreOp,
     EngineConfig,
-    EngineCoreOutputs,
-    EngineDeadError,
     OpKind,
 )
 from fusionserve.server.engine.client import EngineClient
@@ -48,8 +43,6 @@ class OpQueue:
 
 
 class ThreadEngineClient(EngineClient):
-    WEDGED_AFTER_S = 120.0  # no message for this long while requests wait counts as wedged
-
     def __init__(self, config: EngineConfig, *, engine: LLMEngine | None = None):
         if engine is None:
             from fusionserve.server.engine.llm_engine import LLMEngine
@@ -59,9 +52,8 @@ class ThreadEngineClient(EngineClient):
         self.engine = engine
         self._ready(core_info(engine))
         self._ops = OpQueue()
-        self._core = EngineCore(engine, self._ops, self._emit)
+        self._core = EngineCore(engine, self._ops, self._on_message)
         self._thread: threading.Thread | None = None
-        self._last_msg = time.monotonic()
 
     def start(self) -> None:
         if self._thread is None:
@@ -74,14 +66,6 @@ class ThreadEngineClient(EngineClient):
         except BaseException as exc:  # the DEAD event told the consumers; keep the reason
             self._error = exc
 
-    def _emit(self, msg: EngineCoreOutputs | CoreEvent) -> None:
-        self._last_msg = time.monotonic()
-        if isinstance(msg, EngineCoreOutputs):
-            self._on_outputs(msg)
-        elif msg.kind is CoreEventKind.DEAD:
-            self._error = EngineDeadError(f"engine loop died: {msg.reason}")
-            self._fail_all(self._error)
-
     def _send(self, op: CoreOp) -> None:
         self._ops.put(op)
 
@@ -91,7 +75,7 @@ class ThreadEngineClient(EngineClient):
     def is_alive(self) -> bool:
         if self._thread is None or self._error is not None or not self._engine_running():
             return False
-        return not self._has_streams() or time.monotonic() - self._last_msg < self.WEDGED_AFTER_S
+        return self._responsive()
 
     def shutdown(self) -> None:
         """Stop the core; every request still in flight finishes with 'abort'."""
