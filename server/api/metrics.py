@@ -27,7 +27,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
-from fusionserve.server.contract import EngineCoreOutputs, StepStats
+from fusionserve.server.contract import EngineCoreOutputs, EngineStats, StepStats
 
 PREFIX = "fusionserve_"
 
@@ -287,17 +287,20 @@ class ServerMetrics:
     def record(self, outs: EngineCoreOutputs) -> None:
         """One message of the engine core: its step's measurements and the gauges after it."""
         self.record_step_stats(outs.step_stats)
-        self.set_queue(outs.stats.running, outs.stats.waiting)
-        self.set_kv_usage(outs.stats.kv_usage)
+        self.set_engine_gauges(outs.stats)
+
+    def set_engine_gauges(self, stats: EngineStats) -> None:
+        """Running / waiting requests and KV usage as of an EngineStats (after a step, or at scrape time)."""
+        self.set_queue(stats.running, stats.waiting)
+        self.set_kv_usage(stats.kv_usage)
 
     def record_step_stats(self, st: StepStats) -> None:
         for phase, path, seconds in st.steps:
             self.observe_step(phase, path, seconds)
         for phase, path, layer, part, seconds in st.layers:
             self.observe_layer(layer, part, phase, path, seconds)
-        observe_ttft = self._ttft_child.observe
         for seconds in st.ttfts:
-            observe_ttft(seconds)
+            self.observe_ttft(seconds)
         self.observe_itls(st.itls)
         for done in st.finished:
             self.observe_request_done(done.reason, done.seconds, done.prompt_tokens, done.completion_tokens)

@@ -102,15 +102,7 @@ class LLMEngine:
         features += ["CUDA graphs"] if graphs else []
         return ", ".join([f"{decoder.backend.name} on {decoder.device.type}", *features])
 
-    @property
-    def vocab_size(self) -> int:
-        return self.limits.vocab_size
-
     # -- requests --------------------------------------------------------------------
-
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError / RequestTooLongError for a request the engine cannot run."""
-        self.limits.check(prompt_ids, params)
 
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None
@@ -118,7 +110,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         prompt_ids = [int(t) for t in prompt_ids]
-        self.validate(prompt_ids, params)
+        self.limits.check(prompt_ids, params)  # ValueError / RequestTooLongError
         req = RequestState(request_id, prompt_ids, params, time.monotonic() if arrival is None else arrival)
         if params.prompt_logprobs is not None:
             req.prompt_lps = [None]

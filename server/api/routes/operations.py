@@ -68,9 +68,7 @@ def _refresh_gauges(st: AppState) -> None:
     """Queue and KV gauges read at scrape time: an abort that leaves the engine idle has no step
     after it, and a stale 'running 1' would page someone."""
     try:
-        stats = st.engine.stats()
-        st.metrics.set_queue(stats.running, stats.waiting)
-        st.metrics.set_kv_usage(stats.kv_usage)
+        st.metrics.set_engine_gauges(st.engine.stats())
     except Exception:  # a scrape must never fail because of the engine
         log.debug("engine.stats() failed", exc_info=True)
 
