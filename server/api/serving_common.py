@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
+
+from fusionserve.server.api.protocol import now
 
 SYSTEM_FINGERPRINT = "fusionserve"
 
@@ -177,7 +178,7 @@ def response_body(
     return {
         "id": rid,
         "object": obj,
-        "created": int(time.time()),
+        "created": now(),
         "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": choices,
