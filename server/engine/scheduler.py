@@ -72,7 +72,7 @@ class Scheduler:
     # -- one step ----------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        budget, bs, held = self.config.max_num_batched_tokens, self.blocks.block_size, self.held
         planned: dict[Sequence, int] = {}
         preempted: list[Sequence] = []
         for decodes in (True, False):
@@ -82,9 +82,12 @@ class Scheduler:
                 remaining = seq.num_tokens - seq.num_computed
                 if seq.status is not Status.RUNNING or seq in planned or (remaining == 1) != decodes:
                     continue
-                if seq.seq_id in self.held:
+                if seq.seq_id in held:
                     continue
-                n = self._plan_running(seq, min(remaining, budget), decodes, planned, preempted)
+                if decodes and seq.num_computed < len(seq.table.blocks) * bs:
+                    n = 1  # room left in its last block: nothing to allocate or preempt (the hot case)
+                else:
+                    n = self._plan_running(seq, min(remaining, budget), planned, preempted)
                 if n:
                     planned[seq] = n
                     budget -= n
@@ -101,12 +104,10 @@ class Scheduler:
         )
 
     def _plan_running(
-        self, seq: Sequence, n: int, decode: bool, planned: dict[Sequence, int], preempted: list[Sequence]
+        self, seq: Sequence, n: int, planned: dict[Sequence, int], preempted: list[Sequence]
     ) -> int:
-        """Tokens a running sequence computes this step (0: it was preempted itself)."""
+        """Tokens a running sequence that needs blocks computes this step (0: it was preempted itself)."""
         bs, blocks = self.blocks.block_size, self.blocks
-        if decode and seq.num_computed < len(seq.table.blocks) * bs:
-            return 1  # room left in its last block: nothing to allocate or preempt
         fit = (len(seq.table.blocks) + blocks.num_free) * bs - seq.num_computed
         if fit >= 1:  # a chunk shrinks to the free space before anyone is preempted
             n = min(n, fit)
