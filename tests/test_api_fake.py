@@ -279,5 +279,45 @@ def test_batch_prompts_and_seed(client: openai.OpenAI) -> None:
 
 
 def test_error_body_is_small_for_huge_input(http: httpx.Client) -> None:
-    r = http.post("/v1/completions", content=json.dumps({"prompt": "x" * 100_000, "bad": 1}))
+    r = http.post(
+        "/v1/completions",
+        content=json.dumps({"prompt": "x" * 100_000, "bad": 1}),
+        headers={"Content-Type": "application/json"},
+    )
     assert_error_shape(r, 400, "huge")
+
+
+def test_json_with_charset_is_accepted_and_no_cors_headers_by_default(http: httpx.Client) -> None:
+    body = json.dumps({"model": "fake-model", "prompt": "hi", "max_tokens": 1})
+    origin = {"Origin": "https://evil.example"}
+    r = http.post(
+        "/v1/completions", content=body, headers={"Content-Type": "Application/JSON; charset=utf-8", **origin}
+    )
+    assert r.status_code == 200, r.text
+    assert "access-control-allow-origin" not in r.headers
+    pre = http.options(
+        "/v1/completions",
+        headers={**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"},
+    )
+    assert pre.status_code >= 400 and "access-control-allow-origin" not in pre.headers
+
+
+def test_allowed_origins_answer_preflights_for_those_origins_only() -> None:
+    settings = ServerSettings(allowed_origins=("https://app.example",))
+    with ThreadServer(FakeEngine(), settings) as s, httpx.Client(base_url=s.url, timeout=10) as c:
+        ask = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type,authorization"}
+        ok = c.options("/v1/chat/completions", headers={"Origin": "https://app.example", **ask})
+        assert ok.status_code == 200
+        assert ok.headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in ok.headers["access-control-allow-methods"]
+        refused = c.options("/v1/chat/completions", headers={"Origin": "https://evil.example", **ask})
+        assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+        r = c.post(
+            "/v1/completions",
+            json={"model": "fake-model", "prompt": "hi", "max_tokens": 1},
+            headers={"Origin": "https://app.example"},
+        )
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    with ThreadServer(FakeEngine(), ServerSettings(allowed_origins=("*",))) as s:
+        r = httpx.get(s.url + "/v1/models", headers={"Origin": "https://any.example"})
+        assert r.headers["access-control-allow-origin"] == "*"

@@ -60,3 +60,24 @@ def test_convert_gguf_and_errors(default_gguf_path, tmp_path):
     run = cli("convert", str(bad), str(tmp_path / "never"))
     assert run.returncode == 2 and "not.gguf" in run.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_serve_allowed_origins_flag_and_environment(monkeypatch):
+    import argparse
+
+    import pytest
+
+    from fusionserve.server.api.serve import add_serve_args
+
+    def parse(*argv: str) -> argparse.Namespace:
+        p = argparse.ArgumentParser(exit_on_error=False)
+        add_serve_args(p)
+        return p.parse_args(list(argv))
+
+    assert parse().allowed_origins == ()
+    got = parse("--allowed-origins", "https://a.example/, http://localhost:3000").allowed_origins
+    assert got == ("https://a.example", "http://localhost:3000")
+    monkeypatch.setenv("FUSIONSERVE_ALLOWED_ORIGINS", "*")
+    assert parse().allowed_origins == ("*",)
+    with pytest.raises(argparse.ArgumentError):
+        parse("--allowed-origins", "not-an-origin")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fusionserve.server.api.errors import install_error_handlers
@@ -79,6 +80,15 @@ def create_app(
     app.state.fusionserve = state
     app.state.drain = state.drain  # serve.py's shutdown flips it
     app.add_middleware(CountRequests, metrics=metrics)
+    if settings.allowed_origins:  # added last = outermost: preflights are answered before auth
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     install_error_handlers(app, settings.retry_after_s)
     for module in (generate, tokens, operations):
         app.include_router(module.router)

@@ -1,7 +1,13 @@
-"""Reading a JSON body by hand: size limit, strict UTF-8, no NaN/Infinity, then a pydantic model.
+"""Reading a JSON body by hand: media type, size limit, strict UTF-8, no NaN/Infinity, then a
+pydantic model.
 
 By hand rather than FastAPI's body parameters so that every bad input maps to a 4xx with the
 OpenAI error envelope and never reaches the engine.
+
+The media type must be ``application/json``: a browser sends ``text/plain``, form or multipart
+bodies cross-origin without a CORS preflight ("simple" requests), so accepting them would let any
+web page the user visits drive a server on localhost. ``application/json`` forces the preflight,
+which fails unless ``--allowed-origins`` names the page's origin (docs/DESIGN.md, "Browser safety").
 """
 
 from __future__ import annotations
@@ -16,6 +22,18 @@ from fusionserve.server.api.errors import validation_error
 from fusionserve.server.api.protocol import ProtocolError, check_strings
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def check_json_media_type(content_type: str | None) -> None:
+    """415 unless the Content-Type is application/json (parameters such as charset allowed)."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        shown = f"'{content_type}'" if content_type else "missing"
+        raise ProtocolError(
+            f"Content-Type must be application/json (got {shown})",
+            status=415,
+            code="unsupported_media_type",
+        )
 
 
 def _reject_constant(name: str) -> Any:
@@ -64,7 +82,8 @@ def _decode_object(raw: bytes) -> dict[str, Any]:
 
 
 async def read_json(request: Request, model: type[M], max_bytes: int) -> M:
-    """Read, size-limit, decode and validate a JSON body into ``model``."""
+    """Check the media type, then read, size-limit, decode and validate a JSON body into ``model``."""
+    check_json_media_type(request.headers.get("content-type"))
     obj = _decode_object(await _read_limited(request, max_bytes))
     check_strings(obj)
     try:

@@ -40,6 +40,15 @@ def _env_flag(name: str, default: bool) -> bool:
     return default if v is None else v.strip().lower() not in ("0", "false", "no", "off", "")
 
 
+def _origin_list(text: str) -> tuple[str, ...]:
+    """'https://a.example, https://b.example' → a tuple; '*' allows any origin."""
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and "://" not in origin:
+            raise argparse.ArgumentTypeError(f"{origin!r} is not an origin (scheme://host[:port], or '*')")
+    return origins
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The `serve` options; each defaults to its FUSIONSERVE_* environment variable."""
     g = p.add_argument_group("model")
@@ -94,6 +103,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     h.add_argument("--admin-key", default=_env("ADMIN_KEY", None), help="enables /admin/fusion with this key")
     h.add_argument("--max-body-bytes", type=int, default=_env("MAX_BODY_BYTES", 8 * 1024 * 1024))
+    h.add_argument(
+        "--allowed-origins",
+        type=_origin_list,
+        default=_env("ALLOWED_ORIGINS", ""),
+        help="browser origins allowed to call the API (comma-separated, '*' for any); default: none, "
+        "no CORS headers, so web pages cannot call the server",
+    )
     h.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -235,7 +251,10 @@ def run_serve(args: argparse.Namespace) -> int:
     engine.listeners.append(metrics.record)
     engine.start()
     settings = ServerSettings(
-        api_key=args.api_key or None, admin_key=args.admin_key or None, max_body_bytes=args.max_body_bytes
+        api_key=args.api_key or None,
+        admin_key=args.admin_key or None,
+        max_body_bytes=args.max_body_bytes,
+        allowed_origins=args.allowed_origins,
     )
     app = create_app(engine, settings, metrics=metrics)
     return _serve_until_signal(args, app, engine)

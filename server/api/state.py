@@ -24,6 +24,9 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     retry_after_s: int = 1
     version: str = __version__
+    #: Browser origins allowed to call the API cross-origin (CORS with preflight); empty: no CORS
+    #: headers at all, so browsers refuse cross-origin calls. "*" allows every origin.
+    allowed_origins: tuple[str, ...] = ()
 
 
 class DrainState:
