@@ -80,6 +80,8 @@ class FakeEngine:
     finished: set[str] = field(default_factory=set)
     draining: bool = False
     alive: bool = True
+    restarting: bool = False
+    restarts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     TEXT = "hello world, this is a fake model. "

@@ -297,7 +297,11 @@ def test_json_with_charset_is_accepted_and_no_cors_headers_by_default(http: http
     assert "access-control-allow-origin" not in r.headers
     pre = http.options(
         "/v1/completions",
-        headers={**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"},
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
     )
     assert pre.status_code >= 400 and "access-control-allow-origin" not in pre.headers
 
@@ -305,7 +309,10 @@ def test_json_with_charset_is_accepted_and_no_cors_headers_by_default(http: http
 def test_allowed_origins_answer_preflights_for_those_origins_only() -> None:
     settings = ServerSettings(allowed_origins=("https://app.example",))
     with ThreadServer(FakeEngine(), settings) as s, httpx.Client(base_url=s.url, timeout=10) as c:
-        ask = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type,authorization"}
+        ask = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,authorization",
+        }
         ok = c.options("/v1/chat/completions", headers={"Origin": "https://app.example", **ask})
         assert ok.status_code == 200
         assert ok.headers["access-control-allow-origin"] == "https://app.example"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -469,5 +470,85 @@ def test_engine_core_thread_serves_too(default_model_dir: Path, tmp_path: Path) 
         assert "fusionserve_engine_process_cpu_seconds_total" not in text
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(60) == 0, server.tail()
+    finally:
+        stop_server(server)
+
+
+def engine_pid(server: Server) -> int:
+    """The engine process the server started last, as its log says ('engine process started (pid N)')."""
+    found = re.findall(r"engine process started \(pid (\d+)\)", server.log.read_text(errors="replace"))
+    assert found, server.tail()
+    return int(found[-1])
+
+
+def stream_lines(url: str, started: threading.Event, out: list[str]) -> None:
+    body = {"model": MODEL, "messages": MSGS, "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                out.append(line)
+                started.set()
+
+
+def wait_healthy(server: Server, seen: set[str], timeout: float = 30.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        r = httpx.get(server.url + "/health", timeout=5)
+        seen.add(r.json()["status"])
+        if r.status_code == 200:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise AssertionError(f"not healthy again within {timeout}s:\n{server.tail()}")
+
+
+def test_killed_engine_is_respawned_and_the_third_death_exits(
+    default_model_dir: Path, tmp_path: Path
+) -> None:
+    """kill -9 the engine with streams in flight: every stream ends with an error event and [DONE],
+    the server answers again within 30 s with idle gauges; the third death exits with status 3."""
+    server = start_server(default_model_dir, tmp_path / "supervised.log", "--log-level", "info")
+    try:
+        outs: list[list[str]] = [[] for _ in range(3)]
+        started = [threading.Event() for _ in outs]
+        threads = [
+            threading.Thread(target=stream_lines, args=(server.url, s, o)) for s, o in zip(started, outs)
+        ]
+        for t in threads:
+            t.start()
+        assert all(s.wait(60) for s in started)
+        first = engine_pid(server)
+        os.kill(first, signal.SIGKILL)
+        for t in threads:
+            t.join(30)
+            assert not t.is_alive()
+        for lines in outs:
+            assert lines[-1] == "data: [DONE]" and '"error"' in lines[-2], lines[-3:]
+        seen: set[str] = set()
+        assert wait_healthy(server, seen) < 30
+        assert "engine_restarting" in seen
+        assert engine_pid(server) != first
+        sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        out = sdk.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4)
+        assert out.usage.completion_tokens == 4
+        vals = metric_values(httpx.get(server.url + "/metrics", timeout=30).text)
+        assert vals[("fusionserve_engine_restarts_total", ())] == 1
+        for gauge in ("requests_running", "requests_waiting", "kv_cache_usage_ratio"):
+            assert vals[(f"fusionserve_{gauge}", ())] == 0, gauge
+        assert "killed by SIGKILL (9)" in server.log.read_text()
+
+        second = engine_pid(server)
+        os.kill(second, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while engine_pid(server) == second:  # /health may still say ok before the death is noticed
+            assert time.monotonic() < deadline, server.tail()
+            time.sleep(0.1)
+        wait_healthy(server, seen)
+        os.kill(engine_pid(server), signal.SIGKILL)
+        try:
+            assert server.proc.wait(60) == 3, server.tail()
+        except subprocess.TimeoutExpired:
+            raise AssertionError(server.tail()) from None
+        assert "giving up" in server.log.read_text()
     finally:
         stop_server(server)

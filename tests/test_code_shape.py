@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOMS = ("server", "models", "kernels")
-ENGINE_CODE_LINES = 1800
+#: nano-vllm-sized: 1,741 after the architecture split; +supervision, priority scheduling (#19).
+ENGINE_CODE_LINES = 2100
 FILE_LINES = 500
 FUNCTION_LINES = 80
 

@@ -100,7 +100,12 @@ def exec_form(args: str) -> list[str]:
 
 def metric_scrape() -> tuple[set[str], dict[str, set[str]]]:
     """Sample names and label names per sample name from a real exposition."""
-    sm = ServerMetrics(CollectorRegistry(), model_name="scrape-test", engine_cpu_seconds=lambda: 1.0)
+    sm = ServerMetrics(
+        CollectorRegistry(),
+        model_name="scrape-test",
+        engine_cpu_seconds=lambda: 1.0,
+        engine_restarts=lambda: 0,
+    )
     exercise(sm)
     body, _ = sm.render()
     names: set[str] = set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -182,3 +183,75 @@ def test_shutdown_aborts_and_a_killed_child_fails_its_streams(tiny_dir):
 def test_start_up_failure_is_reported(tiny_dir):
     with pytest.raises(EngineStartError, match="KV cache"):
         ProcessEngineClient(EngineConfig(model_dir=str(tiny_dir), kv_cache_gb=1e-9))
+
+
+def test_supervised_child_is_respawned_then_given_up(tiny_dir):
+    """kill -9 with a stream in flight: the stream fails, the engine serves again (idle gauges, same
+    fusion mode); a wedged child (SIGSTOP) is killed and respawned; the third death gives up."""
+    from fusionserve.server.engine.supervisor import RestartPolicy
+
+    front = ProcessEngineClient(config(tiny_dir), restart=RestartPolicy(backoff_s=0.05, max_deaths=3))
+    gave_up: list[str] = []
+    front.on_give_up = gave_up.append
+    front.start()
+
+    def wait_serving(timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not front.is_alive():
+            assert time.monotonic() < deadline, "the engine was not respawned"
+            time.sleep(0.05)
+
+    async def killed_mid_stream(kill) -> None:
+        agen = front.generate("k", [5, 6], LONG)
+        assert (await agen.__anext__()).token_ids
+        kill(front._proc.pid)
+        with pytest.raises(EngineDeadError):
+            async for _ in agen:
+                pass
+
+    try:
+        first_pid = front._proc.pid
+        asyncio.run(killed_mid_stream(lambda pid: os.kill(pid, signal.SIGKILL)))
+        assert not front.is_alive()
+        front.set_fusion_mode("off")
+        wait_serving()
+        assert front._proc.pid != first_pid and front.restarts == 1 and not front.restarting
+        outs = asyncio.run(collect(front, "after", [5, 6, 7], GREEDY))
+        assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == GREEDY.max_tokens
+        assert asyncio.run(front.wait_idle(10))
+        st = front.stats()
+        assert (st.running, st.waiting, st.free_blocks) == (0, 0, st.num_blocks)
+        assert front.fusion_mode == "off"
+
+        front.WEDGED_AFTER_S = 1.0
+        asyncio.run(killed_mid_stream(lambda pid: os.kill(pid, signal.SIGSTOP)))
+        wait_serving()
+        assert front.restarts == 2 and not gave_up
+
+        asyncio.run(killed_mid_stream(lambda pid: os.kill(pid, signal.SIGKILL)))
+        deadline = time.monotonic() + 30
+        while not gave_up:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "3 times" in gave_up[0] and not front.is_alive()
+        with pytest.raises(EngineDeadError):
+            asyncio.run(front.generate("late", [5], GREEDY).__anext__())
+    finally:
+        front.shutdown()
+
+
+def test_death_log_backoff_window_and_exit_words():
+    from fusionserve.server.engine.supervisor import DeathLog, RestartPolicy, describe_exit
+
+    now = [0.0]
+    deaths = DeathLog(
+        RestartPolicy(max_deaths=3, window_s=600, backoff_s=1, backoff_max_s=1.5), lambda: now[0]
+    )
+    assert deaths.record() == 1
+    now[0] = 10
+    assert deaths.record() == 1.5  # doubled, capped
+    now[0] = 605  # the first death has left the window: two recent deaths, not three
+    assert deaths.record() == 1.5
+    now[0] = 606
+    assert deaths.record() is None
+    assert describe_exit(-9) == "killed by SIGKILL (9)" and describe_exit(1) == "exit status 1"

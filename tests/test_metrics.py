@@ -29,6 +29,8 @@ EXPECTED = {
     "fusionserve_fusion_mode": ("gauge", {"mode"}),
     # the engine process's CPU, as the core reports it (server/engine/process_client.py)
     "fusionserve_engine_process_cpu_seconds_total": ("counter", set()),
+    # engine processes the supervisor respawned (server/engine/supervisor.py)
+    "fusionserve_engine_restarts_total": ("counter", set()),
 }
 
 
@@ -85,7 +87,9 @@ def test_metric_names_match_design():
 
 
 def test_every_metric_exported_with_design_types_and_labels():
-    sm = ServerMetrics(CollectorRegistry(), model_name=MODEL, engine_cpu_seconds=lambda: 1.5)
+    sm = ServerMetrics(
+        CollectorRegistry(), model_name=MODEL, engine_cpu_seconds=lambda: 1.5, engine_restarts=lambda: 2
+    )
     exercise(sm)
     fams = scrape(sm)
     for name, (mtype, labels) in EXPECTED.items():
@@ -96,6 +100,7 @@ def test_every_metric_exported_with_design_types_and_labels():
         assert got, f"no samples for {name}"
         for s in got:
             assert set(s.labels) == labels, (name, s.labels)
+    assert value(fams, "fusionserve_engine_restarts_total", "_total") == 2
 
 
 def test_helper_values():

@@ -47,6 +47,8 @@ ABORTS = PREFIX + "aborts_total"
 FUSION_MODE = PREFIX + "fusion_mode"
 #: CPU time of the engine process (--engine-core process), as its last message reported it
 ENGINE_PROCESS_CPU = PREFIX + "engine_process_cpu_seconds_total"
+#: Engine processes respawned by the supervisor after a death (server/engine/supervisor.py)
+ENGINE_RESTARTS = PREFIX + "engine_restarts_total"
 
 #: Every exported base name, as PromQL refers to it (histograms without their
 #: ``_bucket``/``_sum``/``_count`` suffixes, counters with ``_total``).
@@ -66,6 +68,7 @@ METRIC_NAMES: tuple[str, ...] = (
     ABORTS,
     FUSION_MODE,
     ENGINE_PROCESS_CPU,
+    ENGINE_RESTARTS,
 )
 
 LAYER_PARTS = ("attn", "mlp", "block")
@@ -117,10 +120,12 @@ class ServerMetrics:
         fusion_mode: str = "on",
         process_metrics: bool | None = None,
         engine_cpu_seconds: Callable[[], float] | None = None,
+        engine_restarts: Callable[[], int] | None = None,
     ) -> None:
         """`engine_cpu_seconds`: the engine process's CPU time (ProcessEngineClient.cpu_seconds),
         exported as fusionserve_engine_process_cpu_seconds_total so one scrape shows both
-        processes (one engine thread near 1 CPU core starves the GPU)."""
+        processes (one engine thread near 1 CPU core starves the GPU). `engine_restarts`: how
+        often the supervisor respawned a dead engine (fusionserve_engine_restarts_total)."""
         own = registry is None
         self.registry = CollectorRegistry() if own else registry
         self.model_name = model_name
@@ -128,7 +133,15 @@ class ServerMetrics:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
         if engine_cpu_seconds is not None:
-            self.registry.register(_EngineCpu(engine_cpu_seconds))
+            self.registry.register(
+                _ReadAtScrape(
+                    ENGINE_PROCESS_CPU, "CPU time (user + system) of the engine process.", engine_cpu_seconds
+                )
+            )
+        if engine_restarts is not None:
+            self.registry.register(
+                _ReadAtScrape(ENGINE_RESTARTS, "Engine processes respawned after a death.", engine_restarts)
+            )
         self._define_latencies(self.registry)
         self._define_counts(self.registry)
 
@@ -312,15 +325,13 @@ class ServerMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class _EngineCpu:
-    """A collector: the engine process's CPU seconds, read at scrape time."""
+class _ReadAtScrape:
+    """A collector: one counter owned by another object, read at scrape time."""
 
-    def __init__(self, read: Callable[[], float]) -> None:
-        self.read = read
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self.name, self.doc, self.read = name.removesuffix("_total"), doc, read
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            ENGINE_PROCESS_CPU.removesuffix("_total"), "CPU time (user + system) of the engine process."
-        )
+        family = CounterMetricFamily(self.name, self.doc)
         family.add_metric([], self.read())
         yield family

@@ -1,7 +1,9 @@
 """`fusionserve serve`: options, engine construction and a real uvicorn server.
 
 Every option has a ``FUSIONSERVE_*`` environment variable as its default (containers and
-Kubernetes configure through the environment). Shutdown follows docs/DESIGN.md, "Reliability":
+Kubernetes configure through the environment). The engine process is supervised (docs/DESIGN.md,
+"Engine supervision"): respawned when it dies, and the server exits with EXIT_ENGINE_FAILED when
+it keeps dying. Shutdown follows docs/DESIGN.md, "Reliability":
 the first SIGTERM/SIGINT stops admitting work (503) while in-flight requests finish
 within ``--shutdown-timeout``; then the process exits with status 0. Plain uvicorn
 re-raises the signal after its graceful shutdown (exit 143), so :class:`GracefulServer`
@@ -26,6 +28,7 @@ import uvicorn
 
 from fusionserve.server.contract import EngineConfig, EngineError
 from fusionserve.server.engine.client import EngineClient
+from fusionserve.server.engine.supervisor import EXIT_ENGINE_FAILED, RestartPolicy
 
 log = logging.getLogger("fusionserve")
 
@@ -147,6 +150,14 @@ class GracefulServer(uvicorn.Server):
         self.draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Future[None] | None = None
+        self.exit_code = 0
+
+    def give_up(self, reason: str) -> None:
+        """The engine is dead for good (any thread may call this): exit non-zero, so the container
+        runtime or service manager restarts the whole server."""
+        log.critical("exiting with status %d: %s", EXIT_ENGINE_FAILED, reason)
+        self.exit_code = EXIT_ENGINE_FAILED
+        self.should_exit = True
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -219,7 +230,9 @@ def start_engine(args: argparse.Namespace, config: EngineConfig) -> EngineClient
     if args.engine_core == "process":
         from fusionserve.server.engine.process_client import ProcessEngineClient
 
-        return ProcessEngineClient(config, switch_ms=args.gil_switch_ms, log_level=args.log_level)
+        return ProcessEngineClient(
+            config, switch_ms=args.gil_switch_ms, log_level=args.log_level, restart=RestartPolicy()
+        )
     from fusionserve.server.engine.thread_client import ThreadEngineClient  # imports torch: computes here
 
     return ThreadEngineClient(config)
@@ -247,7 +260,12 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("cannot start the engine: %s", exc)
         return 2
     cpu = (lambda: engine.cpu_seconds) if args.engine_core == "process" else None
-    metrics = ServerMetrics(model_name=name, fusion_mode=args.fusion, engine_cpu_seconds=cpu)
+    metrics = ServerMetrics(
+        model_name=name,
+        fusion_mode=args.fusion,
+        engine_cpu_seconds=cpu,
+        engine_restarts=lambda: engine.restarts,
+    )
     engine.listeners.append(metrics.record)
     engine.start()
     settings = ServerSettings(
@@ -282,6 +300,7 @@ def _serve_until_signal(args: argparse.Namespace, app: Any, engine: EngineClient
     server = GracefulServer(
         uv_config, ShutdownPlan(begin_drain, engine.wait_idle, args.shutdown_timeout), ready
     )
+    engine.on_give_up = server.give_up
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits when it cannot bind the port
@@ -291,6 +310,8 @@ def _serve_until_signal(args: argparse.Namespace, app: Any, engine: EngineClient
         engine.shutdown()
     if not server.started:
         return 1
+    if server.exit_code:
+        return server.exit_code
     log.info("stopped")
     return 0
 

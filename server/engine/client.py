@@ -65,6 +65,10 @@ class EngineClient:
         self._error: BaseException | None = None
         self._adds_sent = self._adds_seen = 0
         self.cpu_seconds = 0.0  # the core's process CPU time, as of its last message
+        self.restarts = 0  # engine respawns (fusionserve_engine_restarts_total)
+        self.restarting = False  # a dead core is being replaced: /health says so
+        #: Called (from any thread) when the engine is dead for good: the server exits non-zero.
+        self.on_give_up: Callable[[str], None] | None = None
 
     def _ready(self, info: CoreInfo) -> None:
         self.model_name = info.model_name
@@ -119,7 +123,13 @@ class EngineClient:
 
     # -- requests --------------------------------------------------------------------
 
+    def _give_up_with(self, reason: str) -> None:
+        if self.on_give_up is not None:
+            self.on_give_up(reason)
+
     def _check_accepting(self) -> None:
+        if self.restarting:
+            raise EngineDeadError("the engine is restarting after a failure; retry shortly")
         if self._error is not None:
             raise EngineDeadError(f"engine loop died: {self._error}")
         if not self._engine_running():

@@ -65,6 +65,8 @@ class ThreadEngineClient(EngineClient):
             self._core.run()
         except BaseException as exc:  # the DEAD event told the consumers; keep the reason
             self._error = exc
+            # A thread core is not respawned (a CUDA error poisons this whole process): give up.
+            self._give_up_with(f"engine loop died: {type(exc).__name__}: {exc}")
 
     def _send(self, op: CoreOp) -> None:
         self._ops.put(op)

@@ -48,7 +48,11 @@ async def health(request: Request) -> Response:
     alive = bool(st.engine.is_alive())
     if alive and not st.drain.draining:
         return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "draining" if alive else "engine_dead"}, status_code=503)
+    if alive:
+        status = "draining"
+    else:
+        status = "engine_restarting" if st.engine.restarting else "engine_dead"
+    return JSONResponse({"status": status}, status_code=503)
 
 
 @router.get("/version")
