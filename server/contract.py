@@ -38,6 +38,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides the memory-based sizing (tests, benchmarks)
     seed: int | None = None  # the shared generator of unseeded requests
     overlap: bool = True  # launch step n+1 before the text/output work of step n (off: debugging)
+    scheduling_policy: str = "fcfs"  # fcfs | priority (vLLM's meaning: lower priority value first)
 
 
 # -- requests --------------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class EngineCoreRequest:
     prompt_ids: list[int]
     params: SamplingParams
     arrival: float  # time.monotonic() of the HTTP process (same clock in a child on one host)
+    priority: int = 0  # --scheduling-policy priority: lower first
 
 
 @dataclass(frozen=True)

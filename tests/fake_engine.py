@@ -81,6 +81,8 @@ class FakeEngine:
     draining: bool = False
     alive: bool = True
     restarting: bool = False
+    scheduling_policy: str = "fcfs"
+    priorities: list[int] = field(default_factory=list)
     restarts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -119,7 +121,7 @@ class FakeEngine:
         self.alive = False
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0
     ) -> AsyncIterator[RequestOutput]:
         if self.draining:
             raise EngineDeadError("shutting down")
@@ -129,6 +131,7 @@ class FakeEngine:
             raise ValueError("too long")
         with self.lock:
             self.running.add(request_id)
+            self.priorities.append(priority)
         try:
             plps = None
             if params.prompt_logprobs is not None:

@@ -328,3 +328,17 @@ def test_allowed_origins_answer_preflights_for_those_origins_only() -> None:
     with ThreadServer(FakeEngine(), ServerSettings(allowed_origins=("*",))) as s:
         r = httpx.get(s.url + "/v1/models", headers={"Origin": "https://any.example"})
         assert r.headers["access-control-allow-origin"] == "*"
+
+
+def test_priority_needs_the_priority_policy(http: httpx.Client) -> None:
+    body = {"model": "fake-model", "prompt": "hi", "max_tokens": 1}
+    assert http.post("/v1/completions", json={**body, "priority": 0}).status_code == 200
+    r = http.post("/v1/completions", json={**body, "priority": -3})
+    assert_error_shape(r, 400, "priority under fcfs")
+    assert r.json()["error"]["param"] == "priority" and "--scheduling-policy" in r.json()["error"]["message"]
+    engine = FakeEngine(scheduling_policy="priority")
+    with ThreadServer(engine, ServerSettings()) as s:
+        chat = {"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        assert httpx.post(s.url + "/v1/chat/completions", json={**chat, "priority": -3}).status_code == 200
+        assert httpx.post(s.url + "/v1/completions", json={**body, "priority": 7}).status_code == 200
+    assert engine.priorities == [-3, 7]

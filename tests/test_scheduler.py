@@ -149,3 +149,109 @@ def test_random_workload_always_progresses_and_frees_everything():
     assert finished == 40 and not s.has_work()
     assert bm.check_all_free()
     assert s.num_preemptions > 0
+
+
+def pseq(i: int, prompt_len: int, priority: int, arrival: float | None = None) -> Sequence:
+    q = seq(i, prompt_len)
+    q.priority, q.arrival = priority, float(i if arrival is None else arrival)
+    return q
+
+
+def test_priority_orders_the_waiting_queue_lower_value_first_ties_by_arrival():
+    s = Scheduler(
+        SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100, policy="priority"), BlockManager(64, 4)
+    )
+    for q in (pseq(1, 3, 5), pseq(2, 3, 0), pseq(3, 3, 5), pseq(4, 3, -1), pseq(5, 3, 0)):
+        s.add(q)
+    assert [q.seq_id for q in s.waiting] == [4, 2, 5, 1, 3]
+    assert run_step(s).seq_ids == [4, 2]  # two seats
+    fcfs = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), BlockManager(64, 4))
+    for q in (pseq(1, 3, 5), pseq(2, 3, 0)):
+        fcfs.add(q)
+    assert run_step(fcfs).seq_ids == [1, 2]  # fcfs ignores priority
+
+
+def test_waiting_request_preempts_lower_priority_for_a_seat_but_not_equal_or_higher():
+    s = Scheduler(
+        SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100, policy="priority"), BlockManager(64, 4)
+    )
+    low, mid = pseq(1, 3, 9), pseq(2, 3, 5)
+    s.add(low)
+    s.add(mid)
+    run_step(s)
+    urgent = pseq(3, 4, 0)
+    s.add(urgent)
+    plan = run_step(s)
+    assert plan.preempted_ids == [low.seq_id]  # the lowest priority goes, not the newest
+    assert plan.seq_ids == [mid.seq_id, urgent.seq_id] and plan.num_new_tokens == [1, 4]
+    assert low.status is Status.WAITING and low.num_computed == 0 and s.waiting[0] is low
+    same = pseq(4, 3, 5)  # mid's priority, later arrival: no preemption, it waits
+    s.add(same)
+    plan = run_step(s)
+    assert plan.preempted_ids == [] and set(plan.seq_ids) == {mid.seq_id, urgent.seq_id}
+    assert [q.seq_id for q in s.waiting] == [same.seq_id, low.seq_id]
+
+
+def test_waiting_request_preempts_lower_priority_for_blocks():
+    bm = BlockManager(7, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100, policy="priority"), bm)
+    a, b = pseq(1, 8, 3), pseq(2, 8, 1)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    c = pseq(3, 8, 2)
+    s.add(c)
+    plan = run_step(s)  # the decodes take 2 of 3 free blocks; c needs 2: a (priority 3) makes room
+    assert plan.preempted_ids == [a.seq_id] and a.status is Status.WAITING
+    assert plan.seq_ids == [b.seq_id, c.seq_id] and plan.num_new_tokens == [1, 8]
+    d = pseq(4, 8, 2)  # c's priority: waits, preempts nobody
+    s.add(d)
+    plan = run_step(s)
+    assert plan.preempted_ids == [] and [q.seq_id for q in s.waiting] == [d.seq_id, a.seq_id]
+
+
+def test_full_cache_preempts_the_worst_rank_not_the_newest():
+    bm = BlockManager(5, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100, policy="priority"), bm)
+    y = pseq(1, 8, 5)
+    s.add(y)
+    run_step(s)
+    x = pseq(2, 8, 0)  # admitted after y: fcfs would preempt x, the newest
+    s.add(x)
+    run_step(s)
+    assert x.status is Status.RUNNING and y.status is Status.RUNNING
+    plan = run_step(s)
+    while not plan.preempted_ids:  # both decode until the cache is full
+        plan = run_step(s)
+    assert plan.preempted_ids == [y.seq_id] and plan.seq_ids == [x.seq_id]
+
+
+def test_random_priority_workload_progresses_and_frees_everything():
+    rng = random.Random(1)
+    bm = BlockManager(12, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=16, policy="priority"), bm)
+    limits = {}
+    for i in range(40):
+        q = pseq(i, rng.randint(1, 20), rng.randint(-2, 2))
+        limits[q] = rng.randint(1, 20)
+        s.add(q)
+    finished = []
+    for _ in range(5000):
+        if not s.has_work():
+            break
+        plan = run_step(s)
+        assert plan.seq_ids and plan.num_tokens <= 16 and len(s.running) <= 6
+        for q, _ in items(s, plan):
+            if q.status is Status.RUNNING and q.num_output >= limits[q]:
+                s.finish(q)
+                finished.append(q)
+    assert len(finished) == 40 and not s.has_work() and bm.check_all_free()
+    first_ten = [q.priority for q in finished[:10]]
+    assert sum(first_ten) < sum(q.priority for q in finished[-10:])  # high priority finishes first
+
+
+def test_unknown_policy_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="scheduling policy"):
+        SchedulerConfig(policy="lifo")

@@ -27,6 +27,7 @@ from fusionserve.server.api.protocol import (
     check_unsupported_chat,
     check_unsupported_completion,
     new_id,
+    request_priority,
     sampling_kwargs,
 )
 from fusionserve.server.api.serving_common import Job, Primed, TokenText, first_output, static_outputs
@@ -44,6 +45,7 @@ class Serving(CompletionResponses, ChatResponses):
             vocab_size=int(self.tokenizer.vocab_size), max_model_len=int(engine.max_model_len)
         )
         self.token_text = TokenText(self.tokenizer)
+        self.scheduling_policy = getattr(engine, "scheduling_policy", "fcfs")
 
     # -- request building -----------------------------------------------------------------------
 
@@ -73,6 +75,7 @@ class Serving(CompletionResponses, ChatResponses):
     def completion_jobs(self, req: CompletionRequest) -> list[Job]:
         self.check_model(req.model)
         check_unsupported_completion(req)
+        priority = request_priority(req, self.scheduling_policy)
         p = req.prompt
         prompts: list[tuple[str | None, list[int]]]
         if isinstance(p, str):
@@ -99,12 +102,13 @@ class Serving(CompletionResponses, ChatResponses):
                 check_token_ids(ids, self.limits, "prompt")
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
             self._check_length(len(ids), max(max_tokens, 1 if discard else 0), "prompt")
-            jobs.append(Job(new_id("cmpl"), ids, text, params, static=static, discard=discard))
+            jobs.append(Job(new_id("cmpl"), ids, text, params, static, discard, priority))
         return jobs
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
         self.check_model(req.model)
         check_unsupported_chat(req)
+        priority = request_priority(req, self.scheduling_policy)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             text = self.tokenizer.apply_chat_template(
@@ -126,14 +130,16 @@ class Serving(CompletionResponses, ChatResponses):
         kw = sampling_kwargs(req, self.limits)
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = SamplingParams(max_tokens=max_tokens, logprobs=k, **kw)
-        return Job(new_id("chatcmpl"), ids, text, params)
+        return Job(new_id("chatcmpl"), ids, text, params, priority=priority)
 
     # -- engine ---------------------------------------------------------------------------------
 
     async def prime(self, jobs: Sequence[Job]) -> Primed:
         """Start every job and wait for its first output; on any error abort them all."""
         gens = [
-            static_outputs(j) if j.static else self.engine.generate(j.request_id, j.prompt_ids, j.params)
+            static_outputs(j)
+            if j.static
+            else self.engine.generate(j.request_id, j.prompt_ids, j.params, j.priority)
             for j in jobs
         ]
         primed = Primed(list(jobs), [], gens)

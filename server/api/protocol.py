@@ -119,7 +119,8 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: StrictBool | None = True
     include_stop_str_in_output: Literal[False] | None = None
     spaces_between_special_tokens: bool | None = None
-    priority: int | None = None
+    # vLLM's request priority: lower first, honoured with --scheduling-policy priority.
+    priority: Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -321,6 +322,20 @@ def check_unsupported_chat(req: ChatCompletionRequest) -> None:
         )
     if req.modalities and any(m != "text" for m in req.modalities):
         raise ProtocolError("only the text modality is supported", param="modalities", code="unsupported")
+
+
+def request_priority(req: CompletionRequest | ChatCompletionRequest, policy: str) -> int:
+    """The request's priority; a non-zero one is refused unless the engine schedules by priority
+    (silently dropping it would promise an order the server does not keep)."""
+    priority = req.priority or 0
+    if priority and policy != "priority":
+        raise ProtocolError(
+            "priority is only honoured when the server runs with --scheduling-policy priority "
+            "(this one schedules first come, first served)",
+            param="priority",
+            code="unsupported",
+        )
+    return priority
 
 
 def check_unsupported_completion(req: CompletionRequest) -> None:

@@ -85,6 +85,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-cuda-graphs", action="store_true", default=not _env_flag("CUDA_GRAPHS", True))
     e.add_argument("--no-prefix-caching", action="store_true", default=not _env_flag("PREFIX_CACHING", True))
     e.add_argument(
+        "--scheduling-policy",
+        default=_env("SCHEDULING_POLICY", "fcfs"),
+        choices=("fcfs", "priority"),
+        help="fcfs: first come, first served (a request's non-zero priority is refused); priority: "
+        "lower 'priority' first, ties by arrival, and a waiting request may preempt running requests "
+        "of a lower priority",
+    )
+    e.add_argument(
         "--engine-core",
         default=_env("ENGINE_CORE", "process"),
         choices=("process", "thread"),
@@ -222,6 +230,7 @@ def engine_config(args: argparse.Namespace, model_dir: Path, name: str) -> Engin
         fusion=args.fusion,
         layer_timing_every=args.layer_timing_every,
         cuda_graphs=not args.no_cuda_graphs,
+        scheduling_policy=args.scheduling_policy,
     )
 
 

@@ -26,6 +26,7 @@ class Job:
     params: Any
     static: bool = False  # max_tokens=0 without logprobs: answered without the engine
     discard: bool = False  # max_tokens=0 with echo logprobs: generate 1 token for prompt logprobs, drop it
+    priority: int = 0  # lower first under --scheduling-policy priority
 
 
 @dataclass

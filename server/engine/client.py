@@ -59,6 +59,7 @@ class EngineClient:
         self.tokenizer = tokenizer
         self.listeners: list[OutputsListener] = []
         self.fusion_mode = config.fusion
+        self.scheduling_policy = config.scheduling_policy
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._draining = False
@@ -137,9 +138,11 @@ class EngineClient:
         if self._draining:
             raise EngineShuttingDownError("server is shutting down")
 
-    def _admit(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _admit(self, prompt_ids: list[int], params: SamplingParams, priority: int) -> None:
         """Raise for a request this engine cannot take now (bad input, too long, queue full)."""
         self.limits.check(prompt_ids, params)
+        if priority and self.scheduling_policy != "priority":
+            raise ValueError("priority is only honoured with --scheduling-policy priority")
         if self._stats.waiting + (self._adds_sent - self._adds_seen) >= self.config.max_queue:
             raise QueueFullError(f"{self.config.max_queue} requests are already waiting")
 
@@ -152,12 +155,12 @@ class EngineClient:
         self._send(CoreOp(OpKind.ABORT, request_id))
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas of one request; leaving the iteration early aborts it and frees its blocks."""
         self._check_accepting()
         prompt_ids = [int(t) for t in prompt_ids]
-        self._admit(prompt_ids, params)
+        self._admit(prompt_ids, params, priority)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:
@@ -167,7 +170,10 @@ class EngineClient:
         try:
             self._adds_sent += 1
             self._send(
-                CoreOp(OpKind.ADD, EngineCoreRequest(request_id, prompt_ids, params, time.monotonic()))
+                CoreOp(
+                    OpKind.ADD,
+                    EngineCoreRequest(request_id, prompt_ids, params, time.monotonic(), priority),
+                )
             )
             while len(finished) < params.n:
                 item = await stream.queue.get()

@@ -107,7 +107,7 @@ class EngineCore:
                 req = op.payload
                 self.adds += 1
                 try:
-                    eng.add_request(req.request_id, req.prompt_ids, req.params, req.arrival)
+                    eng.add_request(req.request_id, req.prompt_ids, req.params, req.arrival, req.priority)
                 except Exception as exc:  # checked by the client already; a duplicate id lands here
                     self.pending.append((req.request_id, exc))
             elif op.kind is OpKind.ABORT:

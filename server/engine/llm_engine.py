@@ -75,7 +75,8 @@ class LLMEngine:
         self.kernel_path = self._prepare_kernels(config, decoder)
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy),
+            self.blocks,
         )
         self.sampler = Sampler(decoder.device, config.seed)
         self.fusion = FusionControl(config.fusion)
@@ -105,13 +106,21 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        arrival: float | None = None,
+        priority: int = 0,
     ) -> None:
+        """Queue a request; `priority` (lower first) counts only under the priority policy."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         prompt_ids = [int(t) for t in prompt_ids]
         self.limits.check(prompt_ids, params)  # ValueError / RequestTooLongError
-        req = RequestState(request_id, prompt_ids, params, time.monotonic() if arrival is None else arrival)
+        req = RequestState(
+            request_id, prompt_ids, params, time.monotonic() if arrival is None else arrival, priority
+        )
         if params.prompt_logprobs is not None:
             req.prompt_lps = [None]
         self.requests[request_id] = req
@@ -134,6 +143,8 @@ class LLMEngine:
             tokens=tokens,
             num_prompt=len(req.prompt_ids),
             use_prefix_cache=p.prompt_logprobs is None,
+            priority=req.priority,
+            arrival=req.arrival,
         )
         choice = Choice(req, index, seq, generator, detok, StopMatcher(p.stop) if p.stop else None)
         req.choices.append(choice)

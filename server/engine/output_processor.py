@@ -44,6 +44,7 @@ class RequestState:
     prompt_ids: list[int]
     params: SamplingParams
     arrival: float
+    priority: int = 0
     choices: list[Choice] = field(default_factory=list)
     prompt_lps: list[TokenLogprob | None] | None = None
     first_token_at: float | None = None

@@ -7,6 +7,11 @@ admitted running sequence loses its blocks and goes back to the head of the wait
 (recompute), so the oldest sequence always makes progress: no deadlock, no crash. A single
 sequence always fits (max_model_len is capped to the cache size by the engine).
 
+`policy="priority"` (vLLM's meaning): the waiting queue is ordered by (priority, arrival), lower
+first; the victim of a full cache is the running sequence of the largest (priority, arrival); and
+a waiting sequence that finds no seat or no block preempts running sequences of a strictly lower
+priority (larger value) until it fits.
+
 The plan is plain data (`SchedulerOutput`: ids, token counts, block tables), so the model
 runner and the tests read it without touching scheduler state.
 """
@@ -20,11 +25,18 @@ from dataclasses import dataclass
 from fusionserve.server.engine.block_manager import BlockManager, BlockTable
 from fusionserve.server.engine.sequence import UNKNOWN_TOKEN, Sequence, Status
 
+POLICIES = ("fcfs", "priority")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    policy: str = "fcfs"  # fcfs | priority
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"scheduling policy must be one of {POLICIES}, got {self.policy!r}")
 
 
 @dataclass
@@ -60,11 +72,23 @@ class Scheduler:
         self.held: set[int] = set()  # running, but not scheduled until released (known to finish)
         self._admissions = itertools.count()
         self.num_preemptions = 0
+        self.by_priority = config.policy == "priority"
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
         self.seqs[seq.seq_id] = seq
-        self.waiting.append(seq)
+        if self.by_priority:
+            self._enqueue_by_rank(seq)
+        else:
+            self.waiting.append(seq)
+
+    def _enqueue_by_rank(self, seq: Sequence) -> None:
+        """Insert into the waiting queue, kept sorted by rank (a linear scan: the queue is short
+        next to a step, and the common case, the largest rank so far, stops at once)."""
+        i = len(self.waiting)
+        while i > 0 and self.waiting[i - 1].rank > seq.rank:
+            i -= 1
+        self.waiting.insert(i, seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -75,8 +99,10 @@ class Scheduler:
         budget, bs, held = self.config.max_num_batched_tokens, self.blocks.block_size, self.held
         planned: dict[Sequence, int] = {}
         preempted: list[Sequence] = []
+        # Priority mode plans the best ranks first, so a full cache preempts the worst, not the newest.
+        order = sorted(self.running, key=lambda s: s.rank) if self.by_priority else list(self.running)
         for decodes in (True, False):
-            for seq in list(self.running):
+            for seq in order:
                 if budget == 0:
                     break
                 remaining = seq.num_tokens - seq.num_computed
@@ -92,7 +118,7 @@ class Scheduler:
                     planned[seq] = n
                     budget -= n
         if not preempted:
-            self._admit(planned, budget)
+            self._admit(planned, budget, preempted)
         seqs = list(planned)
         return SchedulerOutput(
             seq_ids=[s.seq_id for s in seqs],
@@ -112,7 +138,10 @@ class Scheduler:
         if fit >= 1:  # a chunk shrinks to the free space before anyone is preempted
             n = min(n, fit)
         while not blocks.can_hold(seq.table, seq.num_computed + n):
-            victim = next(s for s in reversed(self.running) if s not in planned)
+            if self.by_priority:
+                victim = max((s for s in self.running if s not in planned), key=lambda s: s.rank)
+            else:
+                victim = next(s for s in reversed(self.running) if s not in planned)
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
@@ -120,15 +149,19 @@ class Scheduler:
         blocks.grow(seq.table, seq.num_computed + n)
         return n
 
-    def _admit(self, planned: dict[Sequence, int], budget: int) -> None:
-        """Start prompts from the waiting queue in FIFO order while budget, seats and blocks last."""
+    def _admit(self, planned: dict[Sequence, int], budget: int, preempted: list[Sequence]) -> None:
+        """Start prompts from the head of the waiting queue while budget, seats and blocks last."""
         bs, blocks = self.blocks.block_size, self.blocks
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seq.tokens[-1] == UNKNOWN_TOKEN:  # preempted with an id still on the device
                 break
             if self.running and len(self.running) + 1 + seq.pending_forks > self.config.max_num_seqs:
-                break
+                refund = self._preempt_lower(seq, planned, preempted)
+                if refund is None:
+                    break
+                budget += refund
+                continue
             table = blocks.match_prefix(seq.tokens) if seq.use_prefix_cache else BlockTable()
             cached = len(table.blocks) * bs
             # Keep a little headroom for the running decodes, unless nothing else runs.
@@ -137,7 +170,11 @@ class Scheduler:
             n = min(seq.num_tokens - cached, budget, fit)
             if n <= 0:
                 blocks.free(table)
-                break
+                refund = self._preempt_lower(seq, planned, preempted)
+                if refund is None:
+                    break
+                budget += refund
+                continue
             self.waiting.popleft()
             seq.table, seq.num_computed = table, cached
             blocks.grow(table, cached + n)
@@ -146,12 +183,31 @@ class Scheduler:
             planned[seq] = n
             budget -= n
 
+    def _preempt_lower(
+        self, seq: Sequence, planned: dict[Sequence, int], preempted: list[Sequence]
+    ) -> int | None:
+        """Priority mode: preempt the running sequence of the largest rank whose priority is strictly
+        lower than `seq`'s (a larger value), taking it out of this step's plan. Returns the tokens it
+        gives back to the step's budget, or None when there is none (or the policy is fcfs)."""
+        if not self.by_priority:
+            return None
+        lower = [s for s in self.running if s.priority > seq.priority and s.seq_id not in self.held]
+        if not lower:
+            return None
+        victim = max(lower, key=lambda s: s.rank)
+        self._preempt(victim)
+        preempted.append(victim)
+        return planned.pop(victim, 0)
+
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq.table)
         seq.num_computed = 0
         seq.status = Status.WAITING
         self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            self._enqueue_by_rank(seq)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     # -- after the step ------------------------------------------------------------

@@ -33,6 +33,13 @@ class Sequence:
     admitted: int = -1  # admission order; the largest is preempted first
     pending_forks: int = 0  # n>1: siblings forked off when the prompt is done (seats reserved)
     use_prefix_cache: bool = True  # off when every prompt row's logits are needed
+    priority: int = 0  # --scheduling-policy priority: lower first
+    arrival: float = 0.0  # the request's arrival: ties of priority go first come, first served
+
+    @property
+    def rank(self) -> tuple[int, float, int]:
+        """Priority order: the smallest rank is served first and preempted last."""
+        return (self.priority, self.arrival, self.seq_id)
 
     @property
     def num_tokens(self) -> int:
