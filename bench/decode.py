@@ -438,6 +438,13 @@ def main() -> None:
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
+    for name in args.models.split(","):
+        limit = config_of(name).max_position_embeddings
+        if max(contexts) >= limit:  # the timed step adds token number ctx + 1
+            ap.error(
+                f"--contexts {max(contexts)}: {name} holds at most {limit} tokens and the timed step "
+                f"adds one to the context; use a context below {limit}"
+            )
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)

@@ -24,7 +24,7 @@ class EngineConfig:
     device: str = "auto"  # auto → cuda if available else cpu
     dtype: str = "auto"  # auto → bf16 on cuda, fp32 on cpu
     backend: str = "auto"  # auto|torch|triton
-    max_model_len: int | None = None  # default min(config max positions, 8192)
+    max_model_len: int | None = None  # default: the model's context, or all the KV cache holds
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     block_size: int = 16
@@ -266,6 +266,7 @@ class CoreInfo:
     kernel_path: str
     limits: EngineLimits
     stats: EngineStats
+    max_model_len_why: str = ""  # for the ready line: "the model's full context", ...
 
 
 class CoreEventKind(enum.Enum):

@@ -471,3 +471,32 @@ def test_fcfs_refuses_a_priority(tiny):
 
     with pytest.raises(ValueError, match="scheduling-policy priority"):
         asyncio.run(first())
+
+
+def test_max_model_len_defaults_to_the_full_context_or_what_the_cache_holds(tiny, tmp_path):
+    from fusionserve.server.contract import EngineStartError
+
+    eng = engine(tiny)  # 128 blocks × 16 = 2048 cache tokens > the model's 512 positions
+    assert (eng.max_model_len, eng.max_model_len_why) == (512, "the model's full context")
+    small = engine(tiny, num_kv_blocks=10)
+    assert small.max_model_len == 160 and "the model supports 512" in small.max_model_len_why
+    assert engine(tiny, max_model_len=300).max_model_len == 300
+    for bad, words in ((600, "exceeds the model's context"), (2000, "exceeds the model's context")):
+        with pytest.raises(EngineStartError, match=words):
+            engine(tiny, max_model_len=bad)
+    with pytest.raises(EngineStartError, match="does not fit the KV cache"):
+        engine(tiny, max_model_len=400, num_kv_blocks=10)
+    windowed = make_tiny_checkpoint(tmp_path / "swa", arch="mistral")
+    cfg = windowed / "config.json"
+    import json
+
+    raw = json.loads(cfg.read_text())
+    raw["sliding_window"] = 128
+    cfg.write_text(json.dumps(raw))
+    dec = Decoder.from_pretrained(windowed, progress=False)
+    swa = LLMEngine(
+        EngineConfig(model_dir=str(windowed), num_kv_blocks=64, layer_timing_every=0), decoder=dec
+    )
+    assert swa.max_model_len == 128 and "sliding window" in swa.max_model_len_why
+    with pytest.raises(EngineStartError, match="sliding window"):
+        LLMEngine(EngineConfig(model_dir=str(windowed), num_kv_blocks=64, max_model_len=256), decoder=dec)

@@ -304,7 +304,7 @@ def _serve_until_signal(args: argparse.Namespace, app: Any, engine: EngineClient
     url = f"http://{args.host}:{args.port}"
     ready = (
         f"fusionserve ready: {url}/v1 (model {engine.model_name}, fusion {args.fusion}, "
-        f"max_model_len {engine.max_model_len}, kernels: {engine.kernel_path})"
+        f"max_model_len {engine.max_model_len} ({engine.max_model_len_why}), kernels: {engine.kernel_path})"
     )
     server = GracefulServer(
         uv_config, ShutdownPlan(begin_drain, engine.wait_idle, args.shutdown_timeout), ready

@@ -76,6 +76,7 @@ class EngineClient:
         self.kernel_path = info.kernel_path
         self.limits = info.limits
         self.max_model_len = info.limits.max_model_len
+        self.max_model_len_why = info.max_model_len_why
         self._stats: EngineStats = info.stats
         self._last_msg = time.monotonic()  # READY is the core's first message
 

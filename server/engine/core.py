@@ -45,7 +45,9 @@ class Inbox(Protocol):
 
 
 def core_info(engine: LLMEngine) -> CoreInfo:
-    return CoreInfo(engine.model_name, engine.kernel_path, engine.limits, engine.stats())
+    return CoreInfo(
+        engine.model_name, engine.kernel_path, engine.limits, engine.stats(), engine.max_model_len_why
+    )
 
 
 class EngineCore:

@@ -31,7 +31,7 @@ from fusionserve.server.contract import (
 )
 from fusionserve.server.engine.block_manager import BlockManager
 from fusionserve.server.engine.fusion import FusionControl, path_label
-from fusionserve.server.engine.model_runner import ModelRunner, kv_cache_blocks, load_decoder
+from fusionserve.server.engine.model_runner import ModelRunner, context_limit, kv_cache_blocks, load_decoder
 from fusionserve.server.engine.output_processor import (
     Choice,
     RequestState,
@@ -69,7 +69,9 @@ class LLMEngine:
         self.model_name = config.served_model_name or (model_dir.name if model_dir else "model")
         num_blocks = kv_cache_blocks(config, decoder)
         bs = config.block_size
-        self.max_model_len = min(config.max_model_len or 8192, decoder.max_model_len, num_blocks * bs)
+        self.max_model_len, self.max_model_len_why = context_limit(
+            config.max_model_len, decoder, num_blocks * bs
+        )
         self.limits = EngineLimits(decoder.config.vocab_size, self.max_model_len, self.tokenizer is not None)
         self.runner = ModelRunner(decoder, num_blocks, bs)
         self.kernel_path = self._prepare_kernels(config, decoder)

@@ -64,6 +64,42 @@ def kv_cache_blocks(config: EngineConfig, decoder: Decoder) -> int:
     return n
 
 
+def context_limit(requested: int | None, decoder: Decoder, cache_tokens: int) -> tuple[int, str]:
+    """The engine's max_model_len and why, for the ready line.
+
+    By default the model's full context (Llama-3.1: 131,072) when the KV cache holds one such
+    sequence, else the most it holds. A sliding-window model is capped at its window: windowed
+    attention is not implemented, and attending past the window would change its answers. An
+    explicit --max-model-len beyond what the model or the cache can do is refused, not trimmed.
+    """
+    cfg = decoder.config
+    positions, window = cfg.max_position_embeddings, cfg.sliding_window
+    if requested is not None:
+        if requested > positions:
+            raise EngineStartError(f"--max-model-len {requested} exceeds the model's context ({positions})")
+        if window and requested > window:
+            raise EngineStartError(
+                f"--max-model-len {requested} exceeds the model's sliding window ({window}); "
+                "windowed attention is not implemented"
+            )
+        if requested > cache_tokens:
+            raise EngineStartError(
+                f"--max-model-len {requested} does not fit the KV cache ({cache_tokens} tokens): "
+                "lower it or give the cache more memory"
+            )
+        return requested, "--max-model-len"
+    if window and window < positions:
+        limit, why = (
+            window,
+            f"the model's sliding window; windowed attention is not implemented, context {positions}",
+        )
+    else:
+        limit, why = positions, "the model's full context"
+    if cache_tokens < limit:
+        return cache_tokens, f"all the KV cache holds; the model supports {limit}"
+    return limit, why
+
+
 def load_decoder(config: EngineConfig) -> tuple[Decoder, Path]:
     """The configured checkpoint as our decoder (the default model is converted once, if needed)."""
     from fusionserve.models.registry import resolve_model
