@@ -168,11 +168,68 @@ def _build_config(reader: Any, path: Path, dtype: torch.dtype, tied: bool) -> di
     pad = _field(reader, "tokenizer.ggml.padding_token_id")
     if pad is not None:
         config["pad_token_id"] = int(pad)
+    _refuse_unsupported(reader, arch, head_dim, path)
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     factor = _field(reader, f"{arch}.rope.scaling.factor")
-    if scaling in ("linear", "yarn") and factor:
-        config["rope_scaling"] = {"rope_type": scaling, "factor": float(factor)}
+    if scaling not in (None, "none", "linear"):
+        raise ConversionError(f"{path}: rope scaling {scaling!r} is not supported (linear and llama3 are)")
+    if scaling == "linear" and factor and float(factor) != 1.0:
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
     return config
+
+
+def _refuse_unsupported(reader: Any, arch: str, head_dim: int, path: Path) -> None:
+    """GGUF features our decoder cannot run: refused here, never converted into a wrong model."""
+    experts = _field(reader, f"{arch}.expert_count")
+    if experts:
+        raise ConversionError(f"{path}: mixture-of-experts models ({experts} experts) are not supported")
+    rot = _field(reader, f"{arch}.rope.dimension_count")
+    if rot is not None and int(rot) != head_dim:
+        raise ConversionError(
+            f"{path}: partial rotary embeddings ({rot} of {head_dim} dims per head) are not supported"
+        )
+    window = _field(reader, f"{arch}.attention.sliding_window")
+    if window:
+        raise ConversionError(f"{path}: sliding-window attention ({window}) is not supported")
+
+
+def _llama3_factors(inv: np.ndarray, factor: float, low: float, high: float, old: float) -> np.ndarray:
+    """llama.cpp's rope_freqs (each frequency is divided by its entry) for HF's llama3 parameters."""
+    wavelen = 2 * np.pi / inv
+    smooth = (old / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, mid))
+
+
+def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, path: Path) -> dict[str, Any]:
+    """HF's llama3 rope_scaling that reproduces a Llama-3.x GGUF's rope_freqs table exactly.
+
+    llama.cpp's converter stores only the per-frequency divisors, which depend on the original
+    context and the two wavelength factors through old/low and old/high alone: with two or more
+    frequencies in the smooth band those two wavelengths follow from a line fit (then old = old/low,
+    low = 1); with fewer, Llama 3.1's published values (8192, 1, 4) must reproduce the table. Any
+    table that no llama3 parameters reproduce is refused.
+    """
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factors = factors.astype(np.float64)
+    factor = float(factors.max())
+    candidates = [(8192.0, 1.0, 4.0)]
+    band = (factors > 1.0 + 1e-6) & (factors < factor - 1e-6)
+    if band.sum() >= 2 and factor > 1.0:
+        smooth = (1.0 / factors[band] - 1.0 / factor) / (1.0 - 1.0 / factor)
+        slope, intercept = np.polyfit(inv[band] / (2 * np.pi), smooth, 1)  # smooth vs 1/wavelen
+        low_wavelen, high_wavelen = -slope / intercept, slope / (1.0 - intercept)
+        candidates.insert(0, (low_wavelen, 1.0, low_wavelen / high_wavelen))
+    for old, low, high in candidates:
+        if high > low and np.allclose(_llama3_factors(inv, factor, low, high, old), factors, rtol=1e-5):
+            return {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": float(high),
+                "original_max_position_embeddings": int(round(old)) if abs(old - round(old)) < 1e-3 else old,
+            }
+    raise ConversionError(f"{path}: rope_freqs cannot be expressed as llama3 rope scaling")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,10 +391,22 @@ def _convert_tensors(
         file=sys.stderr,
     )
     for t in bar:
+        if t.name == "rope_freqs.weight":  # Llama 3.x: per-frequency RoPE divisors → rope_scaling
+            if "rope_scaling" in config:
+                raise ConversionError(f"{path}: both rope_freqs and rope scaling metadata are set")
+            factors = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
+            if factors.shape[0] != config["head_dim"] // 2:
+                raise ConversionError(f"{path}: rope_freqs has {factors.shape[0]} entries, not head_dim / 2")
+            if not np.allclose(factors, 1.0):
+                config["rope_scaling"] = _llama3_scaling(
+                    factors, config["rope_theta"], config["head_dim"], path
+                )
+            continue
         name = _hf_name(t.name)
         if name is None:
-            # e.g. rope_freqs.weight (llama3 rope scaling table): derived from config by HF.
-            continue
+            raise ConversionError(
+                f"{path}: tensor {t.name!r} is not supported (a llama feature we cannot run)"
+            )
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:

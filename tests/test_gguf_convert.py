@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -260,3 +261,169 @@ def test_registry_reads_gguf_from_downloaded_wheel(tmp_path: Path, monkeypatch) 
     monkeypatch.setenv("FUSIONSERVE_HOME", str(home))
     assert registry.resolve_model(None) == out
     assert registry.resolve_model(str(out)) == out
+
+
+def _byte_tokens(n: int) -> list[str]:
+    chars = [chr(c) for c in list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))]
+    chars += [chr(c) for c in range(256, 256 + n)]
+    return ["<|endoftext|>", *chars][:n]
+
+
+def _gguf_from_hf(hf_dir: Path, path: Path, rope_freqs: np.ndarray | None, **meta: Any) -> None:
+    """Write an HF llama checkpoint as llama.cpp's converter would: permuted Q/K rows, metadata,
+    and (Llama 3.x) the rope_freqs divisors instead of rope_scaling."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(_theta(cfg))
+    w.add_vocab_size(cfg["vocab_size"])
+    for key, value in meta.items():
+        getattr(w, f"add_{key}")(value)
+    tokens = _byte_tokens(cfg["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3] + [1] * (len(tokens) - 1))
+    w.add_token_merges([])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {v: k for k, v in _GLOBAL.items()}
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    for hf_name, a in tensors.items():
+        if hf_name in names:
+            w.add_tensor(names[hf_name], a)
+            continue
+        parts = hf_name.split(".")  # model.layers.{i}.{self_attn|mlp|...}.{proj}.weight
+        proj = parts[4] if parts[3] in ("self_attn", "mlp") else parts[3]
+        if proj in heads:
+            h = heads[proj]
+            a = a.reshape(h, 2, a.shape[0] // h // 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
+        w.add_tensor(f"blk.{parts[2]}.{_LAYER[proj]}.weight", np.ascontiguousarray(a))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}  # fmt: skip
+_LAYER = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+          "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+          "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+
+
+def _rope(cfg: dict[str, Any]) -> dict[str, Any]:
+    """rope_scaling (transformers 4) or rope_parameters (transformers 5)."""
+    return cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+
+
+def _theta(cfg: dict[str, Any]) -> float:
+    return float(cfg.get("rope_theta") or _rope(cfg).get("rope_theta", 10000.0))
+
+
+def _llama_cpp_rope_freqs(cfg: dict[str, Any]) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf writes for rope_type llama3 (its own loop, restated)."""
+    s, dim = _rope(cfg), cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (_theta(cfg) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    old, low, high, factor = (s["original_max_position_embeddings"], s["low_freq_factor"],
+                              s["high_freq_factor"], s["factor"])  # fmt: skip
+    out = []
+    for f in freqs:
+        wavelen = 2 * np.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        # Llama 3.1's values: one frequency of the tiny model in the smooth band
+        {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        # other values: two in the band, recovered by the fit
+        {
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 256,
+        },
+    ],
+)
+def test_llama3_rope_scaling_survives_conversion(tmp_path: Path, scaling: dict[str, Any]) -> None:
+    """A Llama-3.x GGUF carries its RoPE scaling only as rope_freqs: the converted model's logits equal
+    transformers' on the source checkpoint (which transformers' own GGUF loader would get wrong: it
+    ignores rope_freqs), and they differ measurably from the unscaled model's."""
+    import transformers
+
+    from fusionserve.kernels.batch import contiguous_batch
+    from fusionserve.models.decoder import Decoder
+    from tests.tiny_models import make_tiny_checkpoint, rel_err
+
+    hf_dir = make_tiny_checkpoint(tmp_path / "hf", rope_scaling={"rope_type": "llama3", **scaling})
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    gguf_path = tmp_path / "llama3.gguf"
+    _gguf_from_hf(hf_dir, gguf_path, _llama_cpp_rope_freqs(cfg))
+    out = convert_gguf(gguf_path, tmp_path / "converted", progress=False)
+    got = json.loads((out / "config.json").read_text())["rope_scaling"]
+    assert got["rope_type"] == "llama3" and got["factor"] == pytest.approx(scaling["factor"])
+
+    ids = torch.randint(3, 250, (1, 200), generator=torch.Generator().manual_seed(0))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(ids).logits[0]
+    ours = Decoder.from_pretrained(out, device="cpu", dtype=torch.float32, progress=False)
+    kv = ours.allocate_kv_cache(num_blocks=16, block_size=16)
+    hidden = ours.forward(ids[0], torch.arange(200), contiguous_batch([200], [200], 16), kv, fusion=True)
+    assert rel_err(ours.logits(hidden), want) <= 1e-4
+    # The RoPE frequencies themselves: transformers' (from the source config) to fp32 precision,
+    # and far from the unscaled ones (the scaling is really carried, not a no-op at this length).
+    hf_inv = ref.model.rotary_emb.inv_freq.double()
+    our_inv = ours.config.rope_inv_freq().double()
+    assert torch.allclose(our_inv, hf_inv, rtol=1e-6)
+    plain = 1.0 / _theta(cfg) ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    assert (our_inv / plain).min() < 1 / (scaling["factor"] - 0.5)
+
+
+def test_gguf_features_we_cannot_carry_are_refused(tmp_path: Path) -> None:
+    from tests.tiny_models import make_tiny_checkpoint
+
+    hf_dir = make_tiny_checkpoint(tmp_path / "hf")
+    cases = {
+        "yarn": ({"rope_scaling_type": gguf_rope("YARN"), "rope_scaling_factor": 4.0}, None, "rope scaling 'yarn'"),
+        "experts": ({"expert_count": 8}, None, "mixture-of-experts"),
+        "partial rotary": ({"rope_dimension_count": 8}, None, "partial rotary"),
+        "odd rope_freqs": ({}, np.array([1.0, 3.0, 1.5, 2.0, 1.0, 4.0, 1.0, 2.5], np.float32), "rope_freqs cannot"),
+    }  # fmt: skip
+    for name, (meta, freqs, words) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.gguf"
+        _gguf_from_hf(hf_dir, path, freqs, **meta)
+        with pytest.raises(ConversionError, match=words):
+            convert_gguf(path, tmp_path / "out", progress=False)
+        assert not (tmp_path / "out").exists(), name
+
+
+def gguf_rope(kind: str) -> Any:
+    import gguf
+
+    return getattr(gguf.RopeScalingType, kind)
