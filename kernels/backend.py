@@ -45,6 +45,10 @@ class Backend(Protocol):
         never read again once the next h exists), which saves a copy of it per large-M GEMM."""
         ...
 
+    def lm_head(self, x: torch.Tensor, weight: torch.Tensor, row_stats: Stats = None) -> torch.Tensor:
+        """Logits [M, V] in fp32 from the GEMM's fp32 accumulator (reference.lm_head)."""
+        ...
+
     def attn_input(
         self,
         x: torch.Tensor,
@@ -78,6 +82,9 @@ class TorchBackend:
 
     def linear(self, x, weight, bias=None, residual=None, row_stats=None, want_stats=False):
         return reference.linear(x, weight, bias, residual, row_stats, self.geometry.eps, want_stats)
+
+    def lm_head(self, x, weight, row_stats=None):
+        return reference.lm_head(x, weight, row_stats, self.geometry.eps)
 
     def attn_input(self, x, row_stats, w_qkv, b_qkv, rotary, kv):
         return reference.attn_input(x, row_stats, w_qkv, b_qkv, rotary, kv, self.geometry)

@@ -395,11 +395,13 @@ def linear(
     want_stats: bool = False,
     config=None,
     pdl: PdlPolicy | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """reference.linear as one Triton GEMM: returns (y [M, N], Σy² partials [M, n_tiles] or None).
 
     `config`: a tile config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split-K), or a tile table to
-    pick from (kernels/tile_configs.py; default TUNED)."""
+    pick from (kernels/tile_configs.py; default TUNED). `out`: where y goes, in its own dtype (the
+    LM head passes an fp32 tensor: the accumulator is stored without rounding to bf16)."""
     y, stats, _ = launch(
         x,
         weight,
@@ -411,6 +413,7 @@ def linear(
         want_stats=want_stats,
         config=config,
         pdl=pdl,
+        out=out,
     )
     return y, stats
 

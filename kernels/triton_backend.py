@@ -37,6 +37,15 @@ from fusionserve.kernels.silu_mul import silu_mul
 from fusionserve.kernels.tile_configs import TUNED, TileTable
 
 
+def mm_fp32_out(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out = x Wᵀ in fp32 from cuBLAS's fp32 accumulator (bf16/fp16 inputs, no rounding of y). Off
+    CUDA (the Triton interpreter's tests) the same product is computed in fp32 by torch."""
+    if x.is_cuda and x.dtype != torch.float32:
+        torch.mm(x, weight.t(), out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(x.float(), weight.float().t(), out=out)
+
+
 class TritonBackend:
     """`pdl`: the programmatic-dependent-launch policy of the small-M (decode) kernels (kernels/pdl.py):
     a PdlPolicy, True (the default policy), False (off) or, at construction, None (on where the GPU and
@@ -125,6 +134,23 @@ class TritonBackend:
             return F.linear(xs, weight, bias), None
         y = F.linear(x, weight)
         return row_epilogue(y, k, row_stats, bias, residual, eps, want_stats, out=y)
+
+    def lm_head(
+        self, x: torch.Tensor, weight: torch.Tensor, row_stats: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """fp32 logits: the small-M GEMM stores its fp32 accumulator; past small_m_max cuBLAS writes
+        fp32 from its own (mm with out_dtype), then one in-place row pass applies the deferred scale
+        in fp32. (Scaling the bf16 input instead, as the bf16 path does, would round r·x to bf16.)"""
+        m, k, eps = x.shape[0], x.shape[-1], self.geometry.eps
+        out = torch.empty((m, weight.shape[0]), device=x.device, dtype=torch.float32)
+        if self._small(x):
+            stats = self._partials(row_stats, k)
+            small_m_linear(x, weight, None, None, stats, eps, False, self.tiles, self._pdl_policy, out=out)
+            return out
+        mm_fp32_out(x, weight, out)
+        if row_stats is not None:
+            row_epilogue(out, k, row_stats, eps=eps, out=out)
+        return out
 
     def attn_input(
         self,

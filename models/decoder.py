@@ -158,15 +158,13 @@ class Decoder:
 
     @torch.inference_mode()
     def logits(self, hidden: Hidden, scaled: bool = True) -> torch.Tensor:
-        """LM head with the final norm: deferred (row scale in the epilogue) when the hidden carries stats.
+        """fp32 logits from the LM head with the final norm: deferred (row scale in the epilogue, in
+        fp32) when the hidden carries stats.
 
         `scaled=False` skips the positive per-row scale entirely, which greedy
         argmax does not need (only valid on the fused path).
         """
         be = self.backend
         if hidden.stats is not None:
-            stats = hidden.stats if scaled else None
-            out, _ = be.linear(hidden.h, self.weights.lm_head, row_stats=stats)
-        else:
-            out, _ = be.linear(be.rmsnorm(hidden.h), self.weights.lm_head)
-        return out
+            return be.lm_head(hidden.h, self.weights.lm_head, hidden.stats if scaled else None)
+        return be.lm_head(be.rmsnorm(hidden.h), self.weights.lm_head)

@@ -49,6 +49,30 @@ def test_triton_bf16_matches_cpu_reference(ckpt, fusion):
     assert rel_err(run_steps(gpu, ids, fusion), ref) <= 1e-2
 
 
+@pytest.mark.parametrize("fusion", [True, False], ids=["fused", "off"])
+def test_bf16_model_writes_fp32_logits(ckpt, fusion):
+    """The LM head's fp32 accumulator reaches the sampler on both GEMM paths (decode rows: Triton;
+    the 40-row prefill: cuBLAS with fp32 output): values bf16 cannot hold, and within fp32 rounding
+    of the same bf16 model computed in fp64 from the same hidden rows."""
+    gpu = Decoder.from_pretrained(ckpt, device="cuda", dtype=torch.bfloat16, progress=False)
+    ids = torch.randint(3, 256, (48,))
+    logits = run_steps(gpu, ids, fusion)
+    assert logits.dtype == torch.float32
+    assert (logits.to(torch.bfloat16).float() != logits).float().mean() > 0.9
+    kv = gpu.allocate_kv_cache(8, 16)
+    for rows in (40, 1):
+        batch = contiguous_batch([rows], [rows], 16).to("cuda")
+        hidden = gpu.forward(ids[:rows].cuda(), torch.arange(rows, device="cuda"), batch, kv, fusion=fusion)
+        got = gpu.logits(hidden).double().cpu()
+        h = hidden.h.double().cpu()
+        if fusion:
+            x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + gpu.config.rms_norm_eps)
+        else:
+            x = gpu.backend.rmsnorm(hidden.h).double().cpu()
+        want = x @ gpu.weights.lm_head.double().cpu().t()
+        assert rel_err(got, want) <= 2e-5, rows
+
+
 def test_triton_fp32_matches_cpu_reference(ckpt):
     ids = torch.randint(3, 256, (48,))
     ref = run_steps(Decoder.from_pretrained(ckpt, progress=False), ids, fusion=False)

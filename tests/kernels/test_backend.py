@@ -11,7 +11,7 @@ from fusionserve.kernels.backend import TorchBackend
 from fusionserve.kernels.batch import Geometry, LayerKV, Rotary
 from fusionserve.kernels.rope_kv import rope_cos_sin
 from fusionserve.kernels.triton_backend import TritonBackend
-from tests.kernels.common import DEVICE, DTYPES, check, poison_outputs, rand, random_batch  # noqa: F401
+from tests.kernels.common import DEVICE, DTYPES, check, poison_outputs, rand, random_batch, rel_err  # noqa: F401
 
 HQ, HK, D, HIDDEN, INTER, VOCAB, LAYERS, EPS = 4, 2, 12, 48, 72, 50, 1, 1e-5
 BS, NB = 16, 24
@@ -48,8 +48,8 @@ def forward(be, weights, ids, positions, batch, caches, cos_sin, fused):
         act = be.mlp_input(x, st, layer["gate_up"])
         h, stats = be.linear(act, layer["down"], residual=h, want_stats=fused)
     if fused:
-        return be.linear(h, weights["lm_head"], row_stats=stats)[0]
-    return be.linear(be.rmsnorm(h), weights["lm_head"])[0]
+        return be.lm_head(h, weights["lm_head"], stats)
+    return be.lm_head(be.rmsnorm(h), weights["lm_head"])
 
 
 def steps(seed_lens):
@@ -138,3 +138,27 @@ def test_block_fused_vs_off_vs_reference(dtype, small_m_max):
     check(fused, want, dtype)
     check(off, want, dtype)
     check(fused, off, dtype)
+
+
+@pytest.mark.parametrize("small_m_max", [64, 4])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "off"])
+def test_lm_head_logits_are_fp32_from_the_accumulator(fused, small_m_max):
+    """bf16 activations and weights, fp32 logits: within fp32 accumulation error of the exact product
+    (1e-5), where rounding the logits to bf16 would cost ~2e-3, on the small-M Triton GEMM (M=3) and
+    the cuBLAS path (M=9 > small_m_max=4) alike; the deferred final-norm scale applied in fp32."""
+    torch.manual_seed(0)
+    be = TritonBackend(GEOM, small_m_max=small_m_max)
+    w = rand(VOCAB * 3, HIDDEN, dtype=torch.bfloat16, scale=HIDDEN**-0.5)
+    for m in (3, 9):
+        h = rand(m, HIDDEN, dtype=torch.bfloat16, scale=3.0)
+        stats = h.float().pow(2).sum(-1, keepdim=True) if fused else None
+        x = h if fused else be.rmsnorm(h)
+        got = be.lm_head(x, w, stats)
+        assert got.dtype == torch.float32 and got.shape == (m, VOCAB * 3) and torch.isfinite(got).all()
+        want = x.double().cpu() @ w.double().cpu().t()
+        if fused:
+            want = want * torch.rsqrt(h.double().cpu().pow(2).mean(-1, keepdim=True) + EPS)
+        assert rel_err(got.cpu(), want) <= 1e-5
+        assert rel_err(want.to(torch.bfloat16), want) > 1e-4  # what bf16 logits would have lost
+        ref = TorchBackend(GEOM).lm_head(x.cpu(), w.cpu(), None if stats is None else stats.cpu())
+        assert ref.dtype == torch.float32 and rel_err(ref, want) <= 1e-5
