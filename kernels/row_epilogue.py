@@ -10,6 +10,9 @@ import triton.language as tl
 from fusionserve.kernels.triton_env import INTERPRET, next_pow2
 from fusionserve.kernels.triton_helpers import cast, row_scale, stats_operand
 
+#: Column blocks per program when a row's columns are split (8192 columns at BLOCK 1024).
+SPAN_BLOCKS = 8
+
 
 @triton.jit
 def _row_epilogue_kernel(
@@ -27,6 +30,7 @@ def _row_epilogue_kernel(
     stride_s,
     inv_k,
     eps,
+    SPAN,
     HAS_SCALE: tl.constexpr,
     FROM_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -36,10 +40,11 @@ def _row_epilogue_kernel(
     BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0)
+    start = tl.program_id(1) * SPAN  # columns [start, start + SPAN): one span per row with WANT_STATS
     if HAS_SCALE:
         r = row_scale(stats_ptr, row, P, stride_s, inv_k, eps, BLOCK_P, FROM_ROWS)
     acc_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK):
+    for n0 in range(start, tl.minimum(start + SPAN, N), BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         mask = offs < N
         v = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
@@ -77,7 +82,11 @@ def row_epilogue(
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous()
     scale, p, stride_s, from_rows, block_p = stats_operand(row_stats, k)
-    _row_epilogue_kernel[(t,)](
+    block = min(1024 if not INTERPRET else 256, next_pow2(n))
+    # Without Σy² a row's columns split over programs: few rows of many columns (the LM head's
+    # 64 x 128k fp32 logits) would otherwise run one program per row on a handful of SMs.
+    span = n if want_stats else block * SPAN_BLOCKS
+    _row_epilogue_kernel[(t, triton.cdiv(n, span))](
         y,
         out,
         bias if bias is not None else y,
@@ -92,12 +101,13 @@ def row_epilogue(
         stride_s,
         1.0 / k,
         eps,
+        span,
         HAS_SCALE=scale is not None,
         FROM_ROWS=from_rows,
         HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
         WANT_STATS=want_stats,
-        BLOCK=min(1024 if not INTERPRET else 256, next_pow2(n)),
+        BLOCK=block,
         BLOCK_P=block_p,
         num_warps=4,
     )

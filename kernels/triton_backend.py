@@ -139,7 +139,7 @@ class TritonBackend:
         self, x: torch.Tensor, weight: torch.Tensor, row_stats: torch.Tensor | None = None
     ) -> torch.Tensor:
         """fp32 logits: the small-M GEMM stores its fp32 accumulator; past small_m_max cuBLAS writes
-        fp32 from its own (mm with out_dtype), then one in-place row pass applies the deferred scale
+        fp32 from its own (mm with out_dtype), then one in-place row pass (columns split over programs) applies the deferred scale
         in fp32. (Scaling the bf16 input instead, as the bf16 path does, would round r·x to bf16.)"""
         m, k, eps = x.shape[0], x.shape[-1], self.geometry.eps
         out = torch.empty((m, weight.shape[0]), device=x.device, dtype=torch.float32)

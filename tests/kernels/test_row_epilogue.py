@@ -25,3 +25,21 @@ def test_row_epilogue(dtype, m):
     out, none = row_epilogue(y, K, x, bias, None, EPS)
     check(out, y.double() * r + bias.double(), dtype)
     assert none is None
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_wide_rows_split_over_programs_in_place_fp32(m):
+    """The LM head's case: fp32 logits wider than one program's span, scaled in place; every column
+    of every row scaled once (a span boundary handled twice or skipped would show)."""
+    from fusionserve.kernels.row_epilogue import SPAN_BLOCKS
+    from fusionserve.kernels.triton_env import INTERPRET
+
+    n = (256 if INTERPRET else 1024) * SPAN_BLOCKS * 2 + 77  # two full spans and a ragged third
+    y = rand(m, n, dtype=torch.float32, scale=4.0)
+    want = y.double().clone()
+    stats = producer_stats(m)
+    r = torch.rsqrt(stats.double().sum(-1, keepdim=True) / K + EPS)
+    out, none = row_epilogue(y, K, stats, eps=EPS, out=y)
+    assert out.data_ptr() == y.data_ptr() and none is None
+    check(out, want * r, torch.float32)
+    assert torch.allclose(out.double(), want * r, rtol=1e-6, atol=0)
