@@ -99,6 +99,21 @@ def lm_head(
     return linear(x, weight, row_stats=row_stats, eps=eps, out_dtype=torch.float32)[0]
 
 
+def token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: every logit of row rows[i] whose bit in bitmask[i] (int32 words, bit t%32 of word
+    t//32) is clear becomes -inf; columns past the mask too (kernels/token_bitmask.py)."""
+    if rows.numel() == 0:
+        return
+    v = logits.shape[1]
+    bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)  # [n, 32 * words]
+    if allowed.shape[1] < v:
+        allowed = torch.cat([allowed, allowed.new_zeros(allowed.shape[0], v - allowed.shape[1])], 1)
+    sub = logits[rows.long()]
+    sub.masked_fill_(~allowed[:, :v].to(logits.device), float("-inf"))
+    logits[rows.long()] = sub
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for a [T, 2I] tensor holding gate then up."""
     gate, up = gate_up.float().chunk(2, dim=-1)

@@ -65,6 +65,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # for completions echo+logprobs
     n: int = 1
     skip_special_tokens: bool = True
+    #: An llguidance grammar (JSON schema, regex, choice, Lark, tool calls) the output must match;
+    #: built and validated by the HTTP side (server/api/structured_output.py).
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -73,6 +76,12 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def needs_host_ids(self) -> bool:
+        """Sampling reads the host's copy of the generated ids (penalties, a grammar's state), so a
+        step cannot sample this row before the previous step's ids are collected."""
+        return self.has_penalties or self.grammar is not None
 
     @property
     def needs_scaled_logits(self) -> bool:

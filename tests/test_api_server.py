@@ -334,9 +334,12 @@ def test_non_streaming_disconnect_aborts(srv: Server, http: httpx.Client) -> Non
     deadline = time.time() + 5
     while time.time() < deadline:
         vals = metric_values(http.get("/metrics").text)
+        closed = ("fusionserve_requests_total", (("endpoint", "/v1/completions"), ("status", "499")))
+        # The handler records its 499 when it returns, which may be after the engine's abort.
         if (
             vals[("fusionserve_requests_running", ())] == 0
             and vals[("fusionserve_aborts_total", ())] > aborts0
+            and closed in vals
         ):
             break
         time.sleep(0.1)

@@ -37,11 +37,14 @@ from fusionserve.server.engine.output_processor import (
     RequestState,
     StopMatcher,
     abort_outputs,
+    add_prompt_logprobs,
     merge_output,
+    wants_prompt_rows,
 )
-from fusionserve.server.engine.sampler import SampleHandle, Sampler, prompt_logprobs
+from fusionserve.server.engine.sampler import SampleHandle, Sampler
 from fusionserve.server.engine.scheduler import Scheduler, SchedulerConfig
 from fusionserve.server.engine.sequence import UNKNOWN_TOKEN, Sequence, Status
+from fusionserve.server.engine.structured import GrammarMatchers, ParkedRequests, grammar_done
 
 
 @dataclass
@@ -54,6 +57,9 @@ class _InFlight:
     phase: str
     timer: LayerTimer | None
     t0: float
+    # Launched ahead with rows whose sampling reads host ids (a grammar, penalties): the forward
+    # pass is queued, the sampling waits for the previous step's collect (_sample_deferred).
+    deferred: tuple | None = None
 
 
 class LLMEngine:
@@ -92,6 +98,8 @@ class LLMEngine:
         self._inflight: deque[_InFlight] = deque()  # launched, ids not read yet (at most two)
         self._last_collect = 0.0
         self._stats = StepStats()
+        self._grammars: GrammarMatchers | None = None  # built on the first constrained request
+        self._parked = ParkedRequests()  # waiting for their grammar to compile
 
     def _prepare_kernels(self, config: EngineConfig, decoder: Decoder) -> str:
         """Capture CUDA graphs and warm the eager variants; what the ready line says runs the steps."""
@@ -125,10 +133,34 @@ class LLMEngine:
         )
         if params.prompt_logprobs is not None:
             req.prompt_lps = [None]
+        if params.grammar is not None:
+            compiled = self.grammars.compile_async(params.grammar)
+            if not compiled.done():  # compiles on a worker thread; scheduled once it is ready
+                self.requests[request_id] = req
+                self._parked.add(compiled, req)
+                return
+            compiled.result()  # a grammar that does not compile fails its request here
         self.requests[request_id] = req
-        leader = self._new_choice(req, 0, list(prompt_ids)).seq
-        leader.pending_forks = params.n - 1
+        self._schedule_leader(req)
+
+    def _schedule_leader(self, req: RequestState) -> None:
+        leader = self._new_choice(req, 0, list(req.prompt_ids)).seq
+        leader.pending_forks = req.params.n - 1
         self.scheduler.add(leader)
+
+    @property
+    def grammars(self) -> GrammarMatchers:
+        if self._grammars is None:
+            self._grammars = GrammarMatchers.for_model(self.tokenizer, self.decoder, self.eos_token_ids)
+        return self._grammars
+
+    def _unpark(self) -> list[RequestOutput]:
+        """Schedule the requests whose grammar finished compiling (abort those that failed)."""
+        idle = not (self.scheduler.has_work() or self._inflight)
+        ready, failed = self._parked.take_done(self.requests, idle)
+        for req in ready:
+            self._schedule_leader(req)
+        return [out for req in failed for out in self.abort_request(req.request_id)]
 
     def _new_choice(self, req: RequestState, index: int, tokens: list[int]) -> Choice:
         p = req.params
@@ -148,7 +180,12 @@ class LLMEngine:
             priority=req.priority,
             arrival=req.arrival,
         )
-        choice = Choice(req, index, seq, generator, detok, StopMatcher(p.stop) if p.stop else None)
+        matcher = self.grammars.matcher(p.grammar) if p.grammar is not None else None
+        stops = None
+        if p.stop:
+            accept = (lambda text, g=p.grammar: self.grammars.accepts(g, text)) if p.grammar else None
+            stops = StopMatcher(p.stop, accept)
+        choice = Choice(req, index, seq, generator, detok, stops, matcher)
         req.choices.append(choice)
         self.choices[seq.seq_id] = choice
         return choice
@@ -205,6 +242,7 @@ class LLMEngine:
     # is dropped when n+1 is collected; one cut by a stop string is treated the same way.
 
     def step(self) -> list[RequestOutput]:
+        parked = self._unpark() if self._parked else []
         if not self.config.overlap:
             self._launch()
             done = self._collect()
@@ -213,23 +251,23 @@ class LLMEngine:
                 self._launch()
             ahead = self._launch_ahead()
             done = self._collect()
+            self._sample_deferred()
             if not ahead:
                 self._launch()
-        return self._process(*done) if done is not None else []
+        return parked + (self._process(*done) if done is not None else [])
 
     def _launch_ahead(self) -> bool:
         """Launch the next step while the one in flight still runs; False when it must wait for the ids.
 
         Each live row of the step in flight gets an UNKNOWN_TOKEN whose id the next step gathers
-        on the device. Rows whose sampling reads the host's token history (penalties) need the real
-        ids first; a row that reaches max_tokens / max_model_len with this token is held back.
+        on the device. If a row's sampling reads host ids (a grammar's state, penalties), the next
+        step's sampling waits for this collect (`_InFlight.deferred`); its forward pass does not.
+        A row that reaches max_tokens / max_model_len with this token is held back.
         """
         if len(self._inflight) != 1:
             return False
         inf = self._inflight[0]
         live = [(i, ch) for i, ch in enumerate(inf.rows) if ch.seq.status is Status.RUNNING]
-        if any(ch.request.params.has_penalties for _, ch in live):
-            return False
         for i, ch in live:
             ch.pending_row = i
             ch.seq.tokens.append(UNKNOWN_TOKEN)
@@ -252,7 +290,7 @@ class LLMEngine:
         phase = "decode" if plan.is_decode else "prefill"
         t0 = time.perf_counter()
         planned = [self.choices[i] for i in plan.seq_ids]
-        want_prompt = [self._wants_prompt_rows(ch) for ch in planned]
+        want_prompt = [wants_prompt_rows(ch) for ch in planned]
         # Plain greedy rows need no final-norm scale on the fused path (argmax is scale-invariant).
         scaled = not fused or any(want_prompt) or any(ch.request.params.needs_scaled_logits for ch in planned)
         pending_ids = pending_rows = None
@@ -270,12 +308,23 @@ class LLMEngine:
         )
         logits = self.runner.execute(inputs, fused, timer, scaled)
         self.scheduler.advance(plan)
-        rows, handle = self._sample(planned, inputs.sample_index, logits, any(want_prompt))
+        deferred = None
+        if ahead_of is not None and any(ch.request.params.needs_host_ids for ch in planned):
+            rows, handle, deferred = [], None, (planned, inputs.sample_index, logits, any(want_prompt))
+        else:
+            rows, handle = self._sample(planned, inputs.sample_index, logits, any(want_prompt))
         for ch, span, start in zip(planned, inputs.prompt_index, plan.num_computed):
             if span is not None:  # prompt logprobs (echo) wait for the device here: rare, prefill only
-                self._add_prompt_logprobs(ch, logits[span[0] : span[0] + span[1]], start)
-        self._inflight.append(_InFlight(rows, handle, fused, phase, timer, t0))
+                add_prompt_logprobs(ch, logits[span[0] : span[0] + span[1]], start)
+        self._inflight.append(_InFlight(rows, handle, fused, phase, timer, t0, deferred))
         return True
+
+    def _sample_deferred(self) -> None:
+        """Queue the sampling a launched-ahead step left for after the previous step's collect."""
+        for inf in self._inflight:
+            if inf.deferred is not None:
+                inf.rows, inf.handle = self._sample(*inf.deferred)
+                inf.deferred = None
 
     def _sample(
         self, planned: list[Choice], sample_index: list[int | None], logits: torch.Tensor | None, shared: bool
@@ -296,8 +345,14 @@ class LLMEngine:
             return rows, None
         # The sampler may change its input in place: index (copy) when prompt rows share it.
         whole = len(src) == logits.shape[0] and src[-1] == len(src) - 1 and not shared
+        batch = logits if whole else logits[src]
+        constrained = [
+            i for i, ch in enumerate(rows) if ch.matcher is not None and ch.seq.status is not Status.FINISHED
+        ]
+        if constrained:  # the host fills the masks while the device still runs the forward pass
+            self.grammars.apply(batch, [rows[i].matcher for i in constrained], constrained)
         handle = self.sampler.launch(
-            logits if whole else logits[src],
+            batch,
             [ch.request.params for ch in rows],
             [ch.generator for ch in rows],
             lambda i: (rows[i].seq.tokens, rows[i].seq.num_prompt),
@@ -343,6 +398,8 @@ class LLMEngine:
         ch.last_token_at = now
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
             ch.stop_reason = "stop"
+        elif ch.matcher is not None and grammar_done(ch.matcher, tok, req.request_id):
+            ch.stop_reason = "complete"  # the grammar admits nothing more: its text ends the output
         elif self._at_length_limit(ch):
             ch.stop_reason = "length"
         if ch.stop_reason is not None:
@@ -365,7 +422,7 @@ class LLMEngine:
             reason, hit = ch.stop_reason, False
             if reason != "stop":  # an eos / stop token id adds no text
                 hit = ch.push_text(tok)
-                reason = "stop" if hit else reason
+                reason = "stop" if hit or reason == "complete" else reason
             if reason is not None and ch.finish_reason is None:
                 self._finish(ch, reason, stopped_by_string=hit)
             outputs.append(ch.emit())
@@ -407,27 +464,6 @@ class LLMEngine:
                 self.scheduler.add(child.seq)
         seq.pending_forks = 0
         return children
-
-    @staticmethod
-    def _wants_prompt_rows(ch: Choice) -> bool:
-        """The leader of a prompt_logprobs request whose prompt rows are not all scored yet."""
-        req, seq = ch.request, ch.seq
-        return (
-            req.prompt_lps is not None
-            and ch.index == 0
-            and seq.num_computed < seq.num_prompt - 1
-            and len(req.prompt_lps) < seq.num_prompt
-        )
-
-    def _add_prompt_logprobs(self, ch: Choice, logits: torch.Tensor, start: int) -> None:
-        """Rows at positions start.. predict prompt tokens start+1..; keep those not scored yet
-        (a sequence recomputed after preemption scores its prompt again)."""
-        lps: list = ch.request.prompt_lps
-        skip = len(lps) - (start + 1)
-        if skip < 0 or skip >= logits.shape[0]:
-            return
-        next_ids = ch.seq.tokens[len(lps) : start + 1 + logits.shape[0]]
-        lps.extend(prompt_logprobs(logits[skip:], next_ids, ch.request.params.prompt_logprobs or 0))
 
     # -- measurements ----------------------------------------------------------------
 

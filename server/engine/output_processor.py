@@ -3,6 +3,7 @@ strings held back and cut, finish reasons, and the deltas (`RequestOutput`) the 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,20 +15,36 @@ class StopMatcher:
     """Cuts text at the first stop string, holding back any tail that may begin one.
 
     Text arrives in pieces that need not align with the stop strings, so a piece
-    ending in a prefix of a stop string is held until the next piece decides.
+    ending in a prefix of a stop string is held until the next piece decides. With `accept`
+    (a constrained output), a stop string ends the output only where the whole text before it
+    is accepted (a complete match of the grammar); other occurrences are ordinary text.
     """
 
-    def __init__(self, stops: tuple[str, ...]):
+    def __init__(self, stops: tuple[str, ...], accept: Callable[[str], bool] | None = None):
         self.stops = tuple(s for s in stops if s)
         self.held = ""
+        self.accept = accept
+        self.emitted = ""  # all text released so far (what `accept` judges, with the new part)
+
+    def _first_stop(self, buf: str) -> int:
+        """Index of the first stop string in buf that ends the output, or -1."""
+        for i in sorted({i for s in self.stops for i in _find_all(buf, s)}):
+            if self.accept is None or self.accept(self.emitted + buf[:i]):
+                return i
+        return -1
 
     def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was hit)."""
+        out, hit = self._feed(text, final)
+        self.emitted += out
+        return out, hit
+
+    def _feed(self, text: str, final: bool) -> tuple[str, bool]:
         buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        stop = self._first_stop(buf)
+        if stop >= 0:
             self.held = ""
-            return buf[: min(hits)], True
+            return buf[:stop], True
         keep = 0
         if not final:
             for k in range(min(len(buf), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
@@ -36,6 +53,13 @@ class StopMatcher:
                     break
         self.held = buf[len(buf) - keep :]
         return buf[: len(buf) - keep], False
+
+
+def _find_all(text: str, sub: str) -> Iterator[int]:
+    i = text.find(sub)
+    while i >= 0:
+        yield i
+        i = text.find(sub, i + 1)
 
 
 @dataclass
@@ -62,6 +86,7 @@ class Choice:
     generator: Any  # torch.Generator | None: a seeded request's own noise
     detok: Any  # models.tokenizer.IncrementalDetokenizer | None
     stops: StopMatcher | None
+    matcher: Any = None  # llguidance.LLMatcher of a constrained output (server/engine/structured.py)
     new_ids: list[int] = field(default_factory=list)
     new_lps: list[TokenLogprob] = field(default_factory=list)
     new_text: str = ""
@@ -152,3 +177,27 @@ def merge_output(merged: dict[tuple[str, int], RequestOutput], out: RequestOutpu
     acc.prompt_logprobs = acc.prompt_logprobs or out.prompt_logprobs
     acc.finished, acc.finish_reason = out.finished, out.finish_reason
     acc.completion_tokens = out.completion_tokens
+
+
+def wants_prompt_rows(ch: Choice) -> bool:
+    """The leader of a prompt_logprobs request whose prompt rows are not all scored yet."""
+    req, seq = ch.request, ch.seq
+    return (
+        req.prompt_lps is not None
+        and ch.index == 0
+        and seq.num_computed < seq.num_prompt - 1
+        and len(req.prompt_lps) < seq.num_prompt
+    )
+
+
+def add_prompt_logprobs(ch: Choice, logits: Any, start: int) -> None:
+    """Rows at positions start.. predict prompt tokens start+1..; keep those not scored yet
+    (a sequence recomputed after preemption scores its prompt again)."""
+    from fusionserve.server.engine.sampler import prompt_logprobs
+
+    lps: list = ch.request.prompt_lps
+    skip = len(lps) - (start + 1)
+    if skip < 0 or skip >= logits.shape[0]:
+        return
+    next_ids = ch.seq.tokens[len(lps) : start + 1 + logits.shape[0]]
+    lps.extend(prompt_logprobs(logits[skip:], next_ids, ch.request.params.prompt_logprobs or 0))

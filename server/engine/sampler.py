@@ -31,7 +31,8 @@ def _format_logprobs(parts, ks: list[int]) -> list[TokenLogprob]:
     chosen, chosen_lp, top_v, top_i = (t.tolist() if t is not None else None for t in parts)
     out = []
     for r, k in enumerate(ks):
-        top = list(zip(top_i[r][:k], top_v[r][:k])) if k else []
+        # A grammar's mask leaves -inf where a token is not allowed: not a logprob to report.
+        top = [(i, v) for i, v in zip(top_i[r][:k], top_v[r][:k]) if v != float("-inf")] if k else []
         out.append(TokenLogprob(int(chosen[r]), float(chosen_lp[r]), top))
     return out
 

@@ -1,0 +1,183 @@
+"""Constrained decoding in the engine: one llguidance matcher per constrained sequence, compiled
+grammars cached by their text, and the step's token bitmask applied on the device before sampling.
+
+Why llguidance (docs/DESIGN.md, "Structured output"): it has no Python dependencies (xgrammar
+needs transformers, which the server keeps out of its run time), reads our tokenizer.json directly,
+computes a row's mask in tens of microseconds by walking the token trie against an Earley parser,
+and is the engine behind vLLM's and llama.cpp's guided decoding. The HTTP side builds and validates
+the grammar text (server/api/structured_output.py); the engine only compiles and runs it.
+
+Per step: the masks of the constrained rows are filled on the host (one pinned int32 row each,
+threads inside llguidance) while the device runs the step's forward pass; one copy and one kernel
+(kernels/token_bitmask.py) apply them, outside any CUDA graph. A step with no constrained row does
+none of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("fusionserve.engine")
+
+
+class GrammarMatchers:
+    """Compiled grammars (LRU by text) and the bitmask work of a step."""
+
+    def __init__(
+        self,
+        tokenizer_json: Path,
+        model_vocab: int,
+        tokenizer_vocab: int,
+        eos_ids: frozenset[int],
+        device: torch.device,
+        cache_size: int = 512,
+    ) -> None:
+        import llguidance
+
+        self._ll = llguidance
+        self.tokenizer = llguidance.LLTokenizer(
+            str(tokenizer_json), n_vocab=model_vocab, eos_token=sorted(eos_ids) or None
+        )
+        self.executor = llguidance.LLExecutor()
+        self.model_vocab, self.device = model_vocab, device
+        self.words = (model_vocab + 31) // 32
+        # Ids past the tokenizer's vocabulary (a model's padded embedding rows) are never allowed.
+        valid = np.zeros(self.words * 32, dtype=bool)
+        valid[: min(tokenizer_vocab, model_vocab)] = True
+        self._valid_words = np.packbits(valid, bitorder="little").view(np.int32)
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._compiling: dict[str, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fusionserve-grammar")
+
+    # -- compiling -----------------------------------------------------------------------
+
+    def _compile(self, grammar: str) -> Any:
+        matcher = self._ll.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"invalid grammar: {matcher.get_error()}")
+        with self._lock:
+            self._cache[grammar] = matcher
+            self._cache.move_to_end(grammar)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            self._compiling.pop(grammar, None)
+        return matcher
+
+    def compile_async(self, grammar: str) -> Future:
+        """The compiled grammar (a pristine matcher), compiled on a worker thread if not cached:
+        llguidance drops the GIL while it compiles, so the engine loop keeps stepping."""
+        with self._lock:
+            if grammar in self._cache:
+                self._cache.move_to_end(grammar)
+                done: Future = Future()
+                done.set_result(self._cache[grammar])
+                return done
+            pending = self._compiling.get(grammar)
+            if pending is None:
+                pending = self._compiling[grammar] = self._pool.submit(self._compile, grammar)
+            return pending
+
+    def matcher(self, grammar: str) -> Any:
+        """A fresh matcher for one sequence (a copy of the cached, unused one)."""
+        with self._lock:
+            pristine = self._cache.get(grammar)
+        if pristine is None:
+            pristine = self.compile_async(grammar).result()
+        return pristine.deep_copy()
+
+    def accepts(self, grammar: str, text: str) -> bool:
+        """Whether `text` is a complete match (a stop string may end a constrained output only
+        where the text before it is one)."""
+        m = self.matcher(grammar)
+        return m.consume_tokens(self.tokenizer.tokenize_str(text)) and m.is_accepting()
+
+    # -- one step ------------------------------------------------------------------------
+
+    def apply(self, logits: torch.Tensor, matchers: list[Any], rows: list[int]) -> None:
+        """Mask logits[rows[i]] to what matchers[i] allows next (in place, one kernel on CUDA)."""
+        from fusionserve.kernels import reference
+
+        pin = logits.is_cuda
+        mask = torch.empty((len(rows), self.words), dtype=torch.int32, pin_memory=pin)
+        self.executor.unsafe_compute_mask_ptr(
+            list(zip(matchers, range(len(rows)))), mask.data_ptr(), self.words * 4, len(rows)
+        )
+        mask_np = mask.numpy()
+        np.bitwise_and(mask_np, self._valid_words, out=mask_np)
+        idx = torch.tensor(rows, dtype=torch.int32)
+        with torch.inference_mode():
+            if pin:
+                from fusionserve.kernels.token_bitmask import apply_token_bitmask
+
+                apply_token_bitmask(
+                    logits,
+                    mask.to(logits.device, non_blocking=True),
+                    idx.to(logits.device, non_blocking=True),
+                )
+            else:
+                reference.token_bitmask(logits, mask, idx)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @classmethod
+    def for_model(cls, tokenizer: Any, decoder: Any, eos_ids: frozenset[int]) -> GrammarMatchers:
+        if tokenizer is None:
+            raise ValueError("structured output needs the model's tokenizer")
+        return cls(
+            tokenizer.model_dir / "tokenizer.json",
+            decoder.config.vocab_size,
+            tokenizer.vocab_size,
+            eos_ids,
+            decoder.device,
+        )
+
+
+def grammar_done(matcher: Any, tok: int, request_id: str) -> bool:
+    """Feed a sampled id to a row's matcher; True once the grammar is complete (or, never expected
+    with the mask applied, the matcher refused the id: the output ends rather than go astray)."""
+    if not matcher.consume_token(tok):
+        log.warning("grammar refused token %d of %s: %s", tok, request_id, matcher.get_error())
+        return True
+    return matcher.is_stopped()
+
+
+class ParkedRequests:
+    """Requests whose grammar is still compiling: scheduled once it is, aborted if it failed."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Future, Any]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def add(self, compiled: Future, req: Any) -> None:
+        self.items.append((compiled, req))
+
+    def take_done(self, live: dict[str, Any], idle: bool) -> tuple[list[Any], list[Any]]:
+        """(ready, failed) among those still in `live` (not aborted meanwhile); when the engine is
+        otherwise idle, waits up to 5 ms for one to finish rather than spin."""
+        if idle:
+            wait([c for c, _ in self.items], timeout=0.005, return_when=FIRST_COMPLETED)
+        ready, failed, waiting = [], [], []
+        for compiled, req in self.items:
+            if not compiled.done():
+                waiting.append((compiled, req))
+            elif live.get(req.request_id) is req:
+                if compiled.exception() is None:
+                    ready.append(req)
+                else:
+                    log.error("grammar of %s failed to compile: %s", req.request_id, compiled.exception())
+                    failed.append(req)
+        self.items = waiting
+        return ready, failed
