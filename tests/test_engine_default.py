@@ -142,3 +142,50 @@ def test_stop_strings_cut_exactly_with_overlap(default):
         assert reason == "stop" and p.stop[0] not in text
         assert text == o[0].text[: o[0].text.find(p.stop[0])]
         assert len(token_ids) < len(o[0].token_ids)  # the token launched after the stop is dropped
+
+
+def test_constrained_rows_match_fused_and_off_and_leak_nothing(default):
+    """A JSON-schema row and an unconstrained one in the same steps: identical greedy text with
+    fusion on and off and with launch-ahead on and off; aborting constrained requests (one still
+    waiting for its grammar to compile) frees every block, choice and matcher."""
+    import json
+
+    import llguidance
+
+    from fusionserve.server.api.structured_output import JSON_LAYOUT
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 10}},
+        "required": ["city"],
+    }
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+    eng = engine(default)
+    tok = eng.tokenizer
+    prompt = tok.encode(
+        tok.apply_chat_template([{"role": "user", "content": "Name a city as JSON."}]),
+        add_special_tokens=False,
+    )
+    params = [
+        SamplingParams(max_tokens=40, temperature=0, grammar=grammar),
+        SamplingParams(max_tokens=12, temperature=0),
+    ]
+    texts = []
+    for fusion, overlap in (("on", True), ("off", True), ("on", False)):
+        e = engine(default, fusion=fusion, overlap=overlap)
+        outs = e.generate([prompt, prompt], params)
+        texts.append([o[0].text for o in outs])
+        assert outs[0][0].finish_reason == "stop" and "city" in json.loads(outs[0][0].text)
+    assert texts[0] == texts[1] == texts[2]
+    fresh = llguidance.LLMatcher.grammar_from_regex(r"[a-z]{2,30}")  # not compiled yet: parked
+    eng.add_request(
+        "c1", prompt, SamplingParams(max_tokens=200, temperature=0.8, seed=1, grammar=grammar, n=2)
+    )
+    eng.add_request("c2", prompt, SamplingParams(max_tokens=200, grammar=fresh))
+    for _ in range(3):
+        eng.step()
+    aborted = eng.abort_request("c1") + eng.abort_request("c2")
+    assert {(o.request_id, o.finish_reason) for o in aborted} == {("c1", "abort"), ("c2", "abort")}
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.choices == {} and eng.requests == {} and not eng._parked and eng.blocks.check_all_free()

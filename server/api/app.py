@@ -76,7 +76,13 @@ def create_app(
     settings = settings or ServerSettings()
     metrics = metrics or ServerMetrics(model_name=engine.model_name)
     app = FastAPI(title="fusionserve", version=settings.version, docs_url=None, redoc_url=None)
-    state = AppState(engine, settings, metrics, Serving(engine, engine.model_name), FusionSwitch(engine))
+    state = AppState(
+        engine,
+        settings,
+        metrics,
+        Serving(engine, engine.model_name, settings.tool_call_parser),
+        FusionSwitch(engine),
+    )
     app.state.fusionserve = state
     app.state.drain = state.drain  # serve.py's shutdown flips it
     app.add_middleware(CountRequests, metrics=metrics)

@@ -16,6 +16,24 @@ from fusionserve.server.api.serving_common import (
     sse,
     stream_chunk,
 )
+from fusionserve.server.api.tool_calls import StreamedToolCalls, parse_tool_calls
+
+
+def _message(text: str, finish: str | None, tools: Any) -> tuple[dict[str, Any], str | None]:
+    """The assistant message of a finished choice (tool calls parsed out when tools are in play)
+    and its finish_reason ("tool_calls" when it called any)."""
+    if tools is None:
+        return {"role": "assistant", "content": text, "refusal": None}, finish
+    content, calls = parse_tool_calls(text, tools.parser, set(tools.names))
+    if not calls:
+        return {"role": "assistant", "content": text, "refusal": None}, finish
+    message = {
+        "role": "assistant",
+        "content": content,
+        "refusal": None,
+        "tool_calls": [c.openai() for c in calls],
+    }
+    return message, ("tool_calls" if finish == "stop" else finish)
 
 
 class ChatResponses:
@@ -55,14 +73,16 @@ class ChatResponses:
             if req.logprobs and out.logprobs:
                 st.logprobs.extend(self._chat_logprobs(out.logprobs))
         choices = []
+        tools = primed.jobs[0].tools
         for idx in sorted(states):
             st = states[idx]
+            message, finish = _message("".join(st.text), st.finish_reason, tools)
             choices.append(
                 {
                     "index": idx,
-                    "message": {"role": "assistant", "content": "".join(st.text), "refusal": None},
+                    "message": message,
                     "logprobs": {"content": st.logprobs, "refusal": None} if req.logprobs else None,
-                    "finish_reason": st.finish_reason,
+                    "finish_reason": finish,
                 }
             )
         tokens = usage(prompt_tokens, sum(s.completion_tokens for s in states.values()))
@@ -78,10 +98,14 @@ class ChatResponses:
             choice = {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": finish}
             return stream_chunk(rid, "chat.completion.chunk", created, self.model_name, choice, include_usage)
 
+        tools = primed.jobs[0].tools
+        calls: dict[int, StreamedToolCalls] = {}
         try:
             async for _, out in merge_outputs(primed):
                 if out.index not in states:
                     yield chunk(out.index, {"role": "assistant", "content": ""}, None, None)
+                    if tools is not None:
+                        calls[out.index] = StreamedToolCalls(tools.parser, set(tools.names))
                 st = states.setdefault(out.index, ChoiceState())
                 self._absorb(st, out)
                 prompt_tokens = out.prompt_tokens or prompt_tokens
@@ -89,8 +113,20 @@ class ChatResponses:
                 if req.logprobs:
                     lp = {"content": self._chat_logprobs(out.logprobs or []), "refusal": None}
                 finish = st.finish_reason if out.finished else None
-                if out.text or finish or (lp and lp["content"]):
-                    delta = {"content": out.text} if out.text else {}
+                text = calls[out.index].feed(out.text) if tools is not None else out.text
+                if finish and tools is not None:  # the calls, each as one delta, then the finish
+                    rest, found = calls[out.index].finish()
+                    text += rest
+                    if found:
+                        if text:
+                            yield chunk(out.index, {"content": text}, lp, None)
+                            text, lp = "", None
+                        delta = {"tool_calls": [c.openai(i) for i, c in enumerate(found)]}
+                        yield chunk(out.index, delta, lp, None)
+                        lp = None
+                        finish = "tool_calls" if finish == "stop" else finish
+                if text or finish or (lp and lp["content"]):
+                    delta = {"content": text} if text else {}
                     yield chunk(out.index, delta, lp, finish)
             if include_usage:
                 yield sse(

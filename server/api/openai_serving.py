@@ -30,14 +30,29 @@ from fusionserve.server.api.protocol import (
     request_priority,
     sampling_kwargs,
 )
-from fusionserve.server.api.serving_common import Job, Primed, TokenText, first_output, static_outputs
+from fusionserve.server.api.serving_common import (
+    Job,
+    Primed,
+    TokenText,
+    ToolUse,
+    first_output,
+    static_outputs,
+)
+from fusionserve.server.api.structured_output import Constraint, GrammarValidator, request_constraint
+from fusionserve.server.api.tool_calls import (
+    detect_parser,
+    parse_tools,
+    resolve_choice,
+    template_messages,
+    tool_grammar,
+)
 from fusionserve.server.contract import SamplingParams
 
 
 class Serving(CompletionResponses, ChatResponses):
     """Turns validated requests into engine jobs and engine outputs into OpenAI responses."""
 
-    def __init__(self, engine: Any, model_name: str) -> None:
+    def __init__(self, engine: Any, model_name: str, tool_parser: str | None = None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
@@ -45,6 +60,12 @@ class Serving(CompletionResponses, ChatResponses):
             vocab_size=int(self.tokenizer.vocab_size), max_model_len=int(engine.max_model_len)
         )
         self.token_text = TokenText(self.tokenizer)
+        template = getattr(self.tokenizer, "chat_template", None)
+        self.chat_template = template if isinstance(template, str) else None
+        self.tool_parser = tool_parser or detect_parser(self.chat_template)
+        model_dir = getattr(self.tokenizer, "model_dir", None)
+        vocab = int(getattr(getattr(engine, "limits", None), "vocab_size", 0) or self.limits.vocab_size)
+        self.grammars = GrammarValidator(model_dir / "tokenizer.json" if model_dir else None, vocab)
         self.scheduling_policy = getattr(engine, "scheduling_policy", "fcfs")
 
     # -- request building -----------------------------------------------------------------------
@@ -88,13 +109,18 @@ class Serving(CompletionResponses, ChatResponses):
             prompts = [(None, list(ids)) for ids in p]  # type: ignore[union-attr]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         kw = sampling_kwargs(req, self.limits)
+        constraint = request_constraint(req)
         echo_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
         # The engine needs max_tokens >= 1. max_tokens=0 (scoring a prompt with echo) either needs
         # no model at all, or one throw-away token to get the prompt logprobs computed.
         static = max_tokens == 0 and echo_lp is None
         discard = max_tokens == 0 and echo_lp is not None
         params = SamplingParams(
-            max_tokens=1 if discard else max_tokens, logprobs=req.logprobs, prompt_logprobs=echo_lp, **kw
+            max_tokens=1 if discard else max_tokens,
+            logprobs=req.logprobs,
+            prompt_logprobs=echo_lp,
+            grammar=constraint.grammar if constraint else None,
+            **kw,
         )
         jobs = []
         for text, ids in prompts:
@@ -102,17 +128,29 @@ class Serving(CompletionResponses, ChatResponses):
                 check_token_ids(ids, self.limits, "prompt")
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
             self._check_length(len(ids), max(max_tokens, 1 if discard else 0), "prompt")
-            jobs.append(Job(new_id("cmpl"), ids, text, params, static, discard, priority))
+            jobs.append(Job(new_id("cmpl"), ids, text, params, static, discard, priority, constraint))
         return jobs
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
         self.check_model(req.model)
         check_unsupported_chat(req)
         priority = request_priority(req, self.scheduling_policy)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        tools = parse_tools(req.tools)
+        choice = resolve_choice(req.tool_choice, tools)
+        constraint = request_constraint(req)
+        if choice not in ("none", "auto"):
+            if constraint is not None:
+                raise ProtocolError(
+                    f"tool_choice {choice!r} cannot be combined with {constraint.param}", param="tool_choice"
+                )
+            grammar = tool_grammar(tools, choice, req.parallel_tool_calls is not False, self.tool_parser)
+            constraint = Constraint(grammar, "tools", "tools")
+        messages, extra = template_messages(
+            [m.for_template() for m in req.messages], tools, self.tool_parser, self.chat_template
+        )
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt is not False
+                messages, add_generation_prompt=req.add_generation_prompt is not False, **extra
             )
         except Exception as exc:  # jinja TemplateError / raise_exception in the template
             raise ProtocolError(
@@ -129,8 +167,20 @@ class Serving(CompletionResponses, ChatResponses):
         self._check_length(len(ids), max_tokens, "messages")
         kw = sampling_kwargs(req, self.limits)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        params = SamplingParams(max_tokens=max_tokens, logprobs=k, **kw)
-        return Job(new_id("chatcmpl"), ids, text, params, priority=priority)
+        params = SamplingParams(
+            max_tokens=max_tokens, logprobs=k, grammar=constraint.grammar if constraint else None, **kw
+        )
+        use = (
+            ToolUse(self.tool_parser, frozenset(t.name for t in tools))
+            if tools and choice != "none"
+            else None
+        )
+        return Job(new_id("chatcmpl"), ids, text, params, priority=priority, constraint=constraint, tools=use)
+
+    async def check_constraints(self, jobs: Sequence[Job]) -> None:
+        """Compile each new grammar once (off the event loop, time-limited): a 400 before queueing."""
+        for constraint in {j.constraint for j in jobs if j.constraint is not None}:
+            await self.grammars.check(constraint)
 
     # -- engine ---------------------------------------------------------------------------------
 

@@ -88,6 +88,13 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool | None = False
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, json_object, or json_schema with its `json_schema`."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat (OpenAI names, vLLM extras last)."""
 
@@ -119,6 +126,14 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: StrictBool | None = True
     include_stop_str_in_output: Literal[False] | None = None
     spaces_between_special_tokens: bool | None = None
+    # Output constraints (server/api/structured_output.py): OpenAI's response_format, vLLM's extras.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted; llguidance serves every constraint
+    structured_outputs: dict[str, Any] | None = None
     # vLLM's request priority: lower first, honoured with --scheduling-policy priority.
     priority: Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)] | None = None
 
@@ -178,13 +193,27 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One chat message; ``content`` is a string or a list of text parts."""
+    """One chat message; ``content`` is a string or a list of text parts. An assistant message may
+    carry the `tool_calls` it made, a `tool` message answers one of them (`tool_call_id`)."""
 
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (HF's convention)."""
+        m: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            m["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            m["name"] = self.name
+        return m
 
     def text(self) -> str:
         if self.content is None:
@@ -192,11 +221,6 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -207,10 +231,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool | None = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     modalities: list[str] | None = None
     reasoning_effort: str | None = None
     # vLLM extras.
@@ -308,14 +331,6 @@ def sampling_kwargs(req: _SamplingFields, limits: Limits) -> dict[str, Any]:
 
 def check_unsupported_chat(req: ChatCompletionRequest) -> None:
     """Refuse declared OpenAI features whose silent omission would change the answer."""
-    if req.tools:
-        raise ProtocolError("tools are not supported by this server", param="tools", code="unsupported")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise ProtocolError("tool_choice is not supported", param="tool_choice", code="unsupported")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise ProtocolError(
-            "only response_format {'type': 'text'} is supported", param="response_format", code="unsupported"
-        )
     if req.top_logprobs is not None and not req.logprobs:
         raise ProtocolError(
             "top_logprobs requires logprobs to be true", param="top_logprobs", code="invalid_value"

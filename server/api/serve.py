@@ -115,6 +115,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--admin-key", default=_env("ADMIN_KEY", None), help="enables /admin/fusion with this key")
     h.add_argument("--max-body-bytes", type=int, default=_env("MAX_BODY_BYTES", 8 * 1024 * 1024))
     h.add_argument(
+        "--tool-call-parser",
+        default=_env("TOOL_CALL_PARSER", "auto"),
+        choices=("auto", "hermes", "llama3_json", "mistral"),
+        help="how the model writes tool calls (auto: from its chat template; hermes for the default model)",
+    )
+    h.add_argument(
         "--allowed-origins",
         type=_origin_list,
         default=_env("ALLOWED_ORIGINS", ""),
@@ -282,6 +288,7 @@ def run_serve(args: argparse.Namespace) -> int:
         admin_key=args.admin_key or None,
         max_body_bytes=args.max_body_bytes,
         allowed_origins=args.allowed_origins,
+        tool_call_parser=None if args.tool_call_parser == "auto" else args.tool_call_parser,
     )
     app = create_app(engine, settings, metrics=metrics)
     return _serve_until_signal(args, app, engine)

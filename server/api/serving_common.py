@@ -27,6 +27,16 @@ class Job:
     static: bool = False  # max_tokens=0 without logprobs: answered without the engine
     discard: bool = False  # max_tokens=0 with echo logprobs: generate 1 token for prompt logprobs, drop it
     priority: int = 0  # lower first under --scheduling-policy priority
+    constraint: Any = None  # structured_output.Constraint: validated before the job is queued
+    tools: Any = None  # ToolUse: the chat answer's tool calls are parsed out of its text
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """What a chat answer needs to find its tool calls: the output format and the known names."""
+
+    parser: str
+    names: frozenset[str]
 
 
 @dataclass

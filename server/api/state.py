@@ -27,6 +27,8 @@ class ServerSettings:
     #: Browser origins allowed to call the API cross-origin (CORS with preflight); empty: no CORS
     #: headers at all, so browsers refuse cross-origin calls. "*" allows every origin.
     allowed_origins: tuple[str, ...] = ()
+    #: The tool-call output format (server/api/tool_calls.py); None: detected from the chat template.
+    tool_call_parser: str | None = None
 
 
 class DrainState:

@@ -54,6 +54,7 @@ async def _generate(request: Request, model: type[CompletionRequest | ChatComple
             partial(sv.completion_full, req),
             partial(sv.completion_stream, req),
         )
+    await sv.check_constraints(jobs)
     return await _run(st, request, jobs, bool(req.stream), full, stream)
 
 

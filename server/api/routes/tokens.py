@@ -24,7 +24,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
         raise ProtocolError("give exactly one of 'prompt' or 'messages'", param="prompt")
     tok = serving.tokenizer
     if req.messages is not None:
-        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        msgs = [m.for_template() for m in req.messages]
         try:
             text = tok.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt is not False)
         except Exception as exc:
