@@ -54,7 +54,12 @@ def _origin_list(text: str) -> tuple[str, ...]:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The `serve` options; each defaults to its FUSIONSERVE_* environment variable."""
-    g = p.add_argument_group("model")
+    _add_model_args(p.add_argument_group("model"))
+    _add_engine_args(p.add_argument_group("engine limits"))
+    _add_http_args(p.add_argument_group("http"))
+
+
+def _add_model_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--model", default=_env("MODEL", None), help="model folder or .gguf (default: SmolLM2-135M)"
     )
@@ -73,7 +78,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=_env("LAYER_TIMING_EVERY", 50),
         help="sample per-layer timing every N steps (0: off)",
     )
-    e = p.add_argument_group("engine limits")
+
+
+def _add_engine_args(e: argparse._ArgumentGroup) -> None:
     e.add_argument("--max-model-len", type=int, default=_env("MAX_MODEL_LEN", None))
     e.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", 64))
     e.add_argument("--max-num-batched-tokens", type=int, default=_env("MAX_NUM_BATCHED_TOKENS", 2048))
@@ -106,7 +113,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="Python's thread switch interval: how long a thread waiting for the GIL waits at most "
         "(with --engine-core thread the GPU idles meanwhile; Python's default is 5 ms)",
     )
-    h = p.add_argument_group("http")
+
+
+def _add_http_args(h: argparse._ArgumentGroup) -> None:
     h.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     h.add_argument("--port", type=int, default=_env("PORT", 8000))
     h.add_argument(

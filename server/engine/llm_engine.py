@@ -44,7 +44,7 @@ from fusionserve.server.engine.output_processor import (
 from fusionserve.server.engine.sampler import SampleHandle, Sampler
 from fusionserve.server.engine.scheduler import Scheduler, SchedulerConfig
 from fusionserve.server.engine.sequence import UNKNOWN_TOKEN, Sequence, Status
-from fusionserve.server.engine.structured import GrammarMatchers, ParkedRequests, grammar_done
+from fusionserve.server.engine.structured import GrammarMatchers, ParkedRequests
 
 
 @dataclass
@@ -131,19 +131,17 @@ class LLMEngine:
         req = RequestState(
             request_id, prompt_ids, params, time.monotonic() if arrival is None else arrival, priority
         )
-        if params.prompt_logprobs is not None:
-            req.prompt_lps = [None]
-        if params.grammar is not None:
-            compiled = self.grammars.compile_async(params.grammar)
-            if not compiled.done():  # compiles on a worker thread; scheduled once it is ready
-                self.requests[request_id] = req
-                self._parked.add(compiled, req)
-                return
+        req.prompt_lps = [None] if params.prompt_logprobs is not None else None
+        compiled = self.grammars.compile_async(params.grammar) if params.grammar is not None else None
+        if compiled is not None and compiled.done():
             compiled.result()  # a grammar that does not compile fails its request here
         self.requests[request_id] = req
-        self._schedule_leader(req)
+        if compiled is not None and not compiled.done():  # compiling on a worker thread: parked
+            self._parked.add(compiled, req)
+        else:
+            self._schedule_leader(req)
 
-    def _schedule_leader(self, req: RequestState) -> None:
+    def _schedule_leader(self, req: RequestState) -> None:  # n > 1: the others fork off it
         leader = self._new_choice(req, 0, list(req.prompt_ids)).seq
         leader.pending_forks = req.params.n - 1
         self.scheduler.add(leader)
@@ -365,6 +363,8 @@ class LLMEngine:
             return None
         inf = self._inflight.popleft()
         token_ids = inf.handle.token_ids() if inf.handle is not None else []
+        if self._grammars is not None:
+            self._grammars.consume(inf.rows, token_ids)
         # Launched ahead, a step queues behind the previous one: its latency starts when that one ended.
         end = time.perf_counter()
         self._observe_step(inf, end - max(inf.t0, self._last_collect))
@@ -398,7 +398,7 @@ class LLMEngine:
         ch.last_token_at = now
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
             ch.stop_reason = "stop"
-        elif ch.matcher is not None and grammar_done(ch.matcher, tok, req.request_id):
+        elif ch.grammar_done:
             ch.stop_reason = "complete"  # the grammar admits nothing more: its text ends the output
         elif self._at_length_limit(ch):
             ch.stop_reason = "length"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fusionserve.server.contract import RequestOutput, SamplingParams, TokenLogprob
-from fusionserve.server.engine.sequence import Sequence
+from fusionserve.server.engine.sequence import Sequence, Status
 
 
 class StopMatcher:
@@ -87,6 +87,7 @@ class Choice:
     detok: Any  # models.tokenizer.IncrementalDetokenizer | None
     stops: StopMatcher | None
     matcher: Any = None  # llguidance.LLMatcher of a constrained output (server/engine/structured.py)
+    grammar_done: bool = False  # its grammar admits nothing more after the last collected id
     new_ids: list[int] = field(default_factory=list)
     new_lps: list[TokenLogprob] = field(default_factory=list)
     new_text: str = ""
@@ -97,6 +98,9 @@ class Choice:
     pending_row: int = -1
     stop_reason: str | None = None  # decided when the token arrived (eos / stop id / length)
     finish_reason: str | None = None  # set once its text is processed
+
+    def seq_finished(self) -> bool:
+        return self.seq.status is Status.FINISHED
 
     def push_text(self, tok: int) -> bool:
         """Detokenize a sampled id into `new_text` (stop strings cut); True when one was hit."""

@@ -44,20 +44,27 @@ class GrammarMatchers:
 
         self._ll = llguidance
         self.tokenizer = llguidance.LLTokenizer(
-            str(tokenizer_json), n_vocab=model_vocab, eos_token=sorted(eos_ids) or None
+            str(tokenizer_json), n_vocab=tokenizer_vocab, eos_token=sorted(eos_ids) or None
         )
         self.executor = llguidance.LLExecutor()
         self.model_vocab, self.device = model_vocab, device
-        self.words = (model_vocab + 31) // 32
-        # Ids past the tokenizer's vocabulary (a model's padded embedding rows) are never allowed.
+        # Masks cover the tokenizer's ids only: the kernel masks every column past them (a model's
+        # padded embedding rows), and llguidance need not walk ids that spell nothing.
+        self.words = (tokenizer_vocab + 31) // 32
         valid = np.zeros(self.words * 32, dtype=bool)
-        valid[: min(tokenizer_vocab, model_vocab)] = True
+        valid[: min(tokenizer_vocab, model_vocab)] = True  # ids the model cannot produce stay masked
         self._valid_words = np.packbits(valid, bitorder="little").view(np.int32)
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._compiling: dict[str, Future] = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fusionserve-grammar")
+        # Host and device mask buffers, grown on demand and reused: allocating pinned memory costs
+        # about a millisecond, every step. Reuse is safe: the next fill follows a collect, which
+        # waits for this step's sampling, which follows this step's copy on the stream.
+        self._masks = torch.empty((0, self.words), dtype=torch.int32)
+        self._rows = torch.empty(0, dtype=torch.int32)
+        self._dev: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- compiling -----------------------------------------------------------------------
 
@@ -107,25 +114,47 @@ class GrammarMatchers:
         """Mask logits[rows[i]] to what matchers[i] allows next (in place, one kernel on CUDA)."""
         from fusionserve.kernels import reference
 
-        pin = logits.is_cuda
-        mask = torch.empty((len(rows), self.words), dtype=torch.int32, pin_memory=pin)
+        n, cuda = len(rows), logits.is_cuda
+        if self._masks.shape[0] < n:
+            cap = max(n, 2 * self._masks.shape[0])
+            self._masks = torch.empty((cap, self.words), dtype=torch.int32, pin_memory=cuda)
+            self._rows = torch.empty(cap, dtype=torch.int32, pin_memory=cuda)
+            self._dev = (self._masks.to(logits.device), self._rows.to(logits.device)) if cuda else None
+        masks, idx = self._masks[:n], self._rows[:n]
         self.executor.unsafe_compute_mask_ptr(
-            list(zip(matchers, range(len(rows)))), mask.data_ptr(), self.words * 4, len(rows)
+            list(zip(matchers, range(n))), masks.data_ptr(), self.words * 4, n
         )
-        mask_np = mask.numpy()
-        np.bitwise_and(mask_np, self._valid_words, out=mask_np)
-        idx = torch.tensor(rows, dtype=torch.int32)
+        buf = masks.numpy()
+        np.bitwise_and(buf, self._valid_words, out=buf)
+        idx.numpy()[:] = rows
         with torch.inference_mode():
-            if pin:
+            if cuda:
                 from fusionserve.kernels.token_bitmask import apply_token_bitmask
 
-                apply_token_bitmask(
-                    logits,
-                    mask.to(logits.device, non_blocking=True),
-                    idx.to(logits.device, non_blocking=True),
-                )
+                dev_masks, dev_rows = self._dev[0][:n], self._dev[1][:n]
+                dev_masks.copy_(masks, non_blocking=True)
+                dev_rows.copy_(idx, non_blocking=True)
+                apply_token_bitmask(logits, dev_masks, dev_rows)
             else:
-                reference.token_bitmask(logits, mask, idx)
+                reference.token_bitmask(logits, masks, idx)
+
+    def consume(self, rows: list[Any], token_ids: list[int]) -> None:
+        """Feed a collected step's ids to its live constrained rows, all at once (llguidance's
+        threads, no GIL): one call per step, not a Python round trip per row. Sets
+        `Choice.grammar_done` where the grammar is complete (or, never expected with the mask
+        applied, refused the id: the output ends rather than go astray)."""
+        live = [
+            (ch, tok) for ch, tok in zip(rows, token_ids) if ch.matcher is not None and not ch.seq_finished()
+        ]
+        if not live:
+            return
+        results = self.executor.consume_token_par([(ch.matcher, tok) for ch, tok in live])
+        for (ch, tok), ok in zip(live, results):
+            if not ok:
+                log.warning(
+                    "grammar refused token %d of %s: %s", tok, ch.request.request_id, ch.matcher.get_error()
+                )
+            ch.grammar_done = not ok or ch.matcher.is_stopped()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -141,15 +170,6 @@ class GrammarMatchers:
             eos_ids,
             decoder.device,
         )
-
-
-def grammar_done(matcher: Any, tok: int, request_id: str) -> bool:
-    """Feed a sampled id to a row's matcher; True once the grammar is complete (or, never expected
-    with the mask applied, the matcher refused the id: the output ends rather than go astray)."""
-    if not matcher.consume_token(tok):
-        log.warning("grammar refused token %d of %s: %s", tok, request_id, matcher.get_error())
-        return True
-    return matcher.is_stopped()
 
 
 class ParkedRequests:
