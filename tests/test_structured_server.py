@@ -181,7 +181,7 @@ def test_required_and_named_tool_choice_validate(client: openai.OpenAI, choice: 
 
 def test_streamed_tool_calls_and_the_round_trip(client: openai.OpenAI) -> None:
     calls: dict[int, dict[str, str]] = {}
-    finish = None
+    finish, pieces = None, 0
     for chunk in client.chat.completions.create(
         model=MODEL,
         messages=ASK,
@@ -197,8 +197,10 @@ def test_streamed_tool_calls_and_the_round_trip(client: openai.OpenAI) -> None:
             slot["id"] += tc.id or ""
             slot["name"] += (tc.function.name or "") if tc.function else ""
             slot["arguments"] += (tc.function.arguments or "") if tc.function else ""
+            pieces += bool(tc.function and tc.function.arguments)
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and sorted(calls) == list(range(len(calls))) and calls  # parallel allowed
+    assert pieces > len(calls)  # the arguments arrive in pieces, as OpenAI streams them
     for call in calls.values():
         assert call["name"] == "get_weather" and call["id"].startswith("call_")
         jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])

@@ -59,21 +59,48 @@ def test_each_format_parses_whole_and_streamed(parser):
     assert content == ("Sure." if parser == "hermes" else None)
     stream = StreamedToolCalls(parser, NAMES)
     text = OUTPUTS[parser]
-    shown = "".join(stream.feed(text[i : i + 3]) for i in range(0, len(text), 3))
-    rest, streamed = stream.finish()
-    assert (shown + rest).strip() == (content or "")
-    assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls]
+    shown, deltas = "", []
+    for i in range(0, len(text), 3):
+        piece, more = stream.feed(text[i : i + 3])
+        shown, deltas = shown + piece, deltas + more
+    rest, more, called = stream.finish()
+    assert (shown + rest).strip() == (content or "") and called
+    streamed = accumulate(deltas + more)
+    assert [s["name"] for s in streamed] == ["get_weather", "get_time"]
+    assert [json.loads(s["arguments"]) for s in streamed] == [{"city": "Paris"}, {}]
+    assert all(s["id"].startswith("call_") for s in streamed)
+    assert (
+        sum(1 for d in deltas if "arguments" in d["function"] and d["function"]["arguments"]) > 2
+    )  # in pieces
+
+
+def accumulate(deltas: list[dict]) -> list[dict]:
+    """The calls an OpenAI client assembles from streamed tool-call deltas."""
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        slot = calls.setdefault(d["index"], {"id": "", "name": "", "arguments": ""})
+        slot["id"] += d.get("id", "")
+        slot["name"] += d["function"].get("name", "")
+        slot["arguments"] += d["function"].get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
 
 
 @pytest.mark.parametrize("parser", PARSERS)
-def test_prose_and_unknown_functions_stay_content(parser):
-    for text in ("The weather is nice.", OUTPUTS[parser].replace("get_time", "launch_rockets")):
-        content, calls = parse_tool_calls(text, parser, NAMES)
-        assert calls == [] and content == text
-        stream = StreamedToolCalls(parser, NAMES)
-        shown = "".join(stream.feed(ch) for ch in text)
-        rest, streamed = stream.finish()
-        assert shown + rest == text and streamed == []
+def test_prose_stays_content_and_made_up_functions_are_dropped(parser):
+    text = "The weather is nice."
+    assert parse_tool_calls(text, parser, NAMES) == (text, [])
+    stream = StreamedToolCalls(parser, NAMES)
+    fed = [stream.feed(ch) for ch in text]
+    rest, more, called = stream.finish()
+    assert "".join(c for c, _ in fed) + rest == text and not called
+    assert [d for _, ds in fed for d in ds] + more == []
+    made_up = OUTPUTS[parser].replace("get_time", "launch_rockets")
+    _, calls = parse_tool_calls(made_up, parser, NAMES)
+    assert [c.name for c in calls] == ["get_weather"]
+    stream = StreamedToolCalls(parser, NAMES)
+    deltas = [d for ch in made_up for d in stream.feed(ch)[1]]
+    _, more, called = stream.finish()
+    assert called and [c["name"] for c in accumulate(deltas + more)] == ["get_weather"]
 
 
 def test_detect_parser_from_the_template():
@@ -156,6 +183,11 @@ def test_constraint_sources_and_their_params():
     assert request_constraint(chat(guided_choice=["a", "b"])).kind == "choice"
     assert request_constraint(chat(structured_outputs={"regex": "a+"})).param == "structured_outputs.regex"
     assert request_constraint(chat(structured_outputs={"json_object": True})).kind == "json_object"
+    compact = request_constraint(chat(guided_json={"type": "object"})).grammar
+    spaced = request_constraint(
+        chat(guided_json={"type": "object"}, guided_whitespace_pattern=r"[ \n]*")
+    ).grammar
+    assert compact != spaced and "whitespace_flexible" in spaced
     with pytest.raises(ProtocolError) as e:
         request_constraint(chat(guided_regex="a", response_format={"type": "json_object"}))
     assert "only one" in e.value.message

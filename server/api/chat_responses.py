@@ -113,18 +113,18 @@ class ChatResponses:
                 if req.logprobs:
                     lp = {"content": self._chat_logprobs(out.logprobs or []), "refusal": None}
                 finish = st.finish_reason if out.finished else None
-                text = calls[out.index].feed(out.text) if tools is not None else out.text
-                if finish and tools is not None:  # the calls, each as one delta, then the finish
-                    rest, found = calls[out.index].finish()
-                    text += rest
-                    if found:
-                        if text:
-                            yield chunk(out.index, {"content": text}, lp, None)
-                            text, lp = "", None
-                        delta = {"tool_calls": [c.openai(i) for i, c in enumerate(found)]}
-                        yield chunk(out.index, delta, lp, None)
-                        lp = None
-                        finish = "tool_calls" if finish == "stop" else finish
+                text, call_deltas = calls[out.index].feed(out.text) if tools is not None else (out.text, [])
+                if finish and tools is not None:  # what the scanner did not stream, then the finish
+                    rest, more, called = calls[out.index].finish()
+                    text, call_deltas = text + rest, call_deltas + more
+                    if called and finish == "stop":
+                        finish = "tool_calls"
+                if call_deltas:
+                    if text:
+                        yield chunk(out.index, {"content": text}, lp, None)
+                        text, lp = "", None
+                    yield chunk(out.index, {"tool_calls": call_deltas}, lp, None)
+                    lp = None
                 if text or finish or (lp and lp["content"]):
                     delta = {"content": text} if text else {}
                     yield chunk(out.index, delta, lp, finish)

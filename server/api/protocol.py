@@ -132,6 +132,7 @@ class _SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None  # JSON whitespace, as vLLM's
     guided_decoding_backend: str | None = None  # accepted; llguidance serves every constraint
     structured_outputs: dict[str, Any] | None = None
     # vLLM's request priority: lower first, honoured with --scheduling-policy priority.

@@ -53,8 +53,10 @@ def _unsupported(message: str, param: str) -> ProtocolError:
     return ProtocolError(message, param=param, code="invalid_value")
 
 
-def grammar_text(kind: str, spec: Any, param: str) -> str:
-    """The llguidance grammar for one constraint spec (shape errors are 400s naming `param`)."""
+def grammar_text(kind: str, spec: Any, param: str, layout: dict[str, Any] | None = None) -> str:
+    """The llguidance grammar for one constraint spec (shape errors are 400s naming `param`);
+    `layout`: the JSON compile options (default JSON_LAYOUT)."""
+    layout = layout or JSON_LAYOUT
     import llguidance
 
     ll = llguidance.LLMatcher
@@ -64,9 +66,9 @@ def grammar_text(kind: str, spec: Any, param: str) -> str:
                 spec = json.loads(spec)
             if not isinstance(spec, dict | bool):
                 raise ValueError("a JSON schema must be an object")
-            return ll.grammar_from_json_schema(spec, defaults=JSON_LAYOUT)
+            return ll.grammar_from_json_schema(spec, defaults=layout)
         if kind == "json_object":
-            return ll.grammar_from_json_schema({"type": "object"}, defaults=JSON_LAYOUT)
+            return ll.grammar_from_json_schema({"type": "object"}, defaults=layout)
         if kind == "regex":
             if not isinstance(spec, str) or not spec:
                 raise ValueError("a regex must be a non-empty string")
@@ -133,13 +135,18 @@ def request_constraint(req: Any) -> Constraint | None:
                 "whitespace_pattern",
             ):
                 raise _unsupported(f"structured_outputs.{key} is not supported", f"structured_outputs.{key}")
+    pattern = getattr(req, "guided_whitespace_pattern", None) or (so or {}).get("whitespace_pattern")
     if not found:
         return None
     if len(found) > 1:
         names = ", ".join(p for p, _, _ in found)
         raise _unsupported(f"only one output constraint may be given (got {names})", found[1][0])
     param, kind, spec = found[0]
-    return Constraint(grammar_text(kind, spec, param), param, kind)
+    # vLLM's whitespace pattern for JSON; without one, JSON_LAYOUT (its disable_any_whitespace).
+    layout = (
+        {"whitespace_flexible": True, "whitespace_pattern": pattern} if isinstance(pattern, str) else None
+    )
+    return Constraint(grammar_text(kind, spec, param, layout), param, kind)
 
 
 class GrammarValidator:

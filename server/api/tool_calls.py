@@ -230,8 +230,8 @@ def _as_calls(obj: Any, parser: str) -> list[ToolCall] | None:
 
 
 def parse_tool_calls(text: str, parser: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
-    """(content before the calls or None, the calls). Text that does not parse as calls of known
-    functions stays content: a model that answers in prose is not an error."""
+    """(content before the calls or None, the calls of known functions). Text that does not parse
+    as calls stays content: a model that answers in prose is not an error."""
     if parser == "hermes":
         blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S)
         start = text.find("<tool_call>")
@@ -254,32 +254,47 @@ def parse_tool_calls(text: str, parser: str, names: set[str]) -> tuple[str | Non
             got = _as_calls(json.loads(part.strip()), parser)
         except json.JSONDecodeError:
             got = None
-        if not got or any(c.name not in names for c in got):
+        if not got:
             return text, []
-        calls += got
+        calls += [c for c in got if c.name in names]  # a made-up function is not called (nor streamed)
+    if not calls:
+        return text, []
     content = text[:start].strip() if parser != "llama3_json" else ""
     return (content or None), calls
 
 
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
 class StreamedToolCalls:
-    """Streams content until a tool-call marker appears, then holds the rest back; the calls are
-    parsed when the output ends (each sent as one delta with its id, name and arguments)."""
+    """Streams content until a tool-call marker appears; from there, tool-call deltas as OpenAI
+    sends them: each call's index, id, type and name once its name is complete, then its arguments
+    in pieces as they are written (the raw JSON text of the value, so the pieces concatenate to it).
+
+    A call written with its arguments before its name, or in a shape the scanner does not follow,
+    is sent whole when the output ends (parse_tool_calls decides then)."""
 
     def __init__(self, parser: str, names: set[str]) -> None:
         self.parser, self.names = parser, names
         self.marker = _MARKERS[parser]
         self.text = ""
-        self.sent = 0  # characters of `text` streamed as content
+        self.sent = 0  # characters of `text` streamed as content; the call region starts here
         self.in_call = False
         self.decided = False  # llama3_json: whether the answer is a call or prose
+        self.calls: list[dict[str, Any]] = []  # streamed calls: id, name, value_start, emitted, done
+        self.scan = 0  # region offset where the next call head is searched
 
-    def feed(self, delta: str) -> str:
-        """Content safe to stream now."""
+    def feed(self, delta: str) -> tuple[str, list[dict[str, Any]]]:
+        """(content safe to stream now, tool-call deltas)."""
         self.text += delta
-        if self.in_call:
-            return ""
-        if self.parser == "llama3_json":
-            return self._feed_json()
+        if not self.in_call:
+            content = self._feed_json() if self.parser == "llama3_json" else self._feed_marked()
+            if not self.in_call:
+                return content, []
+            return content, self._scan_calls()
+        return "", self._scan_calls()
+
+    def _feed_marked(self) -> str:
         at = self.text.find(self.marker, self.sent)
         if at >= 0:
             self.in_call = True
@@ -303,15 +318,76 @@ class StreamedToolCalls:
         out, self.sent = self.text[self.sent :], len(self.text)
         return out
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """(content still to stream, the parsed calls)."""
+    def _scan_calls(self) -> list[dict[str, Any]]:
+        region, deltas = self.text[self.sent :], []
+        while True:
+            cur = self.calls[-1] if self.calls and not self.calls[-1]["done"] else None
+            if cur is None:
+                m = _CALL_HEAD.search(region, self.scan)
+                if m is None or m.group(1) not in self.names:
+                    return deltas
+                cur = {
+                    "id": new_call_id(),
+                    "name": m.group(1),
+                    "start": m.end(),
+                    "emitted": m.end(),
+                    "done": False,
+                }
+                self.calls.append(cur)
+                head = {"index": len(self.calls) - 1, "id": cur["id"], "type": "function"}
+                deltas.append({**head, "function": {"name": cur["name"], "arguments": ""}})
+            end, complete = _json_value_end(region, cur["start"])
+            if end > cur["emitted"]:
+                piece = region[cur["emitted"] : end]
+                deltas.append({"index": len(self.calls) - 1, "function": {"arguments": piece}})
+                cur["emitted"] = end
+            if not complete:
+                return deltas
+            cur["done"], self.scan = True, end
+
+    def finish(self) -> tuple[str, list[dict[str, Any]], bool]:
+        """(content still to stream, the remaining tool-call deltas, whether the answer called any).
+        The whole text is parsed once more: calls the scanner did not stream are sent whole."""
         if not self.in_call:
             rest, self.sent = self.text[self.sent :], len(self.text)
-            return rest, []
-        content, calls = parse_tool_calls(self.text[self.sent :], self.parser, self.names)
-        if not calls:
-            return self.text[self.sent :], []
-        return (content or ""), calls
+            return rest, [], False
+        _, calls = parse_tool_calls(self.text[self.sent :], self.parser, self.names)
+        if not calls and not self.calls:
+            return self.text[self.sent :], [], False
+        deltas = [c.openai(i) for i, c in enumerate(calls) if i >= len(self.calls)]
+        return "", deltas, True
+
+
+def _json_value_end(text: str, start: int) -> tuple[int, bool]:
+    """(end of the JSON value that starts at `start` as far as `text` holds it, whether complete).
+    Strings and escapes are followed; a container ends when its brackets balance, a scalar at the
+    next delimiter."""
+    depth, in_str, esc, i = 0, False, False, start
+    while i < len(text):
+        ch = text[i]
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+                if depth == 0:
+                    return i + 1, True
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            if depth == 0:
+                return i, True  # a scalar value ended by its object's closing brace
+            depth -= 1
+            if depth == 0:
+                return i + 1, True
+        elif ch == "," and depth == 0:
+            return i, True
+        i += 1
+    return len(text), False
 
 
 def _partial_suffix(text: str, marker: str) -> int:
