@@ -372,8 +372,9 @@ def _llama_cpp_rope_freqs(cfg: dict[str, Any]) -> np.ndarray:
 )
 def test_llama3_rope_scaling_survives_conversion(tmp_path: Path, scaling: dict[str, Any]) -> None:
     """A Llama-3.x GGUF carries its RoPE scaling only as rope_freqs: the converted model's logits equal
-    transformers' on the source checkpoint (which transformers' own GGUF loader would get wrong: it
-    ignores rope_freqs), and they differ measurably from the unscaled model's."""
+    transformers' on the source checkpoint and transformers' on the same GGUF file once given the
+    recovered rope_scaling (its own GGUF loader ignores rope_freqs and gets the RoPE wrong), and its
+    frequencies are the scaled ones."""
     import transformers
 
     from fusionserve.kernels.batch import contiguous_batch
@@ -395,7 +396,20 @@ def test_llama3_rope_scaling_survives_conversion(tmp_path: Path, scaling: dict[s
     ours = Decoder.from_pretrained(out, device="cpu", dtype=torch.float32, progress=False)
     kv = ours.allocate_kv_cache(num_blocks=16, block_size=16)
     hidden = ours.forward(ids[0], torch.arange(200), contiguous_batch([200], [200], 16), kv, fusion=True)
-    assert rel_err(ours.logits(hidden), want) <= 1e-4
+    mine = ours.logits(hidden)
+    assert rel_err(mine, want) <= 1e-4
+    # transformers reading the same GGUF file: the same weights, but its GGUF loader knows no
+    # rope_freqs (default RoPE); with the rope_scaling our converter recovered it matches again.
+    read = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    with torch.no_grad():
+        assert (
+            rel_err(read(ids).logits[0], want) > 1e-4 or scaling["original_max_position_embeddings"] == 8192
+        )
+        fixed = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(out)).eval()
+        fixed.load_state_dict(read.state_dict())
+        assert rel_err(fixed(ids).logits[0], mine) <= 1e-4
     # The RoPE frequencies themselves: transformers' (from the source config) to fp32 precision,
     # and far from the unscaled ones (the scaling is really carried, not a no-op at this length).
     hf_inv = ref.model.rotary_emb.inv_freq.double()
