@@ -342,3 +342,15 @@ def test_priority_needs_the_priority_policy(http: httpx.Client) -> None:
         assert httpx.post(s.url + "/v1/chat/completions", json={**chat, "priority": -3}).status_code == 200
         assert httpx.post(s.url + "/v1/completions", json={**body, "priority": 7}).status_code == 200
     assert engine.priorities == [-3, 7]
+
+
+def test_livez_stays_up_while_the_engine_is_respawned() -> None:
+    engine = FakeEngine()
+    with ThreadServer(engine, ServerSettings()) as s:
+        assert httpx.get(s.url + "/livez").status_code == 200
+        engine.alive, engine.restarting = False, True
+        assert httpx.get(s.url + "/health").json() == {"status": "engine_restarting"}
+        assert httpx.get(s.url + "/livez").status_code == 200
+        engine.restarting = False
+        r = httpx.get(s.url + "/livez")
+        assert r.status_code == 503 and r.json() == {"status": "engine_dead"}

@@ -614,7 +614,8 @@ def test_deployment():
     assert c["image"] == "fusionserve"  # rewritten by kustomization's images
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["http"] == PORT
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"  # a respawning engine is not a dead pod
+    for probe in ("startupProbe", "readinessProbe"):
         get = c[probe]["httpGet"]
         assert get["path"] == "/health", probe
         assert ports.get(get["port"], get["port"]) == PORT, probe

@@ -31,6 +31,7 @@ ENDPOINTS = (
     "/tokenize",
     "/detokenize",
     "/health",
+    "/livez",
     "/version",
     "/metrics",
     "/admin/fusion",

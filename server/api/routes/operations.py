@@ -55,6 +55,17 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": status}, status_code=503)
 
 
+@router.get("/livez")
+async def livez(request: Request) -> Response:
+    """Liveness for orchestrators: 200 while this server can still serve, including while a dead
+    engine is respawned (restarting the container then would only restart the reload); 503 once
+    the engine is dead for good (the server is about to exit non-zero anyway)."""
+    st = app_state(request)
+    if st.engine.is_alive() or st.engine.restarting or st.drain.draining:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "engine_dead"}, status_code=503)
+
+
 @router.get("/version")
 async def version(request: Request) -> dict[str, str]:
     return {"version": app_state(request).settings.version}
