@@ -121,10 +121,20 @@ class Geometry:
     head_dim: int
     eps: float
     scale: float
+    layer_norm: bool = False  # GPT-NeoX: LayerNorm (deferred mean and variance), GELU MLP
+    gelu: str = "none"  # its GELU: exact ("none") or the tanh approximation
 
     @classmethod
-    def of(cls, num_heads: int, num_kv_heads: int, head_dim: int, eps: float) -> Geometry:
-        return cls(num_heads, num_kv_heads, head_dim, eps, head_dim**-0.5)
+    def of(
+        cls,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        eps: float,
+        layer_norm: bool = False,
+        gelu: str = "none",
+    ) -> Geometry:
+        return cls(num_heads, num_kv_heads, head_dim, eps, head_dim**-0.5, layer_norm, gelu)
 
 
 @dataclass(frozen=True)

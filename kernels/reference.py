@@ -133,18 +133,20 @@ def rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding in HF's half-split layout.
 
-    q [T, Hq, D], k [T, Hk, D]; cos_sin [max_pos, D] fp32 holding cos in the
-    first D/2 columns and sin in the last D/2.
+    q [T, Hq, D], k [T, Hk, D]; cos_sin [max_pos, R] fp32 holding cos in the first R/2 columns and
+    sin in the last R/2: the first R dims of each head rotate (R = D but for partial rotary), the
+    rest pass through.
     """
-    half = q.shape[-1] // 2
+    rot = cos_sin.shape[-1]  # the leading dims that rotate (GPT-NeoX: a fraction of the head)
+    half = rot // 2
     cs = cos_sin[positions.long()]
     cos = cs[:, None, :half]
     sin = cs[:, None, half:]
 
     def rotate(t: torch.Tensor) -> torch.Tensor:
         tf = t.float()
-        a, b = tf[..., :half], tf[..., half:]
-        return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1).to(t.dtype)
+        a, b = tf[..., :half], tf[..., half:rot]
+        return torch.cat((a * cos - b * sin, b * cos + a * sin, tf[..., rot:]), dim=-1).to(t.dtype)
 
     return rotate(q), rotate(k)
 
@@ -245,3 +247,98 @@ def _decode_attention_batched(
         enable_gqa=hq != hk,
     )
     return o[:, :, 0, :].to(q.dtype)
+
+
+# -- LayerNorm (GPT-NeoX), deferred -----------------------------------------------------------------
+#
+# LayerNorm then linear, per row x (length K): z = W (γ ⊙ (x − μ)/σ + β) + b = (1/σ)(W' x − μ c) + b'
+# with W' = W diag(γ), c = W' 1 and b' = W β + b folded at load (models/loader.py). The producer of x
+# hands on (Σx, M2) with M2 = Σ(x − mean)² taken about the row's own mean: Σx² − K μ² would cancel
+# catastrophically for rows whose mean is large next to their spread (fp32 keeps ~7 digits, so a
+# mean of 1e3 and a spread of 1 leave nothing of the variance); the shifted sum does not.
+
+
+def ln_stats(x: torch.Tensor) -> torch.Tensor:
+    """A producer's LayerNorm statistics of the rows it wrote: [T, 2] fp32 = (Σx, Σ(x − mean)²)."""
+    xf = x.float()
+    total = xf.sum(-1, keepdim=True)
+    m2 = (xf - total / x.shape[-1]).pow(2).sum(-1, keepdim=True)
+    return torch.cat((total, m2), dim=-1)
+
+
+def ln_scale(stats: torch.Tensor, k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1/σ) per row [T, 1] from ln_stats."""
+    return stats[:, :1] / k, torch.rsqrt(stats[:, 1:2] / k + eps)
+
+
+def layernorm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The explicit norm of the 'off' path, (x − μ)/σ: gain and bias live in the next layer."""
+    mean, rstd = ln_scale(ln_stats(x), x.shape[-1], eps)
+    return ((x.float() - mean) * rstd).to(x.dtype)
+
+
+def ln_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    col_sums: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    want_stats: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y = [(x W'ᵀ − μ c)/σ] + b' + residual in fp32, rounded once; (y, ln_stats(y) or None).
+    With `stats` (the producer's) the LayerNorm is deferred; without, x is taken as it is."""
+    acc = x.float() @ weight.float().t()
+    if stats is not None:
+        mean, rstd = ln_scale(stats, x.shape[-1], eps)
+        acc = (acc - mean * col_sums.float()[None, :]) * rstd
+    if bias is not None:
+        acc = acc + bias.float()
+    if residual is not None:
+        acc = acc + residual.float()
+    y = acc.to(out_dtype or x.dtype)
+    return y, (ln_stats(y) if want_stats else None)
+
+
+def ln_embedding(
+    ids: torch.Tensor, table: torch.Tensor, want_stats: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x = F.embedding(ids, table)
+    return x, (ln_stats(x) if want_stats else None)
+
+
+def gelu_mlp_input(
+    x: torch.Tensor,
+    stats: torch.Tensor | None,
+    w_up: torch.Tensor,
+    c_up: torch.Tensor,
+    b_up: torch.Tensor,
+    eps: float,
+    approximate: str = "none",
+) -> torch.Tensor:
+    """GELU(LayerNorm(x) W_upᵀ + b_up), the norm deferred when `stats` is given."""
+    up, _ = ln_linear(x, w_up, c_up, b_up, stats=stats, eps=eps, out_dtype=torch.float32)
+    return F.gelu(up, approximate=approximate).to(x.dtype)
+
+
+def ln_attn_input(
+    x: torch.Tensor,
+    stats: torch.Tensor | None,
+    w_qkv: torch.Tensor,
+    c_qkv: torch.Tensor,
+    b_qkv: torch.Tensor,
+    rotary: Rotary,
+    kv: LayerKV,
+    geom: Geometry,
+) -> torch.Tensor:
+    """attn_input with the deferred LayerNorm: qkv GEMM → (partial) RoPE → KV write; returns q."""
+    qkv, _ = ln_linear(x, w_qkv, c_qkv, b_qkv, stats=stats, eps=geom.eps)
+    hq, hk, d = geom.num_heads, geom.num_kv_heads, geom.head_dim
+    q = qkv[:, : hq * d].view(-1, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(-1, hk, d)
+    v = qkv[:, (hq + hk) * d :].view(-1, hk, d)
+    q, k = rope(q, k, rotary.positions, rotary.cos_sin)
+    write_kv(k, v, kv.k_cache, kv.v_cache, kv.slot_mapping)
+    return q

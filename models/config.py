@@ -20,7 +20,10 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "GPTNeoXForCausalLM": "gpt_neox",
 }
+#: GPT-NeoX activations: exact GELU, or its tanh approximation under HF's other names.
+GELU_ACTS = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_pytorch_tanh": "tanh"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,6 +48,17 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
+    # GPT-NeoX (Pythia): LayerNorm with bias, partial rotary, a plain GELU MLP with biases, the
+    # parallel residual. Llama-family defaults otherwise.
+    layer_norm: bool = False
+    rotary_dim: int | None = None  # None: the whole head
+    parallel_residual: bool = False
+    gelu: str | None = None  # None: gated SiLU; "none" / "tanh": GELU's approximate= argument
+    dense_bias: bool = False  # o_proj and the MLP carry biases
+
+    @property
+    def rotary_dims(self) -> int:
+        return self.rotary_dim or self.head_dim
 
     @property
     def rope_type(self) -> str:
@@ -52,7 +66,7 @@ class ModelConfig:
 
     def rope_inv_freq(self) -> torch.Tensor:
         """Per-pair rotary frequencies, with the checkpoint's scaling applied (fp32, [head_dim/2])."""
-        dim = self.head_dim
+        dim = self.rotary_dims
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         kind = self.rope_type
         if kind == "linear":
@@ -70,7 +84,8 @@ class ModelConfig:
         return inv
 
     def rope_table(self, max_positions: int) -> torch.Tensor:
-        """cos | sin table [max_positions, head_dim] in fp32, the layout kernels/reference.rope reads."""
+        """cos | sin table [max_positions, rotary dims] in fp32, the layout kernels/reference.rope
+        reads (its width says how many leading dims of a head rotate)."""
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), self.rope_inv_freq())
         return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
@@ -95,6 +110,8 @@ def parse_config(raw: dict, source: str | Path = "config.json") -> ModelConfig:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
             file=source,
         )
+    if arch == "GPTNeoXForCausalLM":
+        return _parse_neox(raw, source)
     try:
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])
@@ -142,6 +159,57 @@ def parse_config(raw: dict, source: str | Path = "config.json") -> ModelConfig:
         raise CheckpointError(f"unsupported activation {raw.get('hidden_act')!r}", file=source)
     if cfg.num_heads % cfg.num_kv_heads:
         raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads", file=source)
+    return cfg
+
+
+def _parse_neox(raw: dict, source: str | Path) -> ModelConfig:
+    """GPT-NeoX in both spellings: the published checkpoints' (rotary_pct, rotary_emb_base) and
+    current transformers' (rope_parameters with partial_rotary_factor and rope_theta)."""
+    try:
+        rope = dict(raw.get("rope_parameters") or {})
+        hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+        head_dim = hidden // heads
+        pct = float(
+            _first(raw, "rotary_pct", "partial_rotary_factor", default=rope.get("partial_rotary_factor", 1.0))
+        )
+        theta = float(_first(raw, "rotary_emb_base", "rope_theta", default=rope.get("rope_theta", 10000.0)))
+        act = raw.get("hidden_act", "gelu")
+        eos = raw.get("eos_token_id")
+        cfg = ModelConfig(
+            architecture="GPTNeoXForCausalLM",
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(_first(raw, "intermediate_size", default=4 * hidden)),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(_first(raw, "layer_norm_eps", default=1e-5)),
+            rope_theta=theta,
+            max_position_embeddings=int(_first(raw, "max_position_embeddings", default=2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", True)),
+            dtype=_DTYPES.get(str(_first(raw, "torch_dtype", "dtype", default="float32")), torch.float32),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+            layer_norm=True,
+            rotary_dim=int(head_dim * pct),
+            parallel_residual=bool(raw.get("use_parallel_residual", True)),
+            gelu=GELU_ACTS.get(act),
+            dense_bias=True,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"invalid or incomplete config: {exc!r}", file=source) from exc
+    if cfg.gelu is None:
+        raise CheckpointError(
+            f"unsupported activation {act!r} (supported: {', '.join(GELU_ACTS)})", file=source
+        )
+    if rope.get("rope_type", "default") not in ("default", None) or raw.get("rope_scaling"):
+        raise CheckpointError("rope scaling is not supported for GPT-NeoX", file=source)
+    if not 0 < cfg.rotary_dims <= head_dim or cfg.rotary_dims % 2:
+        raise CheckpointError(
+            f"rotary dims {cfg.rotary_dims} must be even and in (0, {head_dim}]", file=source
+        )
     return cfg
 
 

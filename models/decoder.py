@@ -33,7 +33,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def geometry(config: ModelConfig) -> Geometry:
     """What the backend binds of this model when it is built."""
-    return Geometry.of(config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps)
+    return Geometry.of(
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.rms_norm_eps,
+        config.layer_norm,
+        config.gelu or "none",
+    )
 
 
 def resolve_device(name: torch.device | str) -> torch.device:
@@ -142,6 +149,8 @@ class Decoder:
         """Run all blocks over T packed new tokens; writes their K/V into `kv`."""
         be, w = self.backend, self.weights
         rotary = Rotary(positions, self.cos_sin)
+        if self.config.layer_norm:
+            return self._forward_layernorm(ids, rotary, batch, kv, fusion, timer)
         h, stats = be.embedding(ids, w.embed, fusion)
         for i, layer in enumerate(w.layers):
             with timer(i, "attn") if timer else nullcontext():
@@ -156,6 +165,39 @@ class Decoder:
                 h, stats = be.linear(act, layer.w_down, residual=h, want_stats=fusion)
         return Hidden(h, stats)
 
+    def _forward_layernorm(
+        self,
+        ids: torch.Tensor,
+        rotary: Rotary,
+        batch: PagedBatch,
+        kv: KVCache,
+        fusion: bool,
+        timer: LayerTimer | None,
+    ) -> Hidden:
+        """GPT-NeoX blocks. Fused, each producer hands on (Σx, Σ(x − mean)²) of the rows it wrote and
+        the consumer GEMM applies the mean and 1/σ in its epilogue; with the parallel residual both
+        branches read LayerNorms of the same h, so one set of statistics serves both."""
+        be, w, parallel = self.backend, self.weights, self.config.parallel_residual
+        h, stats = be.ln_embedding(ids, w.embed, fusion)
+        for i, layer in enumerate(w.layers):
+            with timer(i, "attn") if timer else nullcontext():
+                x, st = (h, stats) if fusion else (be.layernorm(h), None)
+                layer_kv = LayerKV(kv.k[i], kv.v[i], batch.slot_mapping)
+                q = be.ln_attn_input(x, st, layer.w_qkv, layer.c_qkv, layer.b_qkv, rotary, layer_kv)
+                o = be.attention(q, layer_kv, batch).reshape(q.shape[0], -1)
+                if parallel:  # h + attn(LN1 h) + mlp(LN2 h): the MLP reads the same h and stats
+                    attn_out, _ = be.ln_linear(o, layer.w_o, bias=layer.b_o, residual=h)
+                else:
+                    h, stats = be.ln_linear(o, layer.w_o, bias=layer.b_o, residual=h, want_stats=fusion)
+                    x, st = (h, stats) if fusion else (be.layernorm(h), None)
+            with timer(i, "mlp") if timer else nullcontext():
+                act = be.gelu_mlp_input(x, st, layer.w_gate_up, layer.c_up, layer.b_up)
+                residual = attn_out if parallel else h
+                h, stats = be.ln_linear(
+                    act, layer.w_down, bias=layer.b_down, residual=residual, want_stats=fusion
+                )
+        return Hidden(h, stats)
+
     @torch.inference_mode()
     def logits(self, hidden: Hidden, scaled: bool = True) -> torch.Tensor:
         """fp32 logits from the LM head with the final norm: deferred (row scale in the epilogue, in
@@ -165,6 +207,10 @@ class Decoder:
         argmax does not need (only valid on the fused path).
         """
         be = self.backend
+        if self.config.layer_norm:  # the folded bias makes the scale matter even for argmax
+            w = self.weights
+            x = hidden.h if hidden.stats is not None else be.layernorm(hidden.h)
+            return be.ln_lm_head(x, hidden.stats, w.lm_head, w.c_head, w.b_head)
         if hidden.stats is not None:
             return be.lm_head(hidden.h, self.weights.lm_head, hidden.stats if scaled else None)
         return be.lm_head(be.rmsnorm(hidden.h), self.weights.lm_head)

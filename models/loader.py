@@ -25,8 +25,15 @@ class LayerWeights:
     w_qkv: torch.Tensor  # [(Hq + 2 Hk) D, H], input_layernorm gain folded in
     b_qkv: torch.Tensor | None
     w_o: torch.Tensor  # [H, Hq D]
-    w_gate_up: torch.Tensor  # [2 I, H], post_attention_layernorm gain folded in
+    w_gate_up: torch.Tensor  # [2 I, H] (GPT-NeoX: [I, H], no gate), post-attention norm gain folded in
     w_down: torch.Tensor  # [H, I]
+    # LayerNorm models (GPT-NeoX): the norm's bias folded into the consumers' biases (b' = W β + b),
+    # the column sums c = W' 1 (fp32) the deferred mean needs, and the other layers' biases.
+    c_qkv: torch.Tensor | None = None
+    b_o: torch.Tensor | None = None
+    b_up: torch.Tensor | None = None
+    c_up: torch.Tensor | None = None
+    b_down: torch.Tensor | None = None
 
 
 @dataclass
@@ -34,6 +41,8 @@ class ModelWeights:
     embed: torch.Tensor  # [V, H], never scaled (it is also the residual stream's source)
     layers: list[LayerWeights]
     lm_head: torch.Tensor  # [V, H], final norm gain folded in (a copy when embeddings are tied)
+    b_head: torch.Tensor | None = None  # LayerNorm models: the final norm's bias through the head
+    c_head: torch.Tensor | None = None
 
 
 class _TensorSource:
@@ -118,6 +127,8 @@ def load_weights(
     def put(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
 
+    if cfg.layer_norm:
+        return cfg, _load_neox(src, cfg, dtype, put, device, progress)
     embed = src.get("model.embed_tokens.weight", (cfg.vocab_size, h))
     layers: list[LayerWeights] = []
     for i in tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=not progress):
@@ -156,3 +167,62 @@ def load_weights(
         head = src.get("lm_head.weight", (cfg.vocab_size, h))
     weights = ModelWeights(embed=put(embed), layers=layers, lm_head=put(_fold(head, final_gain, dtype)))
     return cfg, weights
+
+
+def _fold_layernorm(
+    w: torch.Tensor, b: torch.Tensor | None, gain: torch.Tensor, beta: torch.Tensor, dtype, put, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm (γ, β) folded into the linear layer after it: W' = W diag(γ), b' = W β + b, and the
+    column sums c = W' 1 of the weight as served (rounded), so x W'ᵀ − μ c is exact for it."""
+    w_fold = put(_fold(w, gain, dtype))
+    bias = w.float() @ beta.float() + (b.float() if b is not None else 0.0)
+    col = w_fold.float().sum(1)
+    return w_fold, put(bias), col.to(device)
+
+
+def _load_neox(src: _TensorSource, cfg: ModelConfig, dtype, put, device, progress: bool) -> ModelWeights:
+    """GPT-NeoX (Pythia): the fused, per-head interleaved query_key_value reordered to our [Q | K | V]
+    layout, every LayerNorm folded into the layer that consumes it."""
+    h, d, n, inter = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.intermediate_size
+    pre = "gpt_neox."
+    layers: list[LayerWeights] = []
+
+    def qkv_rows(t: torch.Tensor) -> torch.Tensor:  # [heads, (q k v), d, ...] → [(q k v), heads, d, ...]
+        return t.reshape(n, 3, d, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+    for i in tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=not progress):
+        p = f"{pre}layers.{i}."
+
+        def get(name: str, *shape: int) -> torch.Tensor:
+            return src.get(p + name, shape)  # noqa: B023 - used at once, in this iteration
+
+        w_qkv, b_qkv, c_qkv = _fold_layernorm(
+            qkv_rows(get("attention.query_key_value.weight", 3 * h, h)),
+            qkv_rows(get("attention.query_key_value.bias", 3 * h)),
+            get("input_layernorm.weight", h), get("input_layernorm.bias", h), dtype, put, device,
+        )  # fmt: skip
+        w_up, b_up, c_up = _fold_layernorm(
+            get("mlp.dense_h_to_4h.weight", inter, h), get("mlp.dense_h_to_4h.bias", inter),
+            get("post_attention_layernorm.weight", h), get("post_attention_layernorm.bias", h), dtype, put, device,
+        )  # fmt: skip
+        layers.append(
+            LayerWeights(
+                w_qkv=w_qkv,
+                b_qkv=b_qkv,
+                c_qkv=c_qkv,
+                w_o=put(get("attention.dense.weight", h, h)),
+                b_o=put(get("attention.dense.bias", h)),
+                w_gate_up=w_up,
+                b_up=b_up,
+                c_up=c_up,
+                w_down=put(get("mlp.dense_4h_to_h.weight", h, inter)),
+                b_down=put(get("mlp.dense_4h_to_h.bias", h)),
+            )  # fmt: skip
+        )
+    embed = src.get(pre + "embed_in.weight", (cfg.vocab_size, h))
+    head = embed if cfg.tie_word_embeddings else src.get("embed_out.weight", (cfg.vocab_size, h))
+    w_head, b_head, c_head = _fold_layernorm(
+        head, None, src.get(pre + "final_layer_norm.weight", (h,)), src.get(pre + "final_layer_norm.bias", (h,)),
+        dtype, put, device,
+    )  # fmt: skip
+    return ModelWeights(embed=put(embed), layers=layers, lm_head=w_head, b_head=b_head, c_head=c_head)

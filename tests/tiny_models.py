@@ -70,3 +70,35 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     assert torch.isfinite(a).all(), "NaN/inf in output"
     return float((a - b).norm() / b.norm())
+
+
+def make_tiny_neox(out_dir: Path, parallel: bool = True, rotary_pct: float = 0.25, seed: int = 0) -> Path:
+    """A small random GPT-NeoX (Pythia layout: LayerNorms with bias, fused per-head qkv with bias,
+    partial rotary, GELU MLP, untied embed_out) saved with transformers, non-trivial norm params."""
+    import transformers
+
+    config = transformers.GPTNeoXConfig(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=160,
+        max_position_embeddings=512,
+        rotary_pct=rotary_pct,
+        rotary_emb_base=10000,
+        use_parallel_residual=parallel,
+        layer_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.GPTNeoXForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(
+                    torch.randn_like(p) * 0.2 + (1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
