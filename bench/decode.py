@@ -56,6 +56,19 @@ ARCHS = {
         num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
         tie_word_embeddings=True,
     ),
+    # GPT-NeoX (Pythia): LayerNorm with bias, rotary on a quarter of each head, parallel residual, GELU MLP
+    "pythia-1.4b": dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_layers=24, num_heads=16,
+        num_kv_heads=16, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
+        layer_norm=True, rotary_dim=32, parallel_residual=True, gelu="none", dense_bias=True,
+        attention_bias=True, architecture="GPTNeoXForCausalLM",
+    ),
+    "pythia-6.9b": dict(
+        vocab_size=50432, hidden_size=4096, intermediate_size=16384, num_layers=32, num_heads=32,
+        num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
+        layer_norm=True, rotary_dim=32, parallel_residual=True, gelu="none", dense_bias=True,
+        attention_bias=True, architecture="GPTNeoXForCausalLM",
+    ),
 }  # fmt: skip
 GPTFAST_ARGS = {
     "8b": dict(block_size=131072, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336,
@@ -67,7 +80,7 @@ GPTFAST_ARGS = {
 
 
 def config_of(name: str) -> ModelConfig:
-    return ModelConfig(architecture="LlamaForCausalLM", dtype=torch.bfloat16, **ARCHS[name])
+    return ModelConfig(**{"architecture": "LlamaForCausalLM", "dtype": torch.bfloat16, **ARCHS[name]})
 
 
 def random_weights(cfg: ModelConfig, device: str = "cuda") -> ModelWeights:
@@ -78,6 +91,23 @@ def random_weights(cfg: ModelConfig, device: str = "cuda") -> ModelWeights:
     def w(n: int, k: int) -> torch.Tensor:
         return torch.randn(n, k, device=device, dtype=torch.bfloat16) * k**-0.5
 
+    if cfg.layer_norm:  # biases, and the column sums the deferred mean needs
+
+        def b(n: int) -> torch.Tensor:
+            return torch.randn(n, device=device, dtype=torch.bfloat16) * 0.1
+
+        def c(weight: torch.Tensor) -> torch.Tensor:
+            return weight.float().sum(1)
+
+        layers = []
+        for _ in range(cfg.num_layers):
+            w_qkv, w_up = w(qkv, h), w(i_, h)
+            layers.append(LayerWeights(
+                w_qkv=w_qkv, b_qkv=b(qkv), c_qkv=c(w_qkv), w_o=w(h, h), b_o=b(h),
+                w_gate_up=w_up, b_up=b(i_), c_up=c(w_up), w_down=w(h, i_), b_down=b(h),
+            ))  # fmt: skip
+        head = w(cfg.vocab_size, h)
+        return ModelWeights(w(cfg.vocab_size, h), layers, head, b_head=b(cfg.vocab_size), c_head=c(head))
     layers = [
         LayerWeights(
             w_qkv=w(qkv, h), b_qkv=None, w_o=w(h, cfg.num_heads * d), w_gate_up=w(2 * i_, h), w_down=w(h, i_)
@@ -89,7 +119,8 @@ def random_weights(cfg: ModelConfig, device: str = "cuda") -> ModelWeights:
 
 def weight_bytes(cfg: ModelConfig) -> int:
     h, d, i_ = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    per_layer = (cfg.num_heads + 2 * cfg.num_kv_heads) * d * h + h * cfg.num_heads * d + 3 * i_ * h
+    mlp = (2 if cfg.layer_norm else 3) * i_ * h  # GPT-NeoX: up and down; Llama: gate, up and down
+    per_layer = (cfg.num_heads + 2 * cfg.num_kv_heads) * d * h + h * cfg.num_heads * d + mlp
     return 2 * (cfg.num_layers * per_layer + cfg.vocab_size * h)
 
 

@@ -127,10 +127,6 @@ def select_backend(device: torch.device | str, geometry: Geometry, kind: str = "
     device = torch.device(device)
     if kind == "torch" or (kind == "auto" and device.type != "cuda"):
         return TorchBackend(geometry)
-    if geometry.layer_norm:  # the deferred-LayerNorm Triton path is not wired yet (docs/DESIGN.md)
-        if kind == "triton":
-            raise ValueError("LayerNorm models (GPT-NeoX) have no Triton kernels yet: use --backend torch")
-        return TorchBackend(geometry)
     if kind in ("auto", "triton"):
         try:
             from fusionserve.kernels.triton_backend import TritonBackend

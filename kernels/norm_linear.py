@@ -6,8 +6,11 @@ One Triton kernel, specialised by constexpr flags, covers every decode GEMM of a
     r_m     = rsqrt(sum(row_stats[m, :]) / K + eps)              (RMSNorm, deferred)
     y[m, n] = r_m * ((x @ W^T)[m, n] - mu_m * c[n]) + b'[n]       (LayerNorm, deferred: mean correction)
 
-with optional per-row partial sums of squares (and sums, for LayerNorm) of the rounded output tile
-written to a [M, n_tiles] fp32 buffer: exactly what the next norm would read. The gate/up variant
+with optional per-row partial statistics of the rounded output tile written to [M, n_tiles] fp32
+buffers: exactly what the next norm would read. RMSNorm: Σy². LayerNorm: Σy and Σ(y − tile mean)²
+(shifted, so a large mean cannot cancel the variance away); the consumer combines the tiles' shifted
+sums exactly (Chan et al.) with their widths, derived from the tile count. An optional GELU
+(exact or tanh) ends the epilogue of a GPT-NeoX MLP's up projection. The gate/up variant
 computes the gate and up tiles of one column block together and stores silu(gate) * up.
 
 Weights are [N, K] as in checkpoints (gains already folded in). Large M (prefill) stays on cuBLAS:
@@ -24,7 +27,7 @@ import triton.language as tl
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2, prefetch_lines
 from fusionserve.kernels.tile_configs import TUNED, norm_cfg, pick_config
 from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2
-from fusionserve.kernels.triton_helpers import cast, mma, silu
+from fusionserve.kernels.triton_helpers import cast, erf, mma, silu
 
 
 @triton.jit
@@ -68,12 +71,49 @@ def _stats_finish(
             su += tl.sum(
                 tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0), 1
             )
-    if LN:
-        mean = su * inv_k
-        var = tl.maximum(ss * inv_k - mean * mean, 0.0)
-        return tl.math.rsqrt(var + eps), mean
-    else:
-        return tl.math.rsqrt(ss * inv_k + eps), su
+    return tl.math.rsqrt(ss * inv_k + eps), su
+
+
+@triton.jit
+def _ln_finish(
+    m2,
+    u,
+    stats_ptr,
+    sums_ptr,
+    offs_m,
+    m_mask,
+    stride_s,
+    stride_u,
+    P,
+    K,
+    TILE_W,
+    inv_k,
+    eps,
+    BLOCK_P: tl.constexpr,
+):
+    """LayerNorm (1/σ, mean) per row from the producer's per-tile Σx (`u`) and Σ(x − tile mean)²
+    (`m2`): M2 = Σ_t M2_t + Σ_t (S_t − n_t μ)² / n_t, tile t holding n_t = min(TILE_W, K − t·TILE_W)
+    columns. Two passes over the partials (the mean first), the first block already in registers."""
+    su = tl.sum(u, 1)
+    for p0 in range(BLOCK_P, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pm = m_mask[:, None] & (offs_p[None, :] < P)
+        su += tl.sum(tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0), 1)
+    mean = su * inv_k
+    offs_p = tl.arange(0, BLOCK_P)
+    n_t = tl.maximum(tl.minimum(TILE_W, K - offs_p * TILE_W), 1).to(tl.float32)
+    d = u - n_t[None, :] * mean[:, None]
+    keep = m_mask[:, None] & (offs_p[None, :] < P)
+    total = tl.sum(tl.where(keep, m2 + d * d / n_t[None, :], 0.0), 1)
+    for p0 in range(BLOCK_P, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pm = m_mask[:, None] & (offs_p[None, :] < P)
+        n_t = tl.maximum(tl.minimum(TILE_W, K - offs_p * TILE_W), 1).to(tl.float32)
+        s2 = tl.load(stats_ptr + offs_m[:, None] * stride_s + offs_p[None, :], mask=pm, other=0.0)
+        s1 = tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0)
+        d = s1 - n_t[None, :] * mean[:, None]
+        total += tl.sum(tl.where(pm, s2 + d * d / n_t[None, :], 0.0), 1)
+    return tl.math.rsqrt(total * inv_k + eps), mean
 
 
 @triton.jit
@@ -143,6 +183,7 @@ def _linear_kernel(
     stride_so,
     inv_k,
     eps,
+    TILE_W,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -150,6 +191,7 @@ def _linear_kernel(
     WANT_STATS: tl.constexpr,
     WANT_SUMS: tl.constexpr,
     GATE_UP: tl.constexpr,
+    GELU: tl.constexpr,
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
@@ -227,9 +269,27 @@ def _linear_kernel(
     r = tl.zeros([BLOCK_M], dtype=tl.float32)
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_SCALE:
-        r, mean = _stats_finish(
-            s_pre, u_pre, stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, inv_k, eps, LN, BLOCK_P
-        )
+        if LN:
+            r, mean = _ln_finish(
+                s_pre, u_pre, stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, K, TILE_W, inv_k, eps,
+                BLOCK_P,
+            )  # fmt: skip
+        else:
+            r, mean = _stats_finish(
+                s_pre,
+                u_pre,
+                stats_ptr,
+                sums_ptr,
+                offs_m,
+                m_mask,
+                stride_s,
+                stride_u,
+                P,
+                inv_k,
+                eps,
+                LN,
+                BLOCK_P,
+            )
     run = True
     if SPLIT_K > 1:
         acc, acc_u, run = _split_k_reduce(
@@ -252,13 +312,23 @@ def _linear_kernel(
             acc += res.to(tl.float32)
         if GATE_UP:
             acc = silu(acc) * acc_u
+        if GELU == 1:
+            acc = 0.5 * acc * (1.0 + erf(acc * 0.7071067811865476))
+        if GELU == 2:
+            inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = 0.5 * acc * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
         y = cast(acc, y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
         if WANT_STATS:
             yf = tl.where(mask, y.to(tl.float32), 0.0)
-            tl.store(stats_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf * yf, 1), mask=m_mask)
-            if WANT_SUMS:
-                tl.store(sums_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf, 1), mask=m_mask)
+            if WANT_SUMS:  # LayerNorm: Σy and the tile's Σ(y − its mean)²
+                tile_sum = tl.sum(yf, 1)
+                width = tl.sum(n_mask.to(tl.float32), 0)
+                dev = tl.where(mask, yf - (tile_sum / width)[:, None], 0.0)
+                tl.store(stats_out_ptr + offs_m * stride_so + pid_n, tl.sum(dev * dev, 1), mask=m_mask)
+                tl.store(sums_out_ptr + offs_m * stride_so + pid_n, tile_sum, mask=m_mask)
+            else:
+                tl.store(stats_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf * yf, 1), mask=m_mask)
 
 
 def launch(
@@ -275,6 +345,7 @@ def launch(
     want_stats: bool = False,
     want_sums: bool = False,
     gate_up: bool = False,
+    gelu: int = 0,
     config=None,
     out: torch.Tensor | None = None,
     pdl: PdlPolicy | None = None,
@@ -293,12 +364,13 @@ def launch(
     n_tiles = triton.cdiv(n, cfg[1])
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
     stats = sums = None
-    if want_stats or want_sums:
+    if want_sums:  # LayerNorm statistics, packed [M, 2 · n_tiles]: Σy partials, then the shifted Σ²
+        packed = torch.empty((m, 2 * n_tiles), device=x.device, dtype=torch.float32)
+        sums, stats = packed[:, :n_tiles], packed[:, n_tiles:]
+    elif want_stats:
         stats = torch.empty((m, n_tiles), device=x.device, dtype=torch.float32)
-    if want_sums:
-        sums = torch.empty((m, n_tiles), device=x.device, dtype=torch.float32)
     if m == 0:
-        return y, stats, sums
+        return y, (packed if want_sums else stats), sums
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous()
     ln = row_sums is not None
@@ -309,11 +381,30 @@ def launch(
         row_stats = row_stats.float()
         if row_stats.stride(1) != 1:
             row_stats = row_stats.contiguous()
-    _run(x, weight, y, n, cfg, bias, residual, row_stats, row_sums, col_sums, stats, sums, eps, gate_up, pdl)
-    return y, stats, sums
+    _run(
+        x,
+        weight,
+        y,
+        n,
+        cfg,
+        bias,
+        residual,
+        row_stats,
+        row_sums,
+        col_sums,
+        stats,
+        sums,
+        eps,
+        gate_up,
+        gelu,
+        pdl,
+    )
+    return y, (packed if want_sums else stats), sums
 
 
-def _run(x, weight, y, n, cfg, bias, residual, row_stats, row_sums, col_sums, stats, sums, eps, gate_up, pdl):
+def _run(
+    x, weight, y, n, cfg, bias, residual, row_stats, row_sums, col_sums, stats, sums, eps, gate_up, gelu, pdl
+):
     """One launch of _linear_kernel over (N tiles, M tiles, K splits) for launch's prepared operands."""
     m, k = x.shape
     bm, bn, bk, warps, stages, split = cfg
@@ -359,6 +450,7 @@ def _run(x, weight, y, n, cfg, bias, residual, row_stats, row_sums, col_sums, st
         stats.stride(0) if stats is not None else 0,
         1.0 / k,
         eps,
+        next_pow2(triton.cdiv(k, p)),  # the producer's tile width (its BLOCK_N; K for one partial)
         HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
         HAS_SCALE=row_stats is not None,
@@ -366,6 +458,7 @@ def _run(x, weight, y, n, cfg, bias, residual, row_stats, row_sums, col_sums, st
         WANT_STATS=stats is not None,
         WANT_SUMS=sums is not None,
         GATE_UP=gate_up,
+        GELU=gelu,
         EVEN_K=k % bk == 0,
         UPCAST=INTERPRET,
         IEEE=x.dtype == torch.float32,

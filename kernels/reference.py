@@ -267,8 +267,17 @@ def ln_stats(x: torch.Tensor) -> torch.Tensor:
 
 
 def ln_scale(stats: torch.Tensor, k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, 1/σ) per row [T, 1] from ln_stats."""
-    return stats[:, :1] / k, torch.rsqrt(stats[:, 1:2] / k + eps)
+    """(mean, 1/σ) per row [T, 1] from packed statistics [T, 2P] (P partial Σx, then P Σ(x − tile
+    mean)², tile t holding min(w, K − t·w) columns, w = next_pow2(⌈K/P⌉): the Triton producers'
+    BLOCK_N). The tiles combine exactly: M2 = Σ M2_t + Σ (S_t − n_t μ)² / n_t."""
+    p = stats.shape[1] // 2
+    sums, m2 = stats[:, :p].double(), stats[:, p:].double()
+    w = 1 << max(0, (-(-k // p)) - 1).bit_length()
+    # on the device, no host tensor: this also runs inside CUDA-graph capture (Triton's large M)
+    n = (k - torch.arange(p, device=stats.device, dtype=torch.float64) * w).clamp(max=w)
+    mean = sums.sum(-1, keepdim=True) / k
+    total = m2.sum(-1, keepdim=True) + ((sums - n * mean) ** 2 / n).sum(-1, keepdim=True)
+    return mean.float(), torch.rsqrt(total / k + eps).float()
 
 
 def layernorm(x: torch.Tensor, eps: float) -> torch.Tensor:

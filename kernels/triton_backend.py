@@ -23,6 +23,7 @@ from fusionserve.kernels.attention import paged_attention
 from fusionserve.kernels.batch import Geometry, LayerKV, PagedBatch, Rotary
 from fusionserve.kernels.decode_attention import DecodeSplitPolicy
 from fusionserve.kernels.embedding import embedding
+from fusionserve.kernels.layernorm_backend import LayerNormOps
 from fusionserve.kernels.norm_linear import gate_up_silu
 from fusionserve.kernels.norm_linear import linear as small_m_linear
 from fusionserve.kernels.pdl import PdlPolicy, pdl_available
@@ -46,7 +47,7 @@ def mm_fp32_out(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> Non
         torch.mm(x.float(), weight.float().t(), out=out)
 
 
-class TritonBackend:
+class TritonBackend(LayerNormOps):
     """`pdl`: the programmatic-dependent-launch policy of the small-M (decode) kernels (kernels/pdl.py):
     a PdlPolicy, True (the default policy), False (off) or, at construction, None (on where the GPU and
     Triton support it). Set it before capturing graphs. Large-M steps never use it: their neighbours

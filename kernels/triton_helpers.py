@@ -68,3 +68,9 @@ def silu(g):
     """g * sigmoid(g) without overflow: exp of a non-positive argument only."""
     e = tl.exp(-tl.abs(g))
     return g * tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def erf(x):
+    """The error function (exact GELU's): Triton's libdevice erf."""
+    return tl.math.erf(x)

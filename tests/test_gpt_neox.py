@@ -105,8 +105,10 @@ def test_large_mean_rows_keep_their_variance():
         assert rel_err(reference.layernorm(xs, 1e-5), want_y) <= tol
 
 
-def test_layernorm_models_use_the_torch_backend_until_triton_is_wired(tmp_path):
+def test_layernorm_models_pick_the_triton_backend_on_cuda(tmp_path):
+    from fusionserve.kernels.triton_backend import TritonBackend
+
     cfg = load_config(make_tiny_neox(tmp_path / "m"))
-    assert isinstance(select_backend("cuda", geometry(cfg)), TorchBackend)
-    with pytest.raises(ValueError, match="no Triton kernels yet"):
-        select_backend("cuda", geometry(cfg), "triton")
+    assert geometry(cfg).layer_norm and geometry(cfg).gelu == "none"
+    assert isinstance(select_backend("cuda", geometry(cfg)), TritonBackend)
+    assert isinstance(select_backend("cpu", geometry(cfg)), TorchBackend)

@@ -76,7 +76,7 @@ def summarise(fn, consts: dict, **options) -> dict:
     }
 
 
-LINEAR = dict(HAS_BIAS=False, HAS_RES=True, HAS_SCALE=True, LN=False, WANT_STATS=True, WANT_SUMS=False,
+LINEAR = dict(HAS_BIAS=False, HAS_RES=True, HAS_SCALE=True, LN=False, WANT_STATS=True, WANT_SUMS=False, GELU=0,
               EVEN_K=True, UPCAST=False, IEEE=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True,
               PF_LINES=16, LINE=64)  # fmt: skip
 DECODE = dict(GROUP=3, D=64, BLOCK_G=16, BLOCK_D=64, BLOCK_N=128, PAGE=16, SPLIT=True, BLOCK_GG=4, MERGE_S=32,
