@@ -50,15 +50,7 @@ class LayerNormOps:
     def ln_attn_input(self, x, row_stats, w_qkv, c_qkv, b_qkv, rotary: Rotary, kv: LayerKV) -> torch.Tensor:
         g = self.geometry
         qkv, _ = self.ln_linear(x, w_qkv, c_qkv, b_qkv, row_stats=row_stats)
-        if rotary.cos_sin.shape[-1] == g.head_dim:  # the whole head rotates: the fused kernel
-            return rope_kv_write(qkv, rotary, kv, g, pdl=self._pdl(x))
-        hq, hk, d = g.num_heads, g.num_kv_heads, g.head_dim  # partial rotary: torch for now
-        q = qkv[:, : hq * d].view(-1, hq, d)
-        k = qkv[:, hq * d : (hq + hk) * d].view(-1, hk, d)
-        v = qkv[:, (hq + hk) * d :].view(-1, hk, d)
-        q, k = reference.rope(q, k, rotary.positions, rotary.cos_sin)
-        reference.write_kv(k, v, kv.k_cache, kv.v_cache, kv.slot_mapping)
-        return q
+        return rope_kv_write(qkv, rotary, kv, g, pdl=self._pdl(x))  # partial rotary: the table's width
 
     def ln_lm_head(self, x, row_stats, weight, col_sums, bias) -> torch.Tensor:
         """fp32 logits through the (deferred) final LayerNorm and its folded bias."""

@@ -66,8 +66,10 @@ def _rotate_store(
     HAS_BIAS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
 ):
-    """Rotate n_heads heads at src (head stride D) and store them at dst (head stride D)."""
+    """Rotate n_heads heads at src (head stride D) and store them at dst (head stride D): the first
+    2·HALF dims rotate in pairs (d, d + HALF); the rest (partial rotary, GPT-NeoX) pass through."""
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
     mask = (h[:, None] < n_heads) & (d[None, :] < HALF)
@@ -80,6 +82,14 @@ def _rotate_store(
     ty = dst.dtype.element_ty
     tl.store(dst + off, cast(a * cos[None, :] - b * sin[None, :], ty), mask=mask)
     tl.store(dst + off + HALF, cast(b * cos[None, :] + a * sin[None, :], ty), mask=mask)
+    if 2 * HALF < D:
+        dp = 2 * HALF + tl.arange(0, BLOCK_PASS)
+        pmask = (h[:, None] < n_heads) & (dp[None, :] < D)
+        poff = h[:, None] * D + dp[None, :]
+        c = tl.load(src + poff, mask=pmask, other=0.0).to(tl.float32) * r
+        if HAS_BIAS:
+            c += tl.load(bias_ptr + poff, mask=pmask, other=0.0).to(tl.float32)
+        tl.store(dst + poff, cast(c, ty), mask=pmask)
 
 
 @triton.jit
@@ -111,6 +121,7 @@ def _rope_kv_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
     PDL: tl.constexpr,
@@ -141,6 +152,7 @@ def _rope_kv_kernel(
         HAS_BIAS,
         BLOCK_HQ,
         BLOCK_HALF,
+        BLOCK_PASS,
     )
     keep = slot >= 0
     slot_c = tl.where(keep, slot, 0)
@@ -157,6 +169,7 @@ def _rope_kv_kernel(
         HAS_BIAS,
         BLOCK_HK,
         BLOCK_HALF,
+        BLOCK_PASS,
     )
     h = tl.arange(0, BLOCK_HK)
     dd = tl.arange(0, BLOCK_D)
@@ -200,7 +213,8 @@ def rope_kv_write(
     if cos_sin.stride(1) != 1:
         cos_sin = cos_sin.contiguous()
     stats, p, stride_s, from_rows, block_p = stats_operand(row_stats, k)
-    half = head_dim // 2
+    half = cos_sin.shape[-1] // 2  # the table's width is the rotary dims (GPT-NeoX: part of the head)
+    assert 0 < 2 * half <= head_dim
     block_half = next_pow2(half)
     block_hq = next_pow2(num_heads)
     warps = 1 if INTERPRET else max(1, min(8, block_hq * block_half // 512))
@@ -232,6 +246,7 @@ def rope_kv_write(
         BLOCK_HQ=block_hq,
         BLOCK_HK=next_pow2(num_kv_heads),
         BLOCK_HALF=block_half,
+        BLOCK_PASS=next_pow2(max(head_dim - 2 * half, 1)),
         BLOCK_D=next_pow2(head_dim),
         BLOCK_P=block_p,
         **pdl_args(pdl, t, qkv.device),

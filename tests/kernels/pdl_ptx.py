@@ -89,7 +89,7 @@ CASES = {
     "decode attention two-pass": (decode_attention._decode_kernel, dict(DECODE, FUSED=False, EARLY=True)),
     "decode reduce": (decode_merge._decode_reduce_kernel, dict(D=64, BLOCK_D=64, BLOCK_S=8, PDL=True, EARLY=True)),
     "rope + kv write": (rope_kv._rope_kv_kernel, dict(D=64, HALF=32, HAS_SCALE=True, HAS_BIAS=False, BLOCK_HQ=16,
-                                                     BLOCK_HK=4, BLOCK_HALF=32, BLOCK_D=64, BLOCK_P=1, PDL=True, EARLY=True)),
+                                                     BLOCK_HK=4, BLOCK_HALF=32, BLOCK_PASS=1, BLOCK_D=64, BLOCK_P=1, PDL=True, EARLY=True)),
     "embedding": (embedding._embedding_kernel, dict(WANT_STATS=True, BLOCK=1024, PDL=True, EARLY=True)),
     "rmsnorm": (rmsnorm._norm_kernel, dict(HAS_RES=False, HAS_W=False, HAS_B=False, LAYER=False, BLOCK=1024,
                                           PDL=True, EARLY=False)),

@@ -18,16 +18,18 @@ HIDDEN = 40
 GEOM = Geometry.of(HQ, HK, D, EPS)
 
 
+@pytest.mark.parametrize("rot", [D, D // 4])
 @pytest.mark.parametrize("scaled", [False, True, "rows"])
 @pytest.mark.parametrize("m", M_VALUES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_kv_write(dtype, m, scaled):
-    """`scaled`: partial sums of squares, or ("rows") the GEMM input rows themselves as the statistic."""
+def test_rope_kv_write(dtype, m, scaled, rot):
+    """`scaled`: partial sums of squares, or ("rows") the GEMM input rows themselves as the statistic.
+    `rot` < D: partial rotary (GPT-NeoX), the table as wide as the rotating dims, the rest passed on."""
     width = (HQ + 2 * HK) * D
     qkv = rand(m, width, dtype=dtype)
     cos_sin = rope_cos_sin(
         64,
-        D,
+        rot,
         500000.0,
         {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16},
         device=DEVICE,
