@@ -30,8 +30,15 @@ class LayerNormOps:
         """The 'off' path's explicit norm: torch's fused LayerNorm kernel (no affine: folded)."""
         return F.layer_norm(x, (x.shape[-1],), eps=self.geometry.eps)
 
+    #: Rows up to which a *fused* LayerNorm GEMM stays on the Triton kernel (its epilogue does the
+    #: norm); the unfused path takes cuBLAS past small_m_max, its own best.
+    LN_FUSED_MAX_M = 128
+
+    def _fused_small(self, x: torch.Tensor, fused: bool) -> bool:
+        return self._small(x) or (fused and x.shape[0] <= self.LN_FUSED_MAX_M)
+
     def ln_linear(self, x, weight, col_sums=None, bias=None, residual=None, row_stats=None, want_stats=False):
-        if self._small(x):
+        if self._fused_small(x, row_stats is not None or want_stats):
             return linear_layernorm(
                 x, weight, col_sums, bias, row_stats, self.geometry.eps, residual, want_stats,
                 config=self.tiles, pdl=self._pdl_policy,
@@ -40,7 +47,7 @@ class LayerNormOps:
 
     def gelu_mlp_input(self, x, row_stats, w_up, c_up, b_up):
         g = self.geometry
-        if self._small(x):
+        if self._fused_small(x, row_stats is not None):
             y, _ = linear_layernorm(
                 x, w_up, c_up, b_up, row_stats, g.eps, gelu=g.gelu, config=self.tiles, pdl=self._pdl_policy
             )
@@ -54,7 +61,7 @@ class LayerNormOps:
 
     def ln_lm_head(self, x, row_stats, weight, col_sums, bias) -> torch.Tensor:
         """fp32 logits through the (deferred) final LayerNorm and its folded bias."""
-        if self._small(x):
+        if self._fused_small(x, row_stats is not None):
             out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=torch.float32)
             linear_layernorm(
                 x, weight, col_sums, bias, row_stats, self.geometry.eps, config=self.tiles, out=out,
@@ -69,6 +76,11 @@ class LayerNormOps:
         """cuBLAS into fp32, then the epilogue as torch row ops (prefill-sized M)."""
         from fusionserve.kernels.triton_backend import mm_fp32_out
 
+        if row_stats is None and not want_stats and out_dtype is None:  # unfused: cuBLAS as it comes
+            y = F.linear(x, weight, bias)
+            if residual is not None:
+                y += residual
+            return (F.gelu(y, approximate=gelu) if gelu is not None else y), None
         acc = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=torch.float32)
         mm_fp32_out(x, weight, acc)
         if row_stats is not None:

@@ -76,8 +76,6 @@ def _stats_finish(
 
 @triton.jit
 def _ln_finish(
-    m2,
-    u,
     stats_ptr,
     sums_ptr,
     offs_m,
@@ -91,21 +89,18 @@ def _ln_finish(
     eps,
     BLOCK_P: tl.constexpr,
 ):
-    """LayerNorm (1/σ, mean) per row from the producer's per-tile Σx (`u`) and Σ(x − tile mean)²
-    (`m2`): M2 = Σ_t M2_t + Σ_t (S_t − n_t μ)² / n_t, tile t holding n_t = min(TILE_W, K − t·TILE_W)
-    columns. Two passes over the partials (the mean first), the first block already in registers."""
-    su = tl.sum(u, 1)
-    for p0 in range(BLOCK_P, P, BLOCK_P):
+    """LayerNorm (1/σ, mean) per row from the producer's per-tile Σx (sums) and Σ(x − tile mean)²
+    (stats): M2 = Σ_t M2_t + Σ_t (S_t − n_t μ)² / n_t, tile t holding n_t = min(TILE_W, K − t·TILE_W)
+    columns. Two passes over the partials (the mean first), after the K loop: prefetching both
+    arrays would hold 2 x BLOCK_M x BLOCK_P registers through it."""
+    su = tl.zeros([offs_m.shape[0]], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         pm = m_mask[:, None] & (offs_p[None, :] < P)
         su += tl.sum(tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0), 1)
     mean = su * inv_k
-    offs_p = tl.arange(0, BLOCK_P)
-    n_t = tl.maximum(tl.minimum(TILE_W, K - offs_p * TILE_W), 1).to(tl.float32)
-    d = u - n_t[None, :] * mean[:, None]
-    keep = m_mask[:, None] & (offs_p[None, :] < P)
-    total = tl.sum(tl.where(keep, m2 + d * d / n_t[None, :], 0.0), 1)
-    for p0 in range(BLOCK_P, P, BLOCK_P):
+    total = tl.zeros([offs_m.shape[0]], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         pm = m_mask[:, None] & (offs_p[None, :] < P)
         n_t = tl.maximum(tl.minimum(TILE_W, K - offs_p * TILE_W), 1).to(tl.float32)
@@ -234,7 +229,7 @@ def _linear_kernel(
 
     # The deferred norm's statistics: tiny L2 reads issued before the K loop, consumed after it,
     # so their latency hides under the weight stream.
-    if HAS_SCALE:
+    if HAS_SCALE and not LN:
         s_pre, u_pre = _stats_prefetch(
             stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, LN, BLOCK_P
         )
@@ -271,9 +266,8 @@ def _linear_kernel(
     if HAS_SCALE:
         if LN:
             r, mean = _ln_finish(
-                s_pre, u_pre, stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, K, TILE_W, inv_k, eps,
-                BLOCK_P,
-            )  # fmt: skip
+                stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, K, TILE_W, inv_k, eps, BLOCK_P
+            )
         else:
             r, mean = _stats_finish(
                 s_pre,
