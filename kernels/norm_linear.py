@@ -24,91 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fusionserve.kernels.norm_stats import ln_finish, stats_finish, stats_prefetch
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2, prefetch_lines
 from fusionserve.kernels.tile_configs import TUNED, norm_cfg, pick_config
 from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2
 from fusionserve.kernels.triton_helpers import cast, erf, mma, silu
-
-
-@triton.jit
-def _stats_prefetch(
-    stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, LN: tl.constexpr, BLOCK_P: tl.constexpr
-):
-    """Issue the loads of the first BLOCK_P partials per row; nothing waits for them until they are used."""
-    offs_p = tl.arange(0, BLOCK_P)
-    pm = m_mask[:, None] & (offs_p[None, :] < P)
-    s = tl.load(stats_ptr + offs_m[:, None] * stride_s + offs_p[None, :], mask=pm, other=0.0)
-    u = s
-    if LN:
-        u = tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0)
-    return s, u
-
-
-@triton.jit
-def _stats_finish(
-    s,
-    u,
-    stats_ptr,
-    sums_ptr,
-    offs_m,
-    m_mask,
-    stride_s,
-    stride_u,
-    P,
-    inv_k,
-    eps,
-    LN: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """Per-row deferred norm (rsqrt scale, mean) from the prefetched and any remaining partials."""
-    ss = tl.sum(s, 1)
-    su = tl.sum(u, 1)
-    for p0 in range(BLOCK_P, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        pm = m_mask[:, None] & (offs_p[None, :] < P)
-        ss += tl.sum(tl.load(stats_ptr + offs_m[:, None] * stride_s + offs_p[None, :], mask=pm, other=0.0), 1)
-        if LN:
-            su += tl.sum(
-                tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0), 1
-            )
-    return tl.math.rsqrt(ss * inv_k + eps), su
-
-
-@triton.jit
-def _ln_finish(
-    stats_ptr,
-    sums_ptr,
-    offs_m,
-    m_mask,
-    stride_s,
-    stride_u,
-    P,
-    K,
-    TILE_W,
-    inv_k,
-    eps,
-    BLOCK_P: tl.constexpr,
-):
-    """LayerNorm (1/σ, mean) per row from the producer's per-tile Σx (sums) and Σ(x − tile mean)²
-    (stats): M2 = Σ_t M2_t + Σ_t (S_t − n_t μ)² / n_t, tile t holding n_t = min(TILE_W, K − t·TILE_W)
-    columns. Two passes over the partials (the mean first), after the K loop: prefetching both
-    arrays would hold 2 x BLOCK_M x BLOCK_P registers through it."""
-    su = tl.zeros([offs_m.shape[0]], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        pm = m_mask[:, None] & (offs_p[None, :] < P)
-        su += tl.sum(tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0), 1)
-    mean = su * inv_k
-    total = tl.zeros([offs_m.shape[0]], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        pm = m_mask[:, None] & (offs_p[None, :] < P)
-        n_t = tl.maximum(tl.minimum(TILE_W, K - offs_p * TILE_W), 1).to(tl.float32)
-        s2 = tl.load(stats_ptr + offs_m[:, None] * stride_s + offs_p[None, :], mask=pm, other=0.0)
-        s1 = tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0)
-        d = s1 - n_t[None, :] * mean[:, None]
-        total += tl.sum(tl.where(pm, s2 + d * d / n_t[None, :], 0.0), 1)
-    return tl.math.rsqrt(total * inv_k + eps), mean
 
 
 @triton.jit
@@ -230,9 +150,7 @@ def _linear_kernel(
     # The deferred norm's statistics: tiny L2 reads issued before the K loop, consumed after it,
     # so their latency hides under the weight stream.
     if HAS_SCALE and not LN:
-        s_pre, u_pre = _stats_prefetch(
-            stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, LN, BLOCK_P
-        )
+        s_pre, u_pre = stats_prefetch(stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, LN, BLOCK_P)
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
     w_ptrs = w_ptr + offs_nc[:, None] * stride_wn + (k_lo + offs_k)[None, :]
@@ -265,11 +183,11 @@ def _linear_kernel(
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_SCALE:
         if LN:
-            r, mean = _ln_finish(
+            r, mean = ln_finish(
                 stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, K, TILE_W, inv_k, eps, BLOCK_P
             )
         else:
-            r, mean = _stats_finish(
+            r, mean = stats_finish(
                 s_pre,
                 u_pre,
                 stats_ptr,
