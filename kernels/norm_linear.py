@@ -182,11 +182,7 @@ def _linear_kernel(
     r = tl.zeros([BLOCK_M], dtype=tl.float32)
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_SCALE:
-        if LN:
-            r, mean = ln_finish(
-                stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, K, TILE_W, inv_k, eps, BLOCK_P
-            )
-        else:
+        if not LN:
             r, mean = stats_finish(
                 s_pre,
                 u_pre,
@@ -209,6 +205,10 @@ def _linear_kernel(
         )
     # The epilogue: scale (+ mean correction) → bias → residual → [silu(gate) * up] → round → store → Σ², Σ.
     if run:
+        if HAS_SCALE and LN:  # only the program that runs the epilogue reads the LayerNorm partials
+            r, mean = ln_finish(
+                stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, K, TILE_W, inv_k, eps, BLOCK_P
+            )
         if HAS_SCALE:
             if LN:
                 c = tl.load(colsum_ptr + offs_nc).to(tl.float32)
