@@ -150,7 +150,7 @@ def _linear_kernel(
     # The deferred norm's statistics: tiny L2 reads issued before the K loop, consumed after it,
     # so their latency hides under the weight stream.
     if HAS_SCALE and not LN:
-        s_pre, u_pre = stats_prefetch(stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, LN, BLOCK_P)
+        s_pre = stats_prefetch(stats_ptr, offs_m, m_mask, stride_s, P, BLOCK_P)
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
     w_ptrs = w_ptr + offs_nc[:, None] * stride_wn + (k_lo + offs_k)[None, :]
@@ -181,23 +181,8 @@ def _linear_kernel(
 
     r = tl.zeros([BLOCK_M], dtype=tl.float32)
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_SCALE:
-        if not LN:
-            r, mean = stats_finish(
-                s_pre,
-                u_pre,
-                stats_ptr,
-                sums_ptr,
-                offs_m,
-                m_mask,
-                stride_s,
-                stride_u,
-                P,
-                inv_k,
-                eps,
-                LN,
-                BLOCK_P,
-            )
+    if HAS_SCALE and not LN:  # LayerNorm reads its statistics in the epilogue (ln_finish)
+        r = stats_finish(s_pre, stats_ptr, offs_m, m_mask, stride_s, P, inv_k, eps, BLOCK_P)
     run = True
     if SPLIT_K > 1:
         acc, acc_u, run = _split_k_reduce(

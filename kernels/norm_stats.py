@@ -9,47 +9,23 @@ import triton.language as tl
 
 
 @triton.jit
-def stats_prefetch(
-    stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, LN: tl.constexpr, BLOCK_P: tl.constexpr
-):
-    """Issue the loads of the first BLOCK_P partials per row; nothing waits for them until they are used."""
+def stats_prefetch(stats_ptr, offs_m, m_mask, stride_s, P, BLOCK_P: tl.constexpr):
+    """RMSNorm: issue the loads of the first BLOCK_P Σx² partials per row; nothing waits for them
+    until they are used (after the K loop)."""
     offs_p = tl.arange(0, BLOCK_P)
     pm = m_mask[:, None] & (offs_p[None, :] < P)
-    s = tl.load(stats_ptr + offs_m[:, None] * stride_s + offs_p[None, :], mask=pm, other=0.0)
-    u = s
-    if LN:
-        u = tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0)
-    return s, u
+    return tl.load(stats_ptr + offs_m[:, None] * stride_s + offs_p[None, :], mask=pm, other=0.0)
 
 
 @triton.jit
-def stats_finish(
-    s,
-    u,
-    stats_ptr,
-    sums_ptr,
-    offs_m,
-    m_mask,
-    stride_s,
-    stride_u,
-    P,
-    inv_k,
-    eps,
-    LN: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """Per-row deferred norm (rsqrt scale, mean) from the prefetched and any remaining partials."""
+def stats_finish(s, stats_ptr, offs_m, m_mask, stride_s, P, inv_k, eps, BLOCK_P: tl.constexpr):
+    """RMSNorm's 1/rms per row from the prefetched and any remaining Σx² partials."""
     ss = tl.sum(s, 1)
-    su = tl.sum(u, 1)
     for p0 in range(BLOCK_P, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         pm = m_mask[:, None] & (offs_p[None, :] < P)
         ss += tl.sum(tl.load(stats_ptr + offs_m[:, None] * stride_s + offs_p[None, :], mask=pm, other=0.0), 1)
-        if LN:
-            su += tl.sum(
-                tl.load(sums_ptr + offs_m[:, None] * stride_u + offs_p[None, :], mask=pm, other=0.0), 1
-            )
-    return tl.math.rsqrt(ss * inv_k + eps), su
+    return tl.math.rsqrt(ss * inv_k + eps)
 
 
 @triton.jit
