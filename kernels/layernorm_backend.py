@@ -83,14 +83,7 @@ class LayerNormOps:
             return (F.gelu(y, approximate=gelu) if gelu is not None else y), None
         acc = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=torch.float32)
         mm_fp32_out(x, weight, acc)
-        if row_stats is not None:
-            mean, rstd = reference.ln_scale(row_stats, x.shape[-1], self.geometry.eps)
-            acc = (acc - mean * col_sums.float()[None, :]) * rstd
-        if bias is not None:
-            acc = acc + bias.float()
-        if residual is not None:
-            acc = acc + residual.float()
-        if gelu is not None:
-            acc = F.gelu(acc, approximate=gelu)
-        y = acc.to(out_dtype or x.dtype)
-        return y, (reference.ln_stats(y) if want_stats else None)
+        k, eps = x.shape[-1], self.geometry.eps
+        return reference.ln_epilogue(
+            acc, k, col_sums, bias, residual, row_stats, eps, want_stats, out_dtype or x.dtype, gelu
+        )

@@ -176,6 +176,12 @@ def attn_input(
 ) -> torch.Tensor:
     """The attention's input half: qkv GEMM (deferred norm) → RoPE → KV-cache write; returns q [T, Hq, D]."""
     qkv, _ = linear(x, w_qkv, bias=b_qkv, row_stats=row_stats, eps=geom.eps)
+    return rope_kv_write(qkv, rotary, kv, geom)
+
+
+def rope_kv_write(qkv: torch.Tensor, rotary: Rotary, kv: LayerKV, geom: Geometry) -> torch.Tensor:
+    """qkv [T, (Hq + 2 Hk) D] → RoPE on q and k → k and v into the paged caches; returns q [T, Hq, D]
+    (kernels/rope_kv.py, without its deferred scale)."""
     hq, hk, d = geom.num_heads, geom.num_kv_heads, geom.head_dim
     q = qkv[:, : hq * d].view(-1, hq, d)
     k = qkv[:, hq * d : (hq + hk) * d].view(-1, hk, d)
@@ -296,18 +302,40 @@ def ln_linear(
     eps: float = 1e-5,
     want_stats: bool = False,
     out_dtype: torch.dtype | None = None,
+    gelu: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """y = [(x W'ᵀ − μ c)/σ] + b' + residual in fp32, rounded once; (y, ln_stats(y) or None).
+    """y = [(x W'ᵀ − μ c)/σ] + b' + residual [→ GELU] in fp32, rounded once; (y, ln_stats(y) or None).
     With `stats` (the producer's) the LayerNorm is deferred; without, x is taken as it is."""
     acc = x.float() @ weight.float().t()
+    return ln_epilogue(
+        acc, x.shape[-1], col_sums, bias, residual, stats, eps, want_stats, out_dtype or x.dtype, gelu
+    )
+
+
+def ln_epilogue(
+    acc: torch.Tensor,
+    k: int,
+    col_sums: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stats: torch.Tensor | None,
+    eps: float,
+    want_stats: bool,
+    out_dtype: torch.dtype,
+    gelu: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The deferred LayerNorm's epilogue on an fp32 product x W'ᵀ of K-wide rows: mean correction and
+    1/σ, bias, residual, GELU, one rounding to `out_dtype`; (y, ln_stats(y) or None)."""
     if stats is not None:
-        mean, rstd = ln_scale(stats, x.shape[-1], eps)
+        mean, rstd = ln_scale(stats, k, eps)
         acc = (acc - mean * col_sums.float()[None, :]) * rstd
     if bias is not None:
         acc = acc + bias.float()
     if residual is not None:
         acc = acc + residual.float()
-    y = acc.to(out_dtype or x.dtype)
+    if gelu is not None:
+        acc = F.gelu(acc, approximate=gelu)
+    y = acc.to(out_dtype)
     return y, (ln_stats(y) if want_stats else None)
 
 
@@ -328,8 +356,7 @@ def gelu_mlp_input(
     approximate: str = "none",
 ) -> torch.Tensor:
     """GELU(LayerNorm(x) W_upᵀ + b_up), the norm deferred when `stats` is given."""
-    up, _ = ln_linear(x, w_up, c_up, b_up, stats=stats, eps=eps, out_dtype=torch.float32)
-    return F.gelu(up, approximate=approximate).to(x.dtype)
+    return ln_linear(x, w_up, c_up, b_up, stats=stats, eps=eps, gelu=approximate)[0]
 
 
 def ln_attn_input(
@@ -344,10 +371,4 @@ def ln_attn_input(
 ) -> torch.Tensor:
     """attn_input with the deferred LayerNorm: qkv GEMM → (partial) RoPE → KV write; returns q."""
     qkv, _ = ln_linear(x, w_qkv, c_qkv, b_qkv, stats=stats, eps=geom.eps)
-    hq, hk, d = geom.num_heads, geom.num_kv_heads, geom.head_dim
-    q = qkv[:, : hq * d].view(-1, hq, d)
-    k = qkv[:, hq * d : (hq + hk) * d].view(-1, hk, d)
-    v = qkv[:, (hq + hk) * d :].view(-1, hk, d)
-    q, k = rope(q, k, rotary.positions, rotary.cos_sin)
-    write_kv(k, v, kv.k_cache, kv.v_cache, kv.slot_mapping)
-    return q
+    return rope_kv_write(qkv, rotary, kv, geom)
