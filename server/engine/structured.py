@@ -37,7 +37,6 @@ class GrammarMatchers:
         model_vocab: int,
         tokenizer_vocab: int,
         eos_ids: frozenset[int],
-        device: torch.device,
         cache_size: int = 512,
     ) -> None:
         import llguidance
@@ -47,7 +46,6 @@ class GrammarMatchers:
             str(tokenizer_json), n_vocab=tokenizer_vocab, eos_token=sorted(eos_ids) or None
         )
         self.executor = llguidance.LLExecutor()
-        self.model_vocab, self.device = model_vocab, device
         # Masks cover the tokenizer's ids only: the kernel masks every column past them (a model's
         # padded embedding rows), and llguidance need not walk ids that spell nothing.
         self.words = (tokenizer_vocab + 31) // 32
@@ -156,9 +154,6 @@ class GrammarMatchers:
                 )
             ch.grammar_done = not ok or ch.matcher.is_stopped()
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
     @classmethod
     def for_model(cls, tokenizer: Any, decoder: Any, eos_ids: frozenset[int]) -> GrammarMatchers:
         if tokenizer is None:
@@ -168,7 +163,6 @@ class GrammarMatchers:
             decoder.config.vocab_size,
             tokenizer.vocab_size,
             eos_ids,
-            decoder.device,
         )
 
 
