@@ -256,18 +256,32 @@ def graph_kernel_events(
         for _ in range(replays):
             graphs.run(ids, pos, pb, fused)
         torch.cuda.synchronize()
+    events = sorted(
+        (ev for ev in prof.events() if ev.device_type.name == "CUDA"), key=lambda e: e.time_range.start
+    )
     return [
         (ev.name, ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total)
-        for ev in prof.events()
-        if ev.device_type.name == "CUDA"
+        for ev in events
     ]
 
 
-def profile_step(model: Decoder, name: str, fused: bool) -> dict:
-    """Batch-1 decode step under the torch profiler: kernels per step and time by category."""
-    kv = model.allocate_kv_cache(-(-513 // 16), 16)
-    pb, ids, pos = decode_batch(1, 512, 16)
-    graphs = DecodeGraphs(model, kv, max_batch=1, batch_sizes=(1,))
+def step_sequence(events: list[tuple[str, float]], replays: int) -> list[tuple[str, float]]:
+    """The step's kernels in launch order, µs the median over replays (positions line up: every replay
+    of one graph launches the same kernels), so fused and off can be compared kernel by kernel."""
+    per = len(events) // max(1, replays)
+    if per == 0 or per * replays != len(events):
+        return []
+    return [
+        (events[i][0], statistics.median(events[r * per + i][1] for r in range(replays))) for i in range(per)
+    ]
+
+
+def profile_step(model: Decoder, name: str, fused: bool, batch: int = 1) -> dict:
+    """A decode step (ctx 512) under the torch profiler: kernels per step, time by category, and the
+    kernels in launch order (JSON only)."""
+    kv = model.allocate_kv_cache(batch * -(-513 // 16), 16)
+    pb, ids, pos = decode_batch(batch, 512, 16)
+    graphs = DecodeGraphs(model, kv, max_batch=batch, batch_sizes=(batch,))
     graphs.capture()
     events = graph_kernel_events(graphs, ids, pos, pb, fused)
     cats = {"gemm": 0.0, "attention": 0.0, "norm": 0.0, "elementwise/other": 0.0}
@@ -287,7 +301,15 @@ def profile_step(model: Decoder, name: str, fused: bool) -> dict:
         cats[cat] += us / 10
     top = sorted(kernels.items(), key=lambda kv_: -kv_[1])[:8]
     graphs = kv = None
-    return dict(model=name, fused=fused, kernels_per_step=count / 10, category_us=cats, top_kernels_us=top)
+    return dict(
+        model=name,
+        batch=batch,
+        fused=fused,
+        kernels_per_step=count / 10,
+        category_us=cats,
+        top_kernels_us=top,
+        sequence_us=step_sequence(events, 10),
+    )
 
 
 def bench_gptfast(path: str, name: str, batches: list[int], contexts: list[int], results: list[dict]) -> None:
@@ -427,17 +449,16 @@ def report(results: list[dict], profiles: list[dict], bw: float, out: str | None
         prow = [
             [
                 p["model"],
+                p.get("batch", 1),
                 "on" if p["fused"] else "off",
                 p["kernels_per_step"],
                 *[round(p["category_us"][c], 1) for c in ("gemm", "attention", "norm", "elementwise/other")],
             ]
             for p in profiles
         ]
-        table += (
-            "\n\nBatch-1 decode step profile (ctx 512, µs per step by kernel category)\n\n"
-            + markdown_table(
-                ["model", "fusion", "kernels/step", "gemm", "attention", "norm", "elementwise/other"], prow
-            )
+        table += "\n\nDecode step profile (ctx 512, µs per step by kernel category)\n\n" + markdown_table(
+            ["model", "batch", "fusion", "kernels/step", "gemm", "attention", "norm", "elementwise/other"],
+            prow,
         )
     payload = {"env": env, "copy_bandwidth": bw, "results": results, "profiles": profiles}
     gpu = "_".join((env.get("gpu") or "gpu").lower().split()) + (f"_{tag}" if tag else "")
@@ -461,6 +482,7 @@ def main() -> None:
     )
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-batches", default="1", help="batch sizes of the --profile steps (ctx 512)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--tag", default="", help="suffix of the result file names")
     ap.add_argument(
@@ -486,9 +508,10 @@ def main() -> None:
         model = bench_ours(name, batches, contexts, results, bw, pdl_modes)
         report(results, profiles, bw, args.out, args.tag)  # ours first: a cut-off run keeps them
         if args.profile:
-            profiles += [profile_step(model, name, fused) for fused in (True, False)]
-            for p in profiles[-2:]:
-                print(p, flush=True)
+            for pb_ in (int(b) for b in args.profile_batches.split(",")):
+                profiles += [profile_step(model, name, fused, pb_) for fused in (True, False)]
+                for p in profiles[-2:]:
+                    print({k: v for k, v in p.items() if k != "sequence_us"}, flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()

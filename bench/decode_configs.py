@@ -41,6 +41,13 @@ CANDIDATES = {
         (1536, 576, 16, True): [(16, 16, 64, 4, 6, 1), (16, 64, 64, 4, 6, 1)],
         (576, 1536, 16, False): [(16, 16, 64, 4, 6, 4), (16, 32, 64, 4, 6, 2), (16, 16, 128, 4, 4, 2)],
     },
+    "pythia-1.4b": {  # the rule's picks: (16,16,256,2,4,s), s = 1 (qkv, up) or 2 (o, down)
+        (2048, 8192, 16, False): [(16, 16, 256, 4, 4, 2), (16, 16, 128, 2, 6, 2), (16, 16, 256, 2, 4, 4)],
+        (6144, 2048, 16, False): [(16, 32, 256, 4, 4, 1), (16, 16, 128, 2, 6, 1)],
+        (2048, 2048, 16, False): [(16, 16, 256, 2, 4, 1), (16, 16, 128, 2, 6, 2)],
+        (8192, 2048, 16, False): [(16, 32, 256, 4, 4, 1), (16, 16, 128, 2, 6, 1)],
+        (50304, 2048, 16, False): [(16, 16, 512, 4, 3, 1), (16, 32, 256, 4, 4, 1)],
+    },
 }
 
 
@@ -50,6 +57,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--paths", default="fused", help="fused, off or fused,off: the table serves both")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     cfg = config_of(args.model)
@@ -68,17 +76,22 @@ def main() -> None:
             tiles[replacement[0]] = replacement[1]
         backend.tiles = MappingProxyType(tiles)
 
-    timed = best_of_interleaved(model, kv, args.batch, args.ctx, variants, apply, (True,), args.rounds)
+    paths = tuple(p == "fused" for p in args.paths.split(","))
+    timed = best_of_interleaved(model, kv, args.batch, args.ctx, variants, apply, paths, args.rounds)
     apply(None)
-    best = {name: ms for (name, _), ms in timed.items()}
-    base = best["baseline"]
-    rows = [[name, round(ms, 4), f"{100 * (base / ms - 1):+.2f}%"] for name, ms in best.items()]
+    best = {f"{name}{'' if fused else ' [off]'}": ms for (name, fused), ms in timed.items()}
+    rows = []
+    for (name, fused), ms in timed.items():
+        base = timed[("baseline", fused)]
+        rows.append([name, "fused" if fused else "off", round(ms, 4), f"{100 * (base / ms - 1):+.2f}%"])
     env = environment()
     table = (
-        f"Decode step (fused, ms) with one GEMM's tiles replaced, {args.model} batch {args.batch} ctx {args.ctx}, "
+        f"Decode step (ms) with one GEMM's tiles replaced, {args.model} batch {args.batch} ctx {args.ctx}, "
         f"{env.get('gpu')}, torch {env['torch']}, triton {env.get('triton')}, {env['date']}; CUDA graphs, "
         f"PDL as in the product; best of {args.rounds} interleaved medians\n\n"
-        + markdown_table(["variant (N, K) -> (BM, BN, BK, warps, stages, split)", "ms", "vs baseline"], rows)
+        + markdown_table(
+            ["variant (N, K) -> (BM, BN, BK, warps, stages, split)", "path", "ms", "vs baseline"], rows
+        )
     )
     gpu = "_".join((env.get("gpu") or "gpu").lower().split())
     write_results(

@@ -34,6 +34,7 @@ VARIANTS: dict[str, dict] = {  # the backend attributes of each (unset ones keep
     "PDL": dict(pdl=PdlPolicy()),
     "PDL exit trigger": dict(pdl=PdlPolicy(multiwave_trigger="exit")),
     "PDL one-wave prefetch only": dict(pdl=PdlPolicy(prefetch_multiwave=False)),
+    "PDL no prefetch": dict(pdl=PdlPolicy(prefetch_lines_max=0)),
     "PDL 16 MB prefetch": dict(pdl=PdlPolicy(prefetch_budget=16 << 20)),
     "PDL 4 MB prefetch": dict(pdl=PdlPolicy(prefetch_budget=4 << 20)),
     "PDL 2 programs/SM wave": dict(pdl=PdlPolicy(one_wave_programs_per_sm=2)),

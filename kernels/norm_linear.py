@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusionserve.kernels.norm_stats import ln_finish, stats_finish, stats_prefetch
+from fusionserve.kernels.norm_stats import ln_finish, ln_prefetch, stats_finish, stats_prefetch
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2, prefetch_lines
 from fusionserve.kernels.tile_configs import TUNED, norm_cfg, pick_config
 from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2
@@ -151,6 +151,8 @@ def _linear_kernel(
     # so their latency hides under the weight stream.
     if HAS_SCALE and not LN:
         s_pre = stats_prefetch(stats_ptr, offs_m, m_mask, stride_s, P, BLOCK_P)
+    if HAS_SCALE and LN:
+        l_sums, l_m2 = ln_prefetch(stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, BLOCK_P)
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
     w_ptrs = w_ptr + offs_nc[:, None] * stride_wn + (k_lo + offs_k)[None, :]
@@ -181,7 +183,7 @@ def _linear_kernel(
 
     r = tl.zeros([BLOCK_M], dtype=tl.float32)
     mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_SCALE and not LN:  # LayerNorm reads its statistics in the epilogue (ln_finish)
+    if HAS_SCALE and not LN:  # LayerNorm finishes its statistics in the epilogue (ln_finish)
         r = stats_finish(s_pre, stats_ptr, offs_m, m_mask, stride_s, P, inv_k, eps, BLOCK_P)
     run = True
     if SPLIT_K > 1:
@@ -190,9 +192,22 @@ def _linear_kernel(
         )
     # The epilogue: scale (+ mean correction) → bias → residual → [silu(gate) * up] → round → store → Σ², Σ.
     if run:
-        if HAS_SCALE and LN:  # only the program that runs the epilogue reads the LayerNorm partials
+        if HAS_SCALE and LN:  # only the program that runs the epilogue combines the partials
             r, mean = ln_finish(
-                stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, K, TILE_W, inv_k, eps, BLOCK_P
+                l_sums,
+                l_m2,
+                stats_ptr,
+                sums_ptr,
+                offs_m,
+                m_mask,
+                stride_s,
+                stride_u,
+                P,
+                K,
+                TILE_W,
+                inv_k,
+                eps,
+                BLOCK_P,
             )
         if HAS_SCALE:
             if LN:
@@ -362,7 +377,8 @@ def _run(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
-        BLOCK_P=min(128, next_pow2(p)),
+        # LayerNorm prefetches two [BLOCK_M, BLOCK_P] arrays through the K loop: cap their registers
+        BLOCK_P=min(128, next_pow2(p), max(16, 2048 // bm) if ln else 128),
         SPLIT_K=split,
         LATE_TRIGGER=pdl is not None and not early and pdl.multiwave_trigger == "late",
         PF_LINES=prefetch_lines(

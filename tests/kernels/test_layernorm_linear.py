@@ -61,3 +61,21 @@ def test_gelu_epilogue_with_the_deferred_norm(dtype, approximate):
     want = torch.nn.functional.gelu(hn @ w.t() + bias, approximate=approximate)
     assert none is None
     check(y, want, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_more_partials_than_one_prefetched_chunk(m):
+    """2085 columns in 16-wide producer tiles: 131 partials, more than the 128 the consumer prefetches
+    before its K loop, so ln_finish folds a second chunk into the first (shifted by tile 0's mean)."""
+    k = 16 * 130 + 5
+    h = rand(m, k, dtype=torch.float32, scale=2.0) + 300.0
+    h[:, -37:] += 6.0  # the second chunk's tiles sit off the row's mean: dropping them would show
+    w, b, gamma, beta, w_folded, col_sums, b_folded = folded(torch.float32, n=5, k=k)
+    w_p = rand(k, 7, scale=7**-0.5)
+    h_out, stats = linear_layernorm(
+        rand(m, 7), w_p, residual=h, want_stats=True, config=(16, 16, 16, 4, 1, 1)
+    )
+    assert stats.shape == (m, 2 * 131)
+    y, _ = linear_layernorm(h_out, w_folded, col_sums, b_folded, stats, EPS, config=(16, 16, 16, 4, 1, 1))
+    hn = torch.nn.functional.layer_norm(h_out.double(), (k,), gamma.double(), beta.double(), EPS)
+    check(y, hn @ w.double().t() + b.double(), torch.float32, factor=10.0)
