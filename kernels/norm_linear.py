@@ -24,50 +24,28 @@ import torch
 import triton
 import triton.language as tl
 
+from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.kernels.norm_stats import ln_finish, ln_prefetch, stats_finish, stats_prefetch
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2, prefetch_lines
+from fusionserve.kernels.split_k import split_k_reduce
 from fusionserve.kernels.tile_configs import TUNED, norm_cfg, pick_config
 from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2
-from fusionserve.kernels.triton_helpers import cast, erf, mma, silu
+from fusionserve.kernels.triton_helpers import cast, erf, mma, silu, to_e4m3
 
 
 @triton.jit
-def _split_k_reduce(
-    acc,
-    acc_u,
-    ws_ptr,
-    cnt_ptr,
-    pid_m,
-    pid_n,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    GATE_UP: tl.constexpr,
-):
-    """Split-K without a second launch: every split parks its fp32 tile in the workspace and bumps the
-    tile's counter; the last to arrive sums the tiles in split order (deterministic), re-arms the counter
-    (so CUDA-graph replays start from zero) and runs the epilogue: (acc, acc_u, whether it is last)."""
-    tile = pid_m * tl.num_programs(0) + pid_n
-    TILE: tl.constexpr = BLOCK_M * BLOCK_N * (2 if GATE_UP else 1)
-    idx = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    base = ws_ptr + tile.to(tl.int64) * (SPLIT_K * TILE)
-    mine = base + tl.program_id(2) * TILE
-    tl.store(mine + idx, acc)
-    if GATE_UP:
-        tl.store(mine + BLOCK_M * BLOCK_N + idx, acc_u)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-    last = arrived == SPLIT_K - 1
-    if last:
-        tl.debug_barrier()
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for s in range(SPLIT_K):
-            acc += tl.load(base + s * TILE + idx, cache_modifier=".cg")
-            if GATE_UP:
-                acc_u += tl.load(base + s * TILE + BLOCK_M * BLOCK_N + idx, cache_modifier=".cg")
-        tl.store(cnt_ptr + tile, 0)
-    return acc, acc_u, last
+def amax_scale(amax_ptr, offs_m, m_mask, stride_a, PA, BLOCK_PA: tl.constexpr):
+    """Per-token activation scale s_x = max|x| / 448 (1 for an all-zero row) from the producer's
+    per-tile max|x| partials [M, PA]: needed before the K loop, which quantizes x with it."""
+    offs_p = tl.arange(0, BLOCK_PA)
+    pm = m_mask[:, None] & (offs_p[None, :] < PA)
+    amax = tl.max(tl.load(amax_ptr + offs_m[:, None] * stride_a + offs_p[None, :], mask=pm, other=0.0), 1)
+    for p0 in range(BLOCK_PA, PA, BLOCK_PA):
+        offs_q = p0 + tl.arange(0, BLOCK_PA)
+        qm = m_mask[:, None] & (offs_q[None, :] < PA)
+        a = tl.load(amax_ptr + offs_m[:, None] * stride_a + offs_q[None, :], mask=qm, other=0.0)
+        amax = tl.maximum(amax, tl.max(a, 1))
+    return tl.where(amax > 0, amax / 448.0, 1.0)
 
 
 @triton.jit
@@ -84,10 +62,15 @@ def _linear_kernel(
     sums_out_ptr,
     ws_ptr,
     cnt_ptr,
+    wscale_ptr,
+    amax_ptr,
+    amax_out_ptr,
     M,
     N,
     K,
     P,
+    PA,
+    stride_am,
     k_per_split,
     stride_xm,
     stride_wn,
@@ -107,6 +90,8 @@ def _linear_kernel(
     WANT_SUMS: tl.constexpr,
     GATE_UP: tl.constexpr,
     GELU: tl.constexpr,
+    W_FP8: tl.constexpr,
+    WANT_AMAX: tl.constexpr,
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
@@ -114,6 +99,7 @@ def _linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    BLOCK_PA: tl.constexpr,
     SPLIT_K: tl.constexpr,
     PDL: tl.constexpr,
     EARLY: tl.constexpr,
@@ -154,6 +140,10 @@ def _linear_kernel(
     if HAS_SCALE and LN:
         l_sums, l_m2 = ln_prefetch(stats_ptr, sums_ptr, offs_m, m_mask, stride_s, stride_u, P, BLOCK_P)
 
+    if W_FP8:  # per-token e4m3 activations: the row's scale first, from the producer's max|x| partials
+        s_x = amax_scale(amax_ptr, offs_m, m_mask, stride_am, PA, BLOCK_PA)
+        inv_s = 1.0 / s_x
+
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
     w_ptrs = w_ptr + offs_nc[:, None] * stride_wn + (k_lo + offs_k)[None, :]
     u_ptrs = w_ptrs + N * stride_wn
@@ -168,6 +158,8 @@ def _linear_kernel(
             k_mask = (k0 + offs_k) < K
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             wt = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+        if W_FP8:
+            xt = to_e4m3(xt.to(tl.float32) * inv_s[:, None])
         acc = mma(acc, xt, tl.trans(wt), UPCAST, IEEE)
         if GATE_UP:
             if EVEN_K:
@@ -187,11 +179,15 @@ def _linear_kernel(
         r = stats_finish(s_pre, stats_ptr, offs_m, m_mask, stride_s, P, inv_k, eps, BLOCK_P)
     run = True
     if SPLIT_K > 1:
-        acc, acc_u, run = _split_k_reduce(
+        acc, acc_u, run = split_k_reduce(
             acc, acc_u, ws_ptr, cnt_ptr, pid_m, pid_n, BLOCK_M, BLOCK_N, SPLIT_K, GATE_UP
         )
     # The epilogue: scale (+ mean correction) → bias → residual → [silu(gate) * up] → round → store → Σ², Σ.
     if run:
+        if W_FP8:  # x_q W_qᵀ · s_x · s_w: the quantization scales join the norm's in the epilogue
+            acc = acc * s_x[:, None] * tl.load(wscale_ptr + offs_nc)[None, :]
+            if GATE_UP:
+                acc_u = acc_u * s_x[:, None] * tl.load(wscale_ptr + N + offs_nc)[None, :]
         if HAS_SCALE and LN:  # only the program that runs the epilogue combines the partials
             r, mean = ln_finish(
                 l_sums,
@@ -241,6 +237,9 @@ def _linear_kernel(
                 tl.store(sums_out_ptr + offs_m * stride_so + pid_n, tile_sum, mask=m_mask)
             else:
                 tl.store(stats_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf * yf, 1), mask=m_mask)
+        if WANT_AMAX:  # an FP8 consumer's per-token scale: this tile's max|y| per row
+            ya = tl.where(mask, tl.abs(y.to(tl.float32)), 0.0)
+            tl.store(amax_out_ptr + offs_m * stride_so + pid_n, tl.max(ya, 1), mask=m_mask)
 
 
 def launch(
@@ -261,7 +260,15 @@ def launch(
     config=None,
     out: torch.Tensor | None = None,
     pdl: PdlPolicy | None = None,
+    x_amax: torch.Tensor | None = None,
+    want_amax: bool = False,
 ):
+    """An FP8 `weight` (kernels/fp8.py) needs `x_amax`, max|x| partials [M, PA]; `want_amax` appends
+    y's per-tile max|y| to its statistics ([M, 2 · n_tiles]: Σy², then max|y|) for an FP8 consumer."""
+    w_scale = None
+    if isinstance(weight, Fp8Weight):
+        assert x_amax is not None, "an FP8 GEMM quantizes x per token: pass its max|x| partials"
+        weight, w_scale = weight.data, weight.scale
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -279,10 +286,12 @@ def launch(
     if want_sums:  # LayerNorm statistics, packed [M, 2 · n_tiles]: Σy partials, then the shifted Σ²
         packed = torch.empty((m, 2 * n_tiles), device=x.device, dtype=torch.float32)
         sums, stats = packed[:, :n_tiles], packed[:, n_tiles:]
-    elif want_stats:
-        stats = torch.empty((m, n_tiles), device=x.device, dtype=torch.float32)
+    elif want_stats or want_amax:
+        packed = torch.empty((m, (want_stats + want_amax) * n_tiles), device=x.device, dtype=torch.float32)
+        stats = packed[:, :n_tiles] if want_stats else None
+        amax_out = packed[:, -n_tiles:] if want_amax else None
     if m == 0:
-        return y, (packed if want_sums else stats), sums
+        return y, (packed if want_sums or want_amax else stats), sums
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous()
     ln = row_sums is not None
@@ -293,6 +302,7 @@ def launch(
         row_stats = row_stats.float()
         if row_stats.stride(1) != 1:
             row_stats = row_stats.contiguous()
+    fp8 = (w_scale, x_amax.float() if x_amax is not None else None, amax_out if want_amax else None)
     _run(
         x,
         weight,
@@ -310,14 +320,33 @@ def launch(
         gate_up,
         gelu,
         pdl,
+        fp8,
     )
-    return y, (packed if want_sums else stats), sums
+    return y, (packed if want_sums or want_amax else stats), sums
 
 
 def _run(
-    x, weight, y, n, cfg, bias, residual, row_stats, row_sums, col_sums, stats, sums, eps, gate_up, gelu, pdl
+    x,
+    weight,
+    y,
+    n,
+    cfg,
+    bias,
+    residual,
+    row_stats,
+    row_sums,
+    col_sums,
+    stats,
+    sums,
+    eps,
+    gate_up,
+    gelu,
+    pdl,
+    fp8,
 ):
-    """One launch of _linear_kernel over (N tiles, M tiles, K splits) for launch's prepared operands."""
+    """One launch of _linear_kernel over (N tiles, M tiles, K splits) for launch's prepared operands;
+    `fp8` = (weight scales, max|x| partials, max|y| output) or Nones."""
+    w_scale, x_amax, amax_out = fp8
     m, k = x.shape
     bm, bn, bk, warps, stages, split = cfg
     n_tiles, m_tiles = triton.cdiv(n, bn), triton.cdiv(m, bm)
@@ -348,10 +377,15 @@ def _run(
         sums if sums is not None else dummy,
         ws,
         cnt,
+        w_scale if w_scale is not None else dummy,
+        x_amax if x_amax is not None else dummy,
+        amax_out if amax_out is not None else dummy,
         m,
         n,
         k,
         p,
+        x_amax.shape[1] if x_amax is not None else 1,
+        x_amax.stride(0) if x_amax is not None else 0,
         k_per_split,
         x.stride(0),
         weight.stride(0),
@@ -359,7 +393,9 @@ def _run(
         residual.stride(0) if residual is not None else 0,
         row_stats.stride(0) if row_stats is not None else 0,
         row_sums.stride(0) if ln else 0,
-        stats.stride(0) if stats is not None else 0,
+        (stats if stats is not None else amax_out).stride(0)
+        if stats is not None or amax_out is not None
+        else 0,
         1.0 / k,
         eps,
         next_pow2(triton.cdiv(k, p)),  # the producer's tile width (its BLOCK_N; K for one partial)
@@ -371,20 +407,23 @@ def _run(
         WANT_SUMS=sums is not None,
         GATE_UP=gate_up,
         GELU=gelu,
+        W_FP8=w_scale is not None,
+        WANT_AMAX=amax_out is not None,
         EVEN_K=k % bk == 0,
         UPCAST=INTERPRET,
-        IEEE=x.dtype == torch.float32,
+        IEEE=x.dtype == torch.float32 and w_scale is None,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
         # LayerNorm prefetches two [BLOCK_M, BLOCK_P] arrays through the K loop: cap their registers
         BLOCK_P=min(128, next_pow2(p), max(16, 2048 // bm) if ln else 128),
+        BLOCK_PA=min(128, next_pow2(x_amax.shape[1])) if x_amax is not None else 1,
         SPLIT_K=split,
         LATE_TRIGGER=pdl is not None and not early and pdl.multiwave_trigger == "late",
         PF_LINES=prefetch_lines(
-            k_per_split * bk, x.element_size(), n * (2 if gate_up else 1) * split, pdl, early
+            k_per_split * bk, weight.element_size(), n * (2 if gate_up else 1) * split, pdl, early
         ),
-        LINE=128 // x.element_size(),
+        LINE=128 // weight.element_size(),
         num_warps=warps,
         num_stages=stages,
         **launch,
@@ -431,8 +470,10 @@ def gate_up_silu(
     eps: float = 1e-6,
     config=None,
     pdl: PdlPolicy | None = None,
+    x_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """reference.gate_up_silu in one kernel: silu(r * x Wg^T) * (r * x Wu^T), W = [gate; up] of [2I, K]."""
+    """reference.gate_up_silu in one kernel: silu(r * x Wg^T) * (r * x Wu^T), W = [gate; up] of [2I, K]
+    (FP8 weights: with x's max|x| partials)."""
     assert w_gate_up.shape[0] % 2 == 0
     y, _, _ = launch(
         x,
@@ -443,5 +484,6 @@ def gate_up_silu(
         gate_up=True,
         config=config,
         pdl=pdl,
+        x_amax=x_amax,
     )
     return y

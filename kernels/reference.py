@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fusionserve.kernels.batch import Geometry, LayerKV, PagedBatch, Rotary
+from fusionserve.kernels.fp8 import Fp8Weight, fp8_matmul
 
 
 def row_sumsq(x: torch.Tensor) -> torch.Tensor:
@@ -73,9 +74,12 @@ def linear(
 
     Weight layout is [N, K] as in checkpoints. Accumulates in fp32 and rounds
     once, like a GEMM epilogue, to `out_dtype` (default x's; the LM head keeps fp32).
-    Stats are taken from the rounded y, i.e. from exactly what the next norm would read.
+    Stats are taken from the rounded y, i.e. from exactly what the next norm would read. An FP8
+    weight (kernels/fp8.py) quantizes x per row first; r composes with s_x · s_w.
     """
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+    if isinstance(weight, Fp8Weight):
+        acc = fp8_matmul(x, weight)
+    elif x.dtype == torch.float32 and weight.dtype == torch.float32:
         acc = x @ weight.t()
     else:
         acc = x.float() @ weight.float().t()

@@ -74,3 +74,20 @@ def silu(g):
 def erf(x):
     """The error function (exact GELU's): Triton's libdevice erf."""
     return tl.math.erf(x)
+
+
+_E4M3_EMULATE = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def to_e4m3(x):
+    """fp32 → e4m3, round to nearest even, saturating at ±448. The interpreter's own cast mis-rounds
+    (0.4867 → 0.25), so there the value is rounded onto the e4m3 grid in fp32 instead (3 mantissa
+    bits, subnormal step 2^-9) and stays fp32: every e4m3 value is exact in it, and the interpreter's
+    dot runs in fp32 anyway."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if _E4M3_EMULATE:
+        e = ((x.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127
+        step = ((tl.maximum(e, -6) + 124) << 23).to(tl.uint32).to(tl.float32, bitcast=True)  # 2^(e-3)
+        return ((x / step + 12582912.0) - 12582912.0) * step  # 1.5·2^23: fp32 adds round to even
+    return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")

@@ -55,6 +55,9 @@ class ModelConfig:
     parallel_residual: bool = False
     gelu: str | None = None  # None: gated SiLU; "none" / "tanh": GELU's approximate= argument
     dense_bias: bool = False  # o_proj and the MLP carry biases
+    # "fp8": the block's linear layers run e4m3 weights (per output channel) and per-token dynamic
+    # e4m3 activations (kernels/fp8.py); set by a compressed-tensors checkpoint or --quantization.
+    quantization: str | None = None
 
     @property
     def rotary_dims(self) -> int:
@@ -110,7 +113,10 @@ def parse_config(raw: dict, source: str | Path = "config.json") -> ModelConfig:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
             file=source,
         )
+    quantization = checkpoint_quantization(raw.get("quantization_config"), source)
     if arch == "GPTNeoXForCausalLM":
+        if quantization:
+            raise CheckpointError("FP8 is implemented for RMSNorm (Llama-family) models only", file=source)
         return _parse_neox(raw, source)
     try:
         hidden = int(raw["hidden_size"])
@@ -145,6 +151,7 @@ def parse_config(raw: dict, source: str | Path = "config.json") -> ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             sliding_window=int(window) if window else None,
+            quantization=quantization,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"invalid or incomplete config: {exc!r}", file=source) from exc
@@ -235,3 +242,48 @@ def load_config(model_dir: str | Path) -> ModelConfig:
             merged = tuple(dict.fromkeys(cfg.eos_token_ids + extra))
             cfg = replace(cfg, eos_token_ids=merged)
     return cfg
+
+
+#: What a compressed-tensors config group may say for us to run it as our FP8 scheme.
+_CT_WEIGHTS = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
+_CT_ACTIVATIONS = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, "strategy": "token"}
+
+
+def checkpoint_quantization(qc: dict | None, source: str | Path = "config.json") -> str | None:
+    """The checkpoint's `quantization_config` → "fp8" or None; anything we would not compute as its
+    authors meant is refused with what it says. Accepted: compressed-tensors FP8 weights (one scale per
+    output channel or per tensor, static) with per-token dynamic FP8 activations, or none (weight-only:
+    served with our dynamic activations) — the "FP8-Dynamic" checkpoints."""
+    if not qc:
+        return None
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"unsupported quantization_config: {why}", file=source)
+
+    method = qc.get("quant_method")
+    if method != "compressed-tensors":
+        raise refuse(
+            f"quant_method {method!r}; supported: compressed-tensors FP8 (per-channel weights, dynamic "
+            "per-token activations), or an unquantized checkpoint with --quantization fp8"
+        )
+    if qc.get("format") not in ("float-quantized", "naive-quantized", None):
+        raise refuse(f"format {qc.get('format')!r} (expected float-quantized)")
+    if qc.get("kv_cache_scheme"):
+        raise refuse("a quantized KV cache (kv_cache_scheme) is not supported")
+    groups = qc.get("config_groups") or {}
+    if not groups:
+        raise refuse("no config_groups")
+    for name, group in groups.items():
+        w = group.get("weights") or {}
+        bad = {k: w.get(k) for k, v in _CT_WEIGHTS.items() if w.get(k) != v}
+        if bad or w.get("strategy") not in ("channel", "tensor") or w.get("group_size") or w.get("block_structure"):
+            raise refuse(
+                f"group {name!r} weights {w!r}: only symmetric static 8-bit float weights, one scale per "
+                "channel or tensor"
+            )
+        a = group.get("input_activations")
+        if a and any(a.get(k) != v for k, v in _CT_ACTIVATIONS.items()):
+            raise refuse(f"group {name!r} input_activations {a!r}: only dynamic per-token 8-bit float")
+        if group.get("output_activations"):
+            raise refuse(f"group {name!r} quantizes output activations")
+    return "fp8"

@@ -119,11 +119,15 @@ class Decoder:
         backend: str = "auto",
         max_model_len: int | None = None,
         progress: bool = True,
+        quantization: str = "auto",
     ) -> Decoder:
-        """`device` "auto": CUDA when there is one; `dtype` None / "auto": bf16 on CUDA, fp32 elsewhere."""
+        """`device` "auto": CUDA when there is one; `dtype` None / "auto": bf16 on CUDA, fp32 elsewhere;
+        `quantization` as models/loader.load_weights takes it."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        config, weights = load_weights(model_dir, dtype=dtype, device=device, progress=progress)
+        config, weights = load_weights(
+            model_dir, dtype=dtype, device=device, progress=progress, quantization=quantization
+        )
         return cls(config, weights, select_backend(device, geometry(config), backend), max_model_len)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:

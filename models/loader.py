@@ -9,24 +9,27 @@ norm be deferred into the next GEMM's epilogue.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from fusionserve.kernels.fp8 import E4M3, Fp8Weight, quantize_weight
 from fusionserve.models.config import ModelConfig, load_config
 from fusionserve.models.errors import CheckpointError
 
 
 @dataclass
 class LayerWeights:
-    w_qkv: torch.Tensor  # [(Hq + 2 Hk) D, H], input_layernorm gain folded in
+    """One block's weights; under FP8 the four GEMM weights are Fp8Weight (kernels/fp8.py)."""
+
+    w_qkv: torch.Tensor | Fp8Weight  # [(Hq + 2 Hk) D, H], input_layernorm gain folded in
     b_qkv: torch.Tensor | None
-    w_o: torch.Tensor  # [H, Hq D]
-    w_gate_up: torch.Tensor  # [2 I, H] (GPT-NeoX: [I, H], no gate), post-attention norm gain folded in
-    w_down: torch.Tensor  # [H, I]
+    w_o: torch.Tensor | Fp8Weight  # [H, Hq D]
+    w_gate_up: torch.Tensor | Fp8Weight  # [2 I, H] (GPT-NeoX: [I, H], no gate), post-attn gain folded in
+    w_down: torch.Tensor | Fp8Weight  # [H, I]
     # LayerNorm models (GPT-NeoX): the norm's bias folded into the consumers' biases (b' = W β + b),
     # the column sums c = W' 1 (fp32) the deferred mean needs, and the other layers' biases.
     c_qkv: torch.Tensor | None = None
@@ -80,6 +83,21 @@ class _TensorSource:
         return name in self.files
 
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The tensor as stored; an e4m3 weight of a compressed-tensors checkpoint comes back
+        dequantized (fp32) with its `weight_scale` (per output channel or per tensor)."""
+        tensor = self._read(name, shape)
+        if tensor.dtype == E4M3:
+            scale = self._read(name + "_scale", None).float()
+            if scale.numel() not in (1, shape[0]):
+                raise CheckpointError(
+                    f"weight_scale of {tuple(scale.shape)} fits neither a tensor nor {shape[0]} channels",
+                    file=self.files.get(name + "_scale"),
+                    tensor=name + "_scale",
+                )
+            tensor = tensor.float() * scale.reshape(-1, *([1] * (tensor.dim() - 1)))
+        return tensor
+
+    def _read(self, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
         path = self.files.get(name)
         if path is None:
             raise CheckpointError("tensor missing from checkpoint", file=self.model_dir, tensor=name)
@@ -88,7 +106,7 @@ class _TensorSource:
             tensor = handle.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"cannot read tensor: {exc}", file=path, tensor=name) from exc
-        if tuple(tensor.shape) != tuple(shape):
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(
                 f"wrong shape {tuple(tensor.shape)}, expected {tuple(shape)}", file=path, tensor=name
             )
@@ -110,10 +128,21 @@ def load_weights(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    quantization: str = "auto",
 ) -> tuple[ModelConfig, ModelWeights]:
-    """Read, validate, fold and place every tensor; raises CheckpointError on any defect."""
+    """Read, validate, fold and place every tensor; raises CheckpointError on any defect.
+
+    `quantization`: "auto" (the checkpoint's: compressed-tensors FP8 or none), "fp8" (e4m3 weights
+    per output channel, quantized here after the norm gains are folded in; a pre-quantized
+    checkpoint is dequantized, folded and requantized the same way) or "none" (dequantize)."""
     model_dir = Path(model_dir)
     cfg = config or load_config(model_dir)
+    if quantization not in ("auto", "fp8", "none"):
+        raise ValueError(f"quantization {quantization!r}: expected auto, fp8 or none")
+    if quantization != "auto":
+        cfg = replace(cfg, quantization=None if quantization == "none" else quantization)
+    if cfg.quantization and cfg.layer_norm:
+        raise CheckpointError("FP8 is implemented for RMSNorm (Llama-family) models only", file=model_dir)
     dtype = dtype or cfg.dtype
     src = _TensorSource(model_dir)
     h, d, hq, hk, inter = (
@@ -166,6 +195,10 @@ def load_weights(
     else:
         head = src.get("lm_head.weight", (cfg.vocab_size, h))
     weights = ModelWeights(embed=put(embed), layers=layers, lm_head=put(_fold(head, final_gain, dtype)))
+    if cfg.quantization == "fp8":  # the LM head and the embedding stay in the model's dtype
+        for layer in weights.layers:
+            for name in ("w_qkv", "w_o", "w_gate_up", "w_down"):
+                setattr(layer, name, quantize_weight(getattr(layer, name)))
     return cfg, weights
 
 
