@@ -123,6 +123,7 @@ class Geometry:
     scale: float
     layer_norm: bool = False  # GPT-NeoX: LayerNorm (deferred mean and variance), GELU MLP
     gelu: str = "none"  # its GELU: exact ("none") or the tanh approximation
+    fp8: bool = False  # FP8 GEMMs (kernels/fp8.py): producers also hand on max|h| for the quantization
 
     @classmethod
     def of(
@@ -133,8 +134,9 @@ class Geometry:
         eps: float,
         layer_norm: bool = False,
         gelu: str = "none",
+        fp8: bool = False,
     ) -> Geometry:
-        return cls(num_heads, num_kv_heads, head_dim, eps, head_dim**-0.5, layer_norm, gelu)
+        return cls(num_heads, num_kv_heads, head_dim, eps, head_dim**-0.5, layer_norm, gelu, fp8)
 
 
 @dataclass(frozen=True)

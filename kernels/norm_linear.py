@@ -20,6 +20,8 @@ in kernels/tile_configs.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -263,9 +265,9 @@ def launch(
     x_amax: torch.Tensor | None = None,
     want_amax: bool = False,
 ):
-    """An FP8 `weight` (kernels/fp8.py) needs `x_amax`, max|x| partials [M, PA]; `want_amax` appends
-    y's per-tile max|y| to its statistics ([M, 2 · n_tiles]: Σy², then max|y|) for an FP8 consumer."""
-    w_scale = None
+    """FP8 `weight` (kernels/fp8.py): with `x_amax`, max|x| partials [M, PA]. `want_amax`: y's per-tile
+    max|y| follow its statistics ([M, 2 · n_tiles]: Σy², then max|y|) for an FP8 consumer."""
+    w_scale = amax_out = None
     if isinstance(weight, Fp8Weight):
         assert x_amax is not None, "an FP8 GEMM quantizes x per token: pass its max|x| partials"
         weight, w_scale = weight.data, weight.scale
@@ -302,56 +304,46 @@ def launch(
         row_stats = row_stats.float()
         if row_stats.stride(1) != 1:
             row_stats = row_stats.contiguous()
-    fp8 = (w_scale, x_amax.float() if x_amax is not None else None, amax_out if want_amax else None)
-    _run(
-        x,
-        weight,
-        y,
-        n,
-        cfg,
-        bias,
-        residual,
-        row_stats,
-        row_sums,
-        col_sums,
-        stats,
-        sums,
-        eps,
-        gate_up,
-        gelu,
-        pdl,
-        fp8,
-    )
+    ops = _Operands(
+        bias, residual, row_stats, row_sums, col_sums, stats, sums, w_scale,
+        x_amax.float() if x_amax is not None else None, amax_out if want_amax else None,
+    )  # fmt: skip
+    _run(x, weight, y, n, cfg, ops, eps, gate_up, gelu, pdl)
     return y, (packed if want_sums or want_amax else stats), sums
 
 
-def _run(
-    x,
-    weight,
-    y,
-    n,
-    cfg,
-    bias,
-    residual,
-    row_stats,
-    row_sums,
-    col_sums,
-    stats,
-    sums,
-    eps,
-    gate_up,
-    gelu,
-    pdl,
-    fp8,
-):
-    """One launch of _linear_kernel over (N tiles, M tiles, K splits) for launch's prepared operands;
-    `fp8` = (weight scales, max|x| partials, max|y| output) or Nones."""
-    w_scale, x_amax, amax_out = fp8
+@dataclass(frozen=True)
+class _Operands:
+    """The optional tensors of one _linear_kernel launch (None: that part of the epilogue is off)."""
+
+    bias: torch.Tensor | None
+    residual: torch.Tensor | None
+    row_stats: torch.Tensor | None  # RMSNorm Σx² partials, or LayerNorm's shifted Σ(x − mean)²
+    row_sums: torch.Tensor | None  # LayerNorm's Σx partials
+    col_sums: torch.Tensor | None  # LayerNorm's c = W' 1
+    stats: torch.Tensor | None  # out: Σy² (or shifted) partials
+    sums: torch.Tensor | None  # out: LayerNorm Σy partials
+    w_scale: torch.Tensor | None  # FP8 weight scales
+    x_amax: torch.Tensor | None  # FP8: max|x| partials
+    amax_out: torch.Tensor | None  # out: max|y| partials
+
+    def ptr(self, name: str, dummy: torch.Tensor) -> torch.Tensor:
+        t = getattr(self, name)
+        return t if t is not None else dummy
+
+    def stride(self, name: str) -> int:
+        t = getattr(self, name)
+        return t.stride(0) if t is not None else 0
+
+
+def _run(x, weight, y, n, cfg, ops: _Operands, eps, gate_up, gelu, pdl):
+    """One launch of _linear_kernel over (N tiles, M tiles, K splits) for launch's prepared operands."""
     m, k = x.shape
     bm, bn, bk, warps, stages, split = cfg
     n_tiles, m_tiles = triton.cdiv(n, bn), triton.cdiv(m, bm)
-    ln = row_sums is not None
-    p = row_stats.shape[1] if row_stats is not None else 1
+    ln = ops.row_sums is not None
+    p = ops.row_stats.shape[1] if ops.row_stats is not None else 1
+    pa = ops.x_amax.shape[1] if ops.x_amax is not None else 1
     k_per_split = triton.cdiv(triton.cdiv(k, bk), split)  # in BLOCK_K blocks
     split = triton.cdiv(k, k_per_split * bk)
     dummy = y
@@ -364,60 +356,35 @@ def _run(
         ws = cnt = dummy
     launch = pdl_args(pdl, n_tiles * m_tiles * split, x.device)
     early = launch["EARLY"]
+    names = ("bias", "residual", "row_stats", "row_sums", "col_sums", "stats", "sums")
     _linear_kernel[(n_tiles, m_tiles, split)](
-        x,
-        weight,
-        y,
-        bias if bias is not None else dummy,
-        residual if residual is not None else dummy,
-        row_stats if row_stats is not None else dummy,
-        row_sums if ln else dummy,
-        col_sums if ln else dummy,
-        stats if stats is not None else dummy,
-        sums if sums is not None else dummy,
-        ws,
-        cnt,
-        w_scale if w_scale is not None else dummy,
-        x_amax if x_amax is not None else dummy,
-        amax_out if amax_out is not None else dummy,
-        m,
-        n,
-        k,
-        p,
-        x_amax.shape[1] if x_amax is not None else 1,
-        x_amax.stride(0) if x_amax is not None else 0,
-        k_per_split,
-        x.stride(0),
-        weight.stride(0),
-        y.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        row_stats.stride(0) if row_stats is not None else 0,
-        row_sums.stride(0) if ln else 0,
-        (stats if stats is not None else amax_out).stride(0)
-        if stats is not None or amax_out is not None
-        else 0,
+        x, weight, y, *(ops.ptr(name, dummy) for name in names), ws, cnt,
+        *(ops.ptr(name, dummy) for name in ("w_scale", "x_amax", "amax_out")),
+        m, n, k, p, pa, ops.stride("x_amax"), k_per_split, x.stride(0), weight.stride(0), y.stride(0),
+        ops.stride("residual"), ops.stride("row_stats"), ops.stride("row_sums"),
+        ops.stride("stats") or ops.stride("amax_out"),
         1.0 / k,
         eps,
         next_pow2(triton.cdiv(k, p)),  # the producer's tile width (its BLOCK_N; K for one partial)
-        HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None,
-        HAS_SCALE=row_stats is not None,
+        HAS_BIAS=ops.bias is not None,
+        HAS_RES=ops.residual is not None,
+        HAS_SCALE=ops.row_stats is not None,
         LN=ln,
-        WANT_STATS=stats is not None,
-        WANT_SUMS=sums is not None,
+        WANT_STATS=ops.stats is not None,
+        WANT_SUMS=ops.sums is not None,
         GATE_UP=gate_up,
         GELU=gelu,
-        W_FP8=w_scale is not None,
-        WANT_AMAX=amax_out is not None,
+        W_FP8=ops.w_scale is not None,
+        WANT_AMAX=ops.amax_out is not None,
         EVEN_K=k % bk == 0,
         UPCAST=INTERPRET,
-        IEEE=x.dtype == torch.float32 and w_scale is None,
+        IEEE=x.dtype == torch.float32 and ops.w_scale is None,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
         # LayerNorm prefetches two [BLOCK_M, BLOCK_P] arrays through the K loop: cap their registers
         BLOCK_P=min(128, next_pow2(p), max(16, 2048 // bm) if ln else 128),
-        BLOCK_PA=min(128, next_pow2(x_amax.shape[1])) if x_amax is not None else 1,
+        BLOCK_PA=min(128, next_pow2(pa)),
         SPLIT_K=split,
         LATE_TRIGGER=pdl is not None and not early and pdl.multiwave_trigger == "late",
         PF_LINES=prefetch_lines(
@@ -427,7 +394,7 @@ def _run(
         num_warps=warps,
         num_stages=stages,
         **launch,
-    )
+    )  # fmt: skip
 
 
 def linear(

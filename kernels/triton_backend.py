@@ -23,6 +23,8 @@ from fusionserve.kernels.attention import paged_attention
 from fusionserve.kernels.batch import Geometry, LayerKV, PagedBatch, Rotary
 from fusionserve.kernels.decode_attention import DecodeSplitPolicy
 from fusionserve.kernels.embedding import embedding
+from fusionserve.kernels.fp8 import Fp8Weight
+from fusionserve.kernels.fp8_backend import Fp8Ops
 from fusionserve.kernels.layernorm_backend import LayerNormOps
 from fusionserve.kernels.norm_linear import gate_up_silu
 from fusionserve.kernels.norm_linear import linear as small_m_linear
@@ -47,7 +49,7 @@ def mm_fp32_out(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> Non
         torch.mm(x.float(), weight.float().t(), out=out)
 
 
-class TritonBackend(LayerNormOps):
+class TritonBackend(LayerNormOps, Fp8Ops):
     """`pdl`: the programmatic-dependent-launch policy of the small-M (decode) kernels (kernels/pdl.py):
     a PdlPolicy, True (the default policy), False (off) or, at construction, None (on where the GPU and
     Triton support it). Set it before capturing graphs. Large-M steps never use it: their neighbours
@@ -98,6 +100,8 @@ class TritonBackend(LayerNormOps):
     def embedding(
         self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.geometry.fp8:
+            return self.fp8_embedding(ids, table, want_stats)
         return embedding(ids, table, want_stats, pdl=self._pdl(ids))
 
     def rmsnorm(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +116,8 @@ class TritonBackend(LayerNormOps):
         row_stats: torch.Tensor | None = None,
         want_stats: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(weight, Fp8Weight):
+            return self.fp8_linear(x, weight, bias, residual, row_stats, want_stats)
         k, eps = x.shape[-1], self.geometry.eps
         if self._small(x):
             stats = self._partials(row_stats, k)
@@ -143,6 +149,8 @@ class TritonBackend(LayerNormOps):
         fp32 from its own (mm with out_dtype), then one in-place row pass (columns split over programs) applies the deferred scale
         in fp32. (Scaling the bf16 input instead, as the bf16 path does, would round r·x to bf16.)"""
         m, k, eps = x.shape[0], x.shape[-1], self.geometry.eps
+        if self.geometry.fp8:
+            row_stats = self.fp8_lm_head_stats(row_stats, k)
         out = torch.empty((m, weight.shape[0]), device=x.device, dtype=torch.float32)
         if self._small(x):
             stats = self._partials(row_stats, k)
@@ -162,6 +170,8 @@ class TritonBackend(LayerNormOps):
         rotary: Rotary,
         kv: LayerKV,
     ) -> torch.Tensor:
+        if isinstance(w_qkv, Fp8Weight):
+            return self.fp8_attn_input(x, row_stats, w_qkv, b_qkv, rotary, kv)
         eps = self.geometry.eps
         if self._small(x):
             stats = self._partials(row_stats, x.shape[-1])
@@ -182,6 +192,8 @@ class TritonBackend(LayerNormOps):
     def mlp_input(
         self, x: torch.Tensor, row_stats: torch.Tensor | None, w_gate_up: torch.Tensor
     ) -> torch.Tensor:
+        if isinstance(w_gate_up, Fp8Weight):
+            return self.fp8_linear(x, w_gate_up, row_stats=row_stats, gate_up=True)[0]
         eps = self.geometry.eps
         if self._small(x):
             stats = self._partials(row_stats, x.shape[-1])

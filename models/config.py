@@ -276,7 +276,12 @@ def checkpoint_quantization(qc: dict | None, source: str | Path = "config.json")
     for name, group in groups.items():
         w = group.get("weights") or {}
         bad = {k: w.get(k) for k, v in _CT_WEIGHTS.items() if w.get(k) != v}
-        if bad or w.get("strategy") not in ("channel", "tensor") or w.get("group_size") or w.get("block_structure"):
+        if (
+            bad
+            or w.get("strategy") not in ("channel", "tensor")
+            or w.get("group_size")
+            or w.get("block_structure")
+        ):
             raise refuse(
                 f"group {name!r} weights {w!r}: only symmetric static 8-bit float weights, one scale per "
                 "channel or tensor"

@@ -40,6 +40,7 @@ def geometry(config: ModelConfig) -> Geometry:
         config.rms_norm_eps,
         config.layer_norm,
         config.gelu or "none",
+        config.quantization == "fp8",
     )
 
 

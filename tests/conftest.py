@@ -7,6 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# Kernel modules read TRITON_INTERPRET when first imported (kernels/triton_env.py); set it before any
+# test module imports one, whatever order they are collected in (tests/kernels/common.py does too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,9 @@ F32 = {
     "po_ptr",
     "pml_ptr",
     "cs_ptr",
+    "wscale_ptr",
+    "amax_ptr",
+    "amax_out_ptr",
 }
 INTS = {
     "cnt_ptr": "*i32",
@@ -47,10 +50,12 @@ INTS = {
 }
 
 
-def signature(fn, consts: dict) -> dict:
+def signature(fn, consts: dict, types: dict | None = None) -> dict:
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
-        if name in consts:
+        if types and name in types:
+            sig[name] = types[name]
+        elif name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = INTS.get(name, "*fp32" if name in F32 else "*bf16")
@@ -60,7 +65,8 @@ def signature(fn, consts: dict) -> dict:
 
 
 def summarise(fn, consts: dict, **options) -> dict:
-    src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, consts), constexprs=consts)
+    types = consts.pop("_types", None)
+    src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, consts, types), constexprs=consts)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": True, **options})
     ptx = compiled.asm["ptx"]
     wait_at = ptx.find("griddepcontrol.wait")
@@ -78,13 +84,19 @@ def summarise(fn, consts: dict, **options) -> dict:
 
 LINEAR = dict(HAS_BIAS=False, HAS_RES=True, HAS_SCALE=True, LN=False, WANT_STATS=True, WANT_SUMS=False, GELU=0,
               EVEN_K=True, UPCAST=False, IEEE=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True,
-              PF_LINES=16, LINE=64)  # fmt: skip
+              PF_LINES=16, LINE=64, W_FP8=False, WANT_AMAX=False, BLOCK_PA=1)  # fmt: skip
 DECODE = dict(GROUP=3, D=64, BLOCK_G=16, BLOCK_D=64, BLOCK_N=128, PAGE=16, SPLIT=True, BLOCK_GG=4, MERGE_S=32,
               UPCAST=False, IEEE=False, PDL=True, PF_TOKENS=128, D_LINES=1, LINE=64)  # fmt: skip
 CASES = {
     "linear one-wave": (norm_linear._linear_kernel, dict(LINEAR, GATE_UP=False, SPLIT_K=1, EARLY=True, LATE_TRIGGER=False)),
     "gate_up one-wave": (norm_linear._linear_kernel, dict(LINEAR, GATE_UP=True, SPLIT_K=1, EARLY=True, LATE_TRIGGER=False)),
     "linear split-K multi-wave": (norm_linear._linear_kernel, dict(LINEAR, GATE_UP=False, SPLIT_K=4, EARLY=False, LATE_TRIGGER=True)),
+    # e4m3 weights (fp8 tl.dot), per-token activation scale from max|x| partials, max|y| out
+    "linear fp8": (norm_linear._linear_kernel, dict(LINEAR, GATE_UP=False, SPLIT_K=1, EARLY=True, LATE_TRIGGER=False,
+                                                    W_FP8=True, WANT_AMAX=True, BLOCK_PA=64, LINE=128,
+                                                    _types={"w_ptr": "*fp8e4nv"})),
+    "gate_up fp8": (norm_linear._linear_kernel, dict(LINEAR, GATE_UP=True, SPLIT_K=2, EARLY=False, LATE_TRIGGER=True,
+                                                     W_FP8=True, BLOCK_PA=64, LINE=128, _types={"w_ptr": "*fp8e4nv"})),
     "decode attention fused merge": (decode_attention._decode_kernel, dict(DECODE, FUSED=True, EARLY=True)),
     "decode attention two-pass": (decode_attention._decode_kernel, dict(DECODE, FUSED=False, EARLY=True)),
     "decode reduce": (decode_merge._decode_reduce_kernel, dict(D=64, BLOCK_D=64, BLOCK_S=8, PDL=True, EARLY=True)),

@@ -75,12 +75,18 @@ def test_pdl_kernels_compile_for_hopper_and_keep_the_rules(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 9
+    assert len(kernels) == 11
     for name, k in kernels.items():
         assert k["launch_pdl"] and k["wait"] == 1, name
         assert k["stores_before_wait"] == 0, f"{name} writes before griddepcontrol.wait"
         assert k["launch_dependents"] == (0 if name in ("rmsnorm",) else 1), name
-    for name in ("linear one-wave", "gate_up one-wave", "linear split-K multi-wave"):
+    for name in (
+        "linear one-wave",
+        "gate_up one-wave",
+        "linear split-K multi-wave",
+        "linear fp8",
+        "gate_up fp8",
+    ):
         assert kernels[name]["loads_before_wait"] == 0, f"{name} reads before griddepcontrol.wait"
         assert kernels[name]["prefetch_before_wait"] > 0, name
     assert kernels["gate_up one-wave"]["prefetch"] == 2 * kernels["linear one-wave"]["prefetch"]

@@ -1,0 +1,105 @@
+"""The Triton backend's FP8 operations (kernels/fp8.py), mixed into TritonBackend: the block's GEMMs
+on e4m3 weights with per-token e4m3 activations.
+
+Decode sizes (M ≤ small_m_max), fused: producers (o_proj, down_proj with the residual) write Σh² and
+max|h| partials from one epilogue (statistics packed [M, 2P]); the qkv and gate/up GEMMs quantize h
+per token inside their K loop with the scale those partials give and apply r · s_x · s_w to the fp32
+accumulator: no normalized copy, no quantized copy. Inputs that no norm precedes (the attention
+output into o_proj, silu·mul into down_proj) and the unfused path's normalized x get their max|x|
+from one small amax pass; the GEMM still quantizes on the fly. Larger M: x is quantized once
+(r folded into its scale when the norm is deferred) and cuBLASLt's FP8 GEMM (torch._scaled_mm)
+runs with row-wise activation and column-wise weight scales; statistics then travel as the rows
+themselves (reference.stats_are_rows). The LM head and the embedding stay in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusionserve.kernels import reference
+from fusionserve.kernels.batch import LayerKV, Rotary
+from fusionserve.kernels.fp8 import Fp8Weight, activation_scale, to_e4m3
+from fusionserve.kernels.norm_linear import launch
+from fusionserve.kernels.rope_kv import rope_kv_write
+from fusionserve.kernels.silu_mul import silu_mul
+
+
+def _amax(x: torch.Tensor) -> torch.Tensor:
+    """max|x| per row as one partial, [T, 1] fp32: the amax pass of inputs no producer measured."""
+    return x.abs().amax(dim=-1, keepdim=True).float()
+
+
+def split_fp8_stats(stats: torch.Tensor | None, x: torch.Tensor):
+    """(Σx² partials or None, max|x| partials) from what a producer handed on: packed [M, 2P], the
+    rows of x themselves, or nothing (x is used as it is)."""
+    if stats is None:
+        return None, _amax(x)
+    if reference.stats_are_rows(stats, x.shape[-1]):
+        return reference.row_sumsq(stats), _amax(stats)
+    p = stats.shape[1] // 2
+    return stats[:, :p], stats[:, p:]
+
+
+def scaled_mm(xq: torch.Tensor, scale_a: torch.Tensor, w: Fp8Weight, out_dtype: torch.dtype) -> torch.Tensor:
+    """x_q W_qᵀ · scale_a[m] · s_w[n]: cuBLASLt's FP8 GEMM on CUDA; off CUDA (the interpreter's tests)
+    the same exact products in fp32."""
+    if xq.is_cuda:
+        return torch._scaled_mm(
+            xq, w.data.t(), scale_a=scale_a, scale_b=w.scale[None, :], out_dtype=out_dtype
+        )
+    return ((xq.float() @ w.data.float().t()) * scale_a * w.scale[None, :]).to(out_dtype)
+
+
+class Fp8Ops:
+    """FP8 GEMMs of TritonBackend (which provides geometry, tiles, _small, _pdl_policy)."""
+
+    def fp8_linear(
+        self,
+        x: torch.Tensor,
+        weight: Fp8Weight,
+        bias: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        row_stats: torch.Tensor | None = None,
+        want_stats: bool = False,
+        gate_up: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """reference.linear (or gate_up_silu) on an FP8 weight; statistics as the module says."""
+        eps = self.geometry.eps
+        if self._small(x):
+            sumsq, amax = split_fp8_stats(row_stats, x)
+            n = weight.shape[0] // 2 if gate_up else weight.shape[0]
+            y, packed, _ = launch(
+                x, weight, n, bias=bias, residual=residual, row_stats=sumsq, eps=eps,
+                want_stats=want_stats, want_amax=want_stats, gate_up=gate_up, config=self.tiles,
+                pdl=self._pdl_policy, x_amax=amax,
+            )  # fmt: skip
+            return y, packed
+        scale = None
+        if row_stats is not None:  # the deferred norm's r joins the activation scale
+            scale = reference.row_rsqrt(row_stats, x.shape[-1], eps)
+        s_x = activation_scale(_amax(x))
+        xq = to_e4m3(x.float() * (1.0 / s_x))
+        y = scaled_mm(xq, s_x * scale if scale is not None else s_x, weight, x.dtype)
+        if bias is not None:
+            y += bias
+        if residual is not None:
+            y += residual
+        if gate_up:
+            y = silu_mul(y)
+        return y, (y if want_stats else None)  # large M: the rows are the statistics
+
+    def fp8_attn_input(self, x, row_stats, w_qkv: Fp8Weight, b_qkv, rotary: Rotary, kv: LayerKV):
+        qkv, _ = self.fp8_linear(x, w_qkv, b_qkv, row_stats=row_stats)
+        return rope_kv_write(qkv, rotary, kv, self.geometry, pdl=self._pdl(x))
+
+    def fp8_lm_head_stats(self, row_stats: torch.Tensor | None, k: int) -> torch.Tensor | None:
+        """The bf16 LM head reads only the Σh² half of an FP8 producer's packed statistics."""
+        if row_stats is None or reference.stats_are_rows(row_stats, k):
+            return row_stats
+        return row_stats[:, : row_stats.shape[1] // 2]
+
+    def fp8_embedding(self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool):
+        """Layer 0's statistics are the embedding rows themselves (its consumer measures both)."""
+        x = F.embedding(ids, table)
+        return x, (x if want_stats else None)
