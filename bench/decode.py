@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import copy_bandwidth, environment, markdown_table, write_results  # noqa: E402
 from fusionserve.kernels.backend import select_backend  # noqa: E402
 from fusionserve.kernels.batch import PagedBatch  # noqa: E402
+from fusionserve.kernels.fp8 import quantize_weight  # noqa: E402
 from fusionserve.kernels.pdl import pdl_available  # noqa: E402
 from fusionserve.models.config import ModelConfig  # noqa: E402
 from fusionserve.models.decoder import Decoder, KVCache, geometry  # noqa: E402
@@ -80,7 +81,11 @@ GPTFAST_ARGS = {
 
 
 def config_of(name: str) -> ModelConfig:
-    return ModelConfig(**{"architecture": "LlamaForCausalLM", "dtype": torch.bfloat16, **ARCHS[name]})
+    """A shape by name; a "-fp8" suffix (e.g. 8b-fp8) serves it with FP8 block weights (kernels/fp8.py)."""
+    base, fp8 = (name[:-4], "fp8") if name.endswith("-fp8") else (name, None)
+    return ModelConfig(
+        **{"architecture": "LlamaForCausalLM", "dtype": torch.bfloat16, **ARCHS[base], "quantization": fp8}
+    )
 
 
 def random_weights(cfg: ModelConfig, device: str = "cuda") -> ModelWeights:
@@ -108,10 +113,15 @@ def random_weights(cfg: ModelConfig, device: str = "cuda") -> ModelWeights:
             ))  # fmt: skip
         head = w(cfg.vocab_size, h)
         return ModelWeights(w(cfg.vocab_size, h), layers, head, b_head=b(cfg.vocab_size), c_head=c(head))
+    q = quantize_weight if cfg.quantization == "fp8" else (lambda t: t)
     layers = [
         LayerWeights(
-            w_qkv=w(qkv, h), b_qkv=None, w_o=w(h, cfg.num_heads * d), w_gate_up=w(2 * i_, h), w_down=w(h, i_)
-        )
+            w_qkv=q(w(qkv, h)),
+            b_qkv=None,
+            w_o=q(w(h, cfg.num_heads * d)),
+            w_gate_up=q(w(2 * i_, h)),
+            w_down=q(w(h, i_)),
+        )  # fmt: skip
         for _ in range(cfg.num_layers)
     ]
     return ModelWeights(embed=w(cfg.vocab_size, h), layers=layers, lm_head=w(cfg.vocab_size, h))
@@ -121,7 +131,8 @@ def weight_bytes(cfg: ModelConfig) -> int:
     h, d, i_ = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     mlp = (2 if cfg.layer_norm else 3) * i_ * h  # GPT-NeoX: up and down; Llama: gate, up and down
     per_layer = (cfg.num_heads + 2 * cfg.num_kv_heads) * d * h + h * cfg.num_heads * d + mlp
-    return 2 * (cfg.num_layers * per_layer + cfg.vocab_size * h)
+    block_bytes = 1 if cfg.quantization == "fp8" else 2  # e4m3 block weights; the LM head stays bf16
+    return block_bytes * cfg.num_layers * per_layer + 2 * cfg.vocab_size * h
 
 
 def kv_bytes(cfg: ModelConfig, batch: int, ctx: int) -> int:

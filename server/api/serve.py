@@ -68,6 +68,12 @@ def _add_model_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--dtype", default=_env("DTYPE", "auto"), choices=("auto", "float32", "bfloat16", "float16")
     )
+    g.add_argument(
+        "--quantization",
+        default=_env("QUANTIZATION", "auto"),
+        choices=("auto", "fp8", "none"),
+        help="fp8: e4m3 weights per channel + per-token e4m3 activations; auto: as the checkpoint says",
+    )
     g.add_argument("--backend", default=_env("BACKEND", "auto"), choices=("auto", "torch", "triton"))
     g.add_argument(
         "--fusion", default=_env("FUSION", "on"), choices=("on", "off", "ab"), help="deferred-norm path"
@@ -234,6 +240,7 @@ def engine_config(args: argparse.Namespace, model_dir: Path, name: str) -> Engin
         served_model_name=name,
         device=args.device,
         dtype=args.dtype,
+        quantization=args.quantization,
         backend=args.backend,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,

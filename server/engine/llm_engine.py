@@ -111,6 +111,7 @@ class LLMEngine:
                 self.runner.warm_eager_paths(config.max_num_seqs, self.max_model_len)
         features = ["PDL"] if getattr(decoder.backend, "pdl", False) else []
         features += ["CUDA graphs"] if graphs else []
+        features += ["FP8 e4m3 weights + per-token activations"] if decoder.config.quantization else []
         return ", ".join([f"{decoder.backend.name} on {decoder.device.type}", *features])
 
     # -- requests --------------------------------------------------------------------

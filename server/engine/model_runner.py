@@ -110,6 +110,7 @@ def load_decoder(config: EngineConfig) -> tuple[Decoder, Path]:
         device=config.device,
         dtype=config.dtype,
         backend=config.backend,
+        quantization=config.quantization,
         max_model_len=config.max_model_len,
     )
     return decoder, model_dir
