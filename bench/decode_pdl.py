@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {  # the backend attributes of each (unset ones keep
     "PDL 2 programs/SM wave": dict(pdl=PdlPolicy(one_wave_programs_per_sm=2)),
     "Triton GEMMs to M=64": dict(small_m_max=64),
     "Triton GEMMs to M=64 no PDL": dict(small_m_max=64, pdl=False),
+    "FP8 2x BLOCK_K": dict(fp8_k_factor=2),
 }
 
 
@@ -47,6 +48,7 @@ def apply_variant(backend, variant: dict) -> None:
     defaults = TritonBackend(backend.geometry)
     backend.pdl = variant.get("pdl", defaults.pdl or False)
     backend.small_m_max = variant.get("small_m_max", defaults.small_m_max)
+    backend.fp8_k_factor = variant.get("fp8_k_factor", defaults.fp8_k_factor)
 
 
 def main() -> None:

@@ -19,15 +19,17 @@ import torch.nn.functional as F
 
 from fusionserve.kernels import reference
 from fusionserve.kernels.batch import LayerKV, Rotary
-from fusionserve.kernels.fp8 import Fp8Weight, activation_scale, to_e4m3
+from fusionserve.kernels.fp8 import Fp8Weight
+from fusionserve.kernels.fp8_rows import amax_rows, quantize_rows
 from fusionserve.kernels.norm_linear import launch
 from fusionserve.kernels.rope_kv import rope_kv_write
 from fusionserve.kernels.silu_mul import silu_mul
+from fusionserve.kernels.tile_configs import pick_config
 
 
 def _amax(x: torch.Tensor) -> torch.Tensor:
     """max|x| per row as one partial, [T, 1] fp32: the amax pass of inputs no producer measured."""
-    return x.abs().amax(dim=-1, keepdim=True).float()
+    return amax_rows(x)
 
 
 def split_fp8_stats(stats: torch.Tensor | None, x: torch.Tensor):
@@ -54,6 +56,16 @@ def scaled_mm(xq: torch.Tensor, scale_a: torch.Tensor, w: Fp8Weight, out_dtype: 
 class Fp8Ops:
     """FP8 GEMMs of TritonBackend (which provides geometry, tiles, _small, _pdl_policy)."""
 
+    #: BLOCK_K multiplier of the FP8 decode GEMM over the bf16 tile table's choice: one-byte weights
+    #: put half the bytes in flight per stage at the same BLOCK_K (bench/decode_pdl.py A/Bs it).
+    fp8_k_factor: int = 1
+
+    def _fp8_config(self, m: int, n: int, k: int, device, gate_up: bool):
+        bm, bn, bk, warps, stages, split = pick_config(m, n, k, device, gate_up, 2, self.tiles)
+        if self.fp8_k_factor > 1 and k >= bk * self.fp8_k_factor * split:
+            bk *= self.fp8_k_factor
+        return (bm, bn, bk, warps, stages, split)
+
     def fp8_linear(
         self,
         x: torch.Tensor,
@@ -71,16 +83,13 @@ class Fp8Ops:
             n = weight.shape[0] // 2 if gate_up else weight.shape[0]
             y, packed, _ = launch(
                 x, weight, n, bias=bias, residual=residual, row_stats=sumsq, eps=eps,
-                want_stats=want_stats, want_amax=want_stats, gate_up=gate_up, config=self.tiles,
+                want_stats=want_stats, want_amax=want_stats, gate_up=gate_up,
+                config=self._fp8_config(x.shape[0], n, x.shape[1], x.device, gate_up),
                 pdl=self._pdl_policy, x_amax=amax,
             )  # fmt: skip
             return y, packed
-        scale = None
-        if row_stats is not None:  # the deferred norm's r joins the activation scale
-            scale = reference.row_rsqrt(row_stats, x.shape[-1], eps)
-        s_x = activation_scale(_amax(x))
-        xq = to_e4m3(x.float() * (1.0 / s_x))
-        y = scaled_mm(xq, s_x * scale if scale is not None else s_x, weight, x.dtype)
+        xq, row_scale = quantize_rows(x, row_stats, eps)  # the deferred norm's r joins the row scale
+        y = scaled_mm(xq, row_scale, weight, x.dtype)
         if bias is not None:
             y += bias
         if residual is not None:

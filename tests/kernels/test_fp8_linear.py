@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusionserve.kernels import norm_linear
+from fusionserve.kernels import fp8_rows, norm_linear
 from fusionserve.kernels import reference as ref
 from fusionserve.kernels.fp8 import E4M3, Fp8Weight, quantize_rows, quantize_weight, to_e4m3
 from tests.kernels.common import DEVICE, DTYPES, M_VALUES, check, rand  # noqa: F401
@@ -80,3 +80,20 @@ def test_quantize_rows_scales_each_row_to_the_e4m3_range():
     xq, s = quantize_rows(x)
     assert xq.dtype == E4M3 and torch.equal(s[2], torch.ones(1, device=DEVICE))
     assert torch.allclose(xq.float().abs().amax(-1)[[0, 1, 3]], torch.full((3,), 448.0, device=DEVICE))
+
+
+@pytest.mark.parametrize("stats", [None, "partials", "rows"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_passes_match_the_reference(dtype, stats):
+    """fp8_rows: max|x| per row, and x_q with its row scale (times the deferred norm's r)."""
+    x = rand(7, 300, dtype=dtype, scale=3.0)
+    x[3] = 0.0
+    assert torch.equal(fp8_rows.amax_rows(x), x.float().abs().amax(-1, keepdim=True))
+    h = rand(7, 300, dtype=dtype)
+    given = {None: None, "partials": ref.row_sumsq(h), "rows": h}[stats]
+    xq, scale = fp8_rows.quantize_rows(x, given, eps=1e-6)
+    want_q, want_s = quantize_rows(x)
+    assert xq.dtype == E4M3 and torch.equal(xq.float(), want_q.float())
+    if given is not None:
+        want_s = want_s * ref.row_rsqrt(given, 300, 1e-6)
+    check(scale, want_s, torch.float32)
