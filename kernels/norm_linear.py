@@ -282,6 +282,8 @@ def launch(
         if isinstance(config, tuple)
         else pick_config(m, n, k, x.device, gate_up, x.element_size(), TUNED if config is None else config)
     )
+    if w_scale is not None and cfg[2] < 32:  # an e4m3 tl.dot needs BLOCK_K ≥ 32
+        cfg = (*cfg[:2], 32, *cfg[3:])
     n_tiles = triton.cdiv(n, cfg[1])
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
     stats = sums = None
