@@ -38,8 +38,11 @@ class Backend(Protocol):
         residual: torch.Tensor | None = None,
         row_stats: Stats = None,
         want_stats: bool = False,
+        x_stats: Stats = None,
     ) -> tuple[torch.Tensor, Stats]:
         """x W^T (+ bias) (+ residual), optionally row-scaled / emitting Σy² (kernels/reference.py).
+        `x_stats`: what the GEMM itself needs of an un-normalized x, as mlp_input handed it on (an
+        FP8 weight's per-token scale: max|x| partials); None: measured here if needed.
 
         `residual` is consumed: a backend may write the result into it (the residual stream is
         never read again once the next h exists), which saves a copy of it per large-M GEMM."""
@@ -63,7 +66,12 @@ class Backend(Protocol):
 
     def attention(self, q: torch.Tensor, kv: LayerKV, batch: PagedBatch) -> torch.Tensor: ...
 
-    def mlp_input(self, x: torch.Tensor, row_stats: Stats, w_gate_up: torch.Tensor) -> torch.Tensor: ...
+    def mlp_input(
+        self, x: torch.Tensor, row_stats: Stats, w_gate_up: torch.Tensor
+    ) -> tuple[torch.Tensor, Stats]:
+        """(silu(gate) · up, the statistics its consumer, down_proj, takes as `x_stats`: FP8's
+        max|act| partials from the same epilogue, else None)."""
+        ...
 
 
 class TorchBackend:
@@ -80,7 +88,7 @@ class TorchBackend:
     def rmsnorm(self, x):
         return reference.rmsnorm(x, self.geometry.eps)
 
-    def linear(self, x, weight, bias=None, residual=None, row_stats=None, want_stats=False):
+    def linear(self, x, weight, bias=None, residual=None, row_stats=None, want_stats=False, x_stats=None):
         return reference.linear(x, weight, bias, residual, row_stats, self.geometry.eps, want_stats)
 
     def lm_head(self, x, weight, row_stats=None):
@@ -119,7 +127,7 @@ class TorchBackend:
         )[0]
 
     def mlp_input(self, x, row_stats, w_gate_up):
-        return reference.gate_up_silu(x, w_gate_up, row_stats, self.geometry.eps)
+        return reference.gate_up_silu(x, w_gate_up, row_stats, self.geometry.eps), None
 
 
 def select_backend(device: torch.device | str, geometry: Geometry, kind: str = "auto") -> Backend:

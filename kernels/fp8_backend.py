@@ -75,15 +75,19 @@ class Fp8Ops:
         row_stats: torch.Tensor | None = None,
         want_stats: bool = False,
         gate_up: bool = False,
+        want_amax: bool = False,
+        x_amax: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """reference.linear (or gate_up_silu) on an FP8 weight; statistics as the module says."""
+        """reference.linear (or gate_up_silu) on an FP8 weight; statistics as the module says.
+        `x_amax`: x's max|x| partials from its producer (the gate/up epilogue for down_proj);
+        `want_amax` alone: y's max|y| partials for an un-normalized FP8 consumer."""
         eps = self.geometry.eps
         if self._small(x):
-            sumsq, amax = split_fp8_stats(row_stats, x)
+            sumsq, amax = split_fp8_stats(row_stats, x) if x_amax is None else (row_stats, x_amax)
             n = weight.shape[0] // 2 if gate_up else weight.shape[0]
             y, packed, _ = launch(
                 x, weight, n, bias=bias, residual=residual, row_stats=sumsq, eps=eps,
-                want_stats=want_stats, want_amax=want_stats, gate_up=gate_up,
+                want_stats=want_stats, want_amax=want_stats or want_amax, gate_up=gate_up,
                 config=self._fp8_config(x.shape[0], n, x.shape[1], x.device, gate_up),
                 pdl=self._pdl_policy, x_amax=amax,
             )  # fmt: skip
@@ -96,7 +100,7 @@ class Fp8Ops:
             y += residual
         if gate_up:
             y = silu_mul(y)
-        return y, (y if want_stats else None)  # large M: the rows are the statistics
+        return y, (y if want_stats else None)  # large M: the rows are the statistics (or unneeded)
 
     def fp8_attn_input(self, x, row_stats, w_qkv: Fp8Weight, b_qkv, rotary: Rotary, kv: LayerKV):
         qkv, _ = self.fp8_linear(x, w_qkv, b_qkv, row_stats=row_stats)

@@ -115,9 +115,10 @@ class TritonBackend(LayerNormOps, Fp8Ops):
         residual: torch.Tensor | None = None,
         row_stats: torch.Tensor | None = None,
         want_stats: bool = False,
+        x_stats: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(weight, Fp8Weight):
-            return self.fp8_linear(x, weight, bias, residual, row_stats, want_stats)
+            return self.fp8_linear(x, weight, bias, residual, row_stats, want_stats, x_amax=x_stats)
         k, eps = x.shape[-1], self.geometry.eps
         if self._small(x):
             stats = self._partials(row_stats, k)
@@ -191,11 +192,11 @@ class TritonBackend(LayerNormOps, Fp8Ops):
 
     def mlp_input(
         self, x: torch.Tensor, row_stats: torch.Tensor | None, w_gate_up: torch.Tensor
-    ) -> torch.Tensor:
-        if isinstance(w_gate_up, Fp8Weight):
-            return self.fp8_linear(x, w_gate_up, row_stats=row_stats, gate_up=True)[0]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(w_gate_up, Fp8Weight):  # with max|act| partials for the FP8 down projection
+            return self.fp8_linear(x, w_gate_up, row_stats=row_stats, gate_up=True, want_amax=True)
         eps = self.geometry.eps
         if self._small(x):
             stats = self._partials(row_stats, x.shape[-1])
-            return gate_up_silu(x, w_gate_up, stats, eps, self.tiles, self._pdl_policy)
-        return silu_mul(F.linear(x, w_gate_up), row_stats, x.shape[-1], eps)
+            return gate_up_silu(x, w_gate_up, stats, eps, self.tiles, self._pdl_policy), None
+        return silu_mul(F.linear(x, w_gate_up), row_stats, x.shape[-1], eps), None

@@ -166,8 +166,8 @@ class Decoder:
                 h, stats = be.linear(o.reshape(o.shape[0], -1), layer.w_o, residual=h, want_stats=fusion)
             with timer(i, "mlp") if timer else nullcontext():
                 x, st = (h, stats) if fusion else (be.rmsnorm(h), None)
-                act = be.mlp_input(x, st, layer.w_gate_up)
-                h, stats = be.linear(act, layer.w_down, residual=h, want_stats=fusion)
+                act, act_st = be.mlp_input(x, st, layer.w_gate_up)
+                h, stats = be.linear(act, layer.w_down, residual=h, want_stats=fusion, x_stats=act_st)
         return Hidden(h, stats)
 
     def _forward_layernorm(

@@ -171,7 +171,7 @@ def profile_cases():
         w, x = _rand(n, k, dtype=dtype, device=device), _rand(m, k, dtype=dtype, device=device)
         ops += [lambda w=w, x=x: F.linear(x, w), lambda w=w, x=x: be.linear(x, w)]
         if name == "gate_up":
-            ops.append(lambda w=w, x=x: be.mlp_input(x, None, w))
+            ops.append(lambda w=w, x=x: be.mlp_input(x, None, w)[0])
     for mdl, m in ((LLAMA_8B, 8), (SMOL_135M, 1)):
         (n_o, k_o), (n_c, k_c) = mdl.shapes()["o"], mdl.shapes()["qkv"]
         w_o, w_c = _rand(n_o, k_o, dtype=dtype, device=device), _rand(n_c, k_c, dtype=dtype, device=device)

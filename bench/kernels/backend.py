@@ -47,7 +47,7 @@ def bench_chains(models, m_values, timer, device, dtype, log):
                 return be.attn_input(x, st, w_c[i], None, rotary, kv)
             if torch_gemm:
                 return silu_mul(F.linear(x, w_c[i]))
-            return be.mlp_input(x, st, w_c[i])
+            return be.mlp_input(x, st, w_c[i])[0]
 
         def none(i):
             h, _ = be.linear(o_in, w_o[i], residual=h_in)

@@ -45,8 +45,8 @@ def forward(be, weights, ids, positions, batch, caches, cos_sin, fused):
         o = be.attention(q, kv, batch)
         h, stats = be.linear(o.reshape(o.shape[0], -1), layer["o"], residual=h, want_stats=fused)
         x, st = (h, stats) if fused else (be.rmsnorm(h), None)
-        act = be.mlp_input(x, st, layer["gate_up"])
-        h, stats = be.linear(act, layer["down"], residual=h, want_stats=fused)
+        act, act_st = be.mlp_input(x, st, layer["gate_up"])
+        h, stats = be.linear(act, layer["down"], residual=h, want_stats=fused, x_stats=act_st)
     if fused:
         return be.lm_head(h, weights["lm_head"], stats)
     return be.lm_head(be.rmsnorm(h), weights["lm_head"])

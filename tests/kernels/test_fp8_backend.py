@@ -55,3 +55,16 @@ def test_triton_fp8_model_matches_the_reference(tiny, fusion):
     # fused and off quantize the same values (h vs r·h: r cancels in x / s_x)
     other = run(triton, ids, not fusion)
     assert torch.equal(other.argmax(-1), want.argmax(-1))
+
+
+def test_gate_up_hands_max_act_to_the_down_projection(tiny):
+    """At decode sizes the gate/up epilogue writes max|act| partials (its FP8 consumer's scale), so
+    down_proj needs no amax pass; they equal act's own max exactly."""
+    cfg, weights = load_weights(tiny, dtype=torch.float32, device=DEVICE, progress=False, quantization="fp8")
+    be = TritonBackend(geometry(cfg), pdl=False)
+    x = torch.randn(3, cfg.hidden_size, device=DEVICE)
+    act, amax = be.mlp_input(x, None, weights.layers[0].w_gate_up)
+    assert torch.equal(amax.amax(-1), act.abs().amax(-1))
+    y, _ = be.linear(act, weights.layers[0].w_down, x_stats=amax)
+    want, _ = TorchBackend(geometry(cfg)).linear(act, weights.layers[0].w_down)
+    assert rel_err(y, want) <= 1e-2
