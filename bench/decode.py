@@ -13,6 +13,11 @@ DynamicCache kept at the same length.
 
 `--pdl default,off` also captures and times graphs without programmatic dependent launch (extra
 columns), interleaved with the product's default in the same process.
+
+A "-fp8" shape (`--models 8b,8b-fp8`) serves the block GEMMs in FP8 (kernels/fp8.py); its gpt-fast
+column is gpt-fast's int8 weight-only mode (its quantize.py, next to model.py in .gptfast/:
+`mkdir .gptfast; git -C <fetched gpt-fast> show HEAD:model.py > .gptfast/gptfast_model.py;
+git -C <...> show HEAD:quantize.py > .gptfast/quantize.py`, carried, never committed).
 """
 
 from __future__ import annotations
@@ -323,23 +328,46 @@ def profile_step(model: Decoder, name: str, fused: bool, batch: int = 1) -> dict
     )
 
 
+def _gptfast_int8(model, model_py: str, gf):
+    """gpt-fast's own int8 weight-only mode (its quantize.py beside model.py): every nn.Linear to int8
+    per output channel, dequantized in the GEMV. Its tokenizer import is stubbed (not needed here)."""
+    import types
+
+    stub = types.ModuleType("tokenizer")
+    stub.get_tokenizer = None
+    sys.modules.setdefault("tokenizer", stub)
+    sys.modules["model"] = gf
+    spec = importlib.util.spec_from_file_location("gptfast_quantize", Path(model_py).with_name("quantize.py"))
+    q = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(q)
+    handler = q.WeightOnlyInt8QuantHandler(model)
+    state = handler.create_quantized_state_dict()
+    model = handler.convert_for_runtime()
+    model.load_state_dict(state, assign=True)
+    return model.to("cuda")
+
+
 def bench_gptfast(path: str, name: str, batches: list[int], contexts: list[int], results: list[dict]) -> None:
+    """gpt-fast compiled as its generate.py does; for a "-fp8" shape, in its int8 weight-only mode."""
     spec = importlib.util.spec_from_file_location("gptfast_model", path)
     gf = importlib.util.module_from_spec(spec)
     sys.modules["gptfast_model"] = gf  # dynamo re-imports the module by name while tracing
     spec.loader.exec_module(gf)
+    int8 = name.endswith("-fp8")
     import torch._inductor.config as ind
 
     ind.coordinate_descent_tuning = True
     ind.triton.unique_kernel_names = True
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = gf.Transformer(gf.ModelArgs(**GPTFAST_ARGS[name])).eval()
+        model = gf.Transformer(gf.ModelArgs(**GPTFAST_ARGS[name.removesuffix("-fp8")])).eval()
     torch.set_default_dtype(torch.float32)
     for p in model.parameters():
         p.data.normal_(0, p.shape[-1] ** -0.5)
         if p.ndim == 1:
             p.data.fill_(1.0)
+    if int8:
+        model = _gptfast_int8(model, path, gf)
 
     def step(x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return torch.argmax(model(x, input_pos)[:, -1], dim=-1)
@@ -360,8 +388,9 @@ def bench_gptfast(path: str, name: str, batches: list[int], contexts: list[int],
                 compile_s = time.perf_counter() - t0
                 t = time_fn(lambda c=compiled, a=x, ip=input_pos: c(a, ip))
             row = dict(
-                model=name, batch=b, ctx=ctx, engine="gpt-fast", gptfast_ms=t * 1e3, compile_s=compile_s
-            )
+                model=name, batch=b, ctx=ctx, engine="gpt-fast int8" if int8 else "gpt-fast",
+                gptfast_ms=t * 1e3, compile_s=compile_s,
+            )  # fmt: skip
             results.append(row)
             print(row, flush=True)
     model = compiled = None
