@@ -25,6 +25,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--quantization", default="auto", choices=("auto", "fp8", "none"))
 
 
 def _pick_device(name: str) -> str:
@@ -46,7 +47,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         return 2
     model_dir = resolve_model(args.model)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = Decoder.from_pretrained(model_dir, device=_pick_device(args.device), dtype=dtype)
+    model = Decoder.from_pretrained(
+        model_dir, device=_pick_device(args.device), dtype=dtype, quantization=args.quantization
+    )
     tok = Tokenizer(model_dir)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
