@@ -22,6 +22,7 @@ from fusionserve.kernels.backend import Backend, select_backend
 from fusionserve.kernels.batch import Geometry, LayerKV, PagedBatch, Rotary
 from fusionserve.models.config import ModelConfig
 from fusionserve.models.loader import ModelWeights, load_weights
+from fusionserve.models.tensor_parallel import TensorParallel
 
 # timer(layer, part) → context manager around that part; parts are "attn" and "mlp".
 LayerTimer = Callable[[int, str], AbstractContextManager]
@@ -96,10 +97,14 @@ class Decoder:
         weights: ModelWeights,
         backend: Backend,
         max_model_len: int | None = None,
+        tp: TensorParallel | None = None,
     ):
+        """`tp`: this rank's tensor-parallel group; `config` and `weights` are then its shard
+        (models/tensor_parallel.py)."""
         self.config = config
         self.weights = weights
         self.backend = backend
+        self.tp = tp
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
         self.max_model_len = min(
@@ -156,18 +161,18 @@ class Decoder:
         rotary = Rotary(positions, self.cos_sin)
         if self.config.layer_norm:
             return self._forward_layernorm(ids, rotary, batch, kv, fusion, timer)
-        h, stats = be.embedding(ids, w.embed, fusion)
+        h, stats = self.tp.embedding(ids, w.embed, fusion) if self.tp else be.embedding(ids, w.embed, fusion)
         for i, layer in enumerate(w.layers):
             with timer(i, "attn") if timer else nullcontext():
                 x, st = (h, stats) if fusion else (be.rmsnorm(h), None)
                 layer_kv = LayerKV(kv.k[i], kv.v[i], batch.slot_mapping)
                 q = be.attn_input(x, st, layer.w_qkv, layer.b_qkv, rotary, layer_kv)
                 o = be.attention(q, layer_kv, batch)
-                h, stats = be.linear(o.reshape(o.shape[0], -1), layer.w_o, residual=h, want_stats=fusion)
+                h, stats = self._project(o.reshape(o.shape[0], -1), layer.w_o, h, fusion)
             with timer(i, "mlp") if timer else nullcontext():
                 x, st = (h, stats) if fusion else (be.rmsnorm(h), None)
                 act, act_st = be.mlp_input(x, st, layer.w_gate_up)
-                h, stats = be.linear(act, layer.w_down, residual=h, want_stats=fusion, x_stats=act_st)
+                h, stats = self._project(act, layer.w_down, h, fusion, act_st)
         return Hidden(h, stats)
 
     def _forward_layernorm(
@@ -203,6 +208,12 @@ class Decoder:
                 )
         return Hidden(h, stats)
 
+    def _project(self, x, weight, residual, fusion: bool, x_stats=None):
+        """o_proj / down_proj with the residual add (and, tensor-parallel, the sum over ranks)."""
+        if self.tp is not None:
+            return self.tp.row_parallel(self.backend, x, weight, residual, fusion, x_stats)
+        return self.backend.linear(x, weight, residual=residual, want_stats=fusion, x_stats=x_stats)
+
     @torch.inference_mode()
     def logits(self, hidden: Hidden, scaled: bool = True) -> torch.Tensor:
         """fp32 logits from the LM head with the final norm: deferred (row scale in the epilogue, in
@@ -217,5 +228,7 @@ class Decoder:
             x = hidden.h if hidden.stats is not None else be.layernorm(hidden.h)
             return be.ln_lm_head(x, hidden.stats, w.lm_head, w.c_head, w.b_head)
         if hidden.stats is not None:
-            return be.lm_head(hidden.h, self.weights.lm_head, hidden.stats if scaled else None)
-        return be.lm_head(be.rmsnorm(hidden.h), self.weights.lm_head)
+            out = be.lm_head(hidden.h, self.weights.lm_head, hidden.stats if scaled else None)
+        else:
+            out = be.lm_head(be.rmsnorm(hidden.h), self.weights.lm_head)
+        return self.tp.gather_logits(out) if self.tp is not None else out
