@@ -24,6 +24,7 @@ class EngineConfig:
     device: str = "auto"  # auto → cuda if available else cpu
     dtype: str = "auto"  # auto → bf16 on cuda, fp32 on cpu
     quantization: str = "auto"  # auto: the checkpoint's (compressed-tensors FP8 or none); fp8; none
+    tensor_parallel_size: int = 1  # ranks the model is sharded over (models/tp_group.py)
     backend: str = "auto"  # auto|torch|triton
     max_model_len: int | None = None  # default: the model's context, or all the KV cache holds
     max_num_seqs: int = 64

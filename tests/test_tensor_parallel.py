@@ -4,8 +4,13 @@ the heads are refused with a clear message."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,6 +23,10 @@ from fusionserve.models.decoder import Decoder, geometry
 from fusionserve.models.errors import CheckpointError
 from fusionserve.models.loader import load_weights
 from fusionserve.models.tensor_parallel import TensorParallel, shard
+from fusionserve.models.tp_group import LeaderDecoder
+from fusionserve.server.contract import EngineConfig, SamplingParams
+from fusionserve.server.engine.llm_engine import LLMEngine
+from fusionserve.server.engine.model_runner import load_decoder
 from tests.tiny_models import make_tiny_checkpoint, rel_err
 
 PROMPT = list(range(3, 43))  # 40 tokens: a prefill, then decode steps
@@ -88,3 +97,73 @@ def test_sizes_that_do_not_divide_the_kv_heads_are_refused(default_model_dir):
     cfg, weights = load_weights(default_model_dir, progress=False)
     with pytest.raises(CheckpointError, match="does not divide the model's 3 KV heads"):
         shard(cfg, weights, 0, 2)
+
+
+def test_engine_leads_a_two_rank_group(tiny):
+    """The engine process as rank 0 (models/tp_group.py) with one follower subprocess: the same
+    greedy tokens as one rank, the follower replaying every forward and LM-head call."""
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    prompts = [PROMPT[:7], PROMPT[3:40], PROMPT[10:12]]
+    one = LLMEngine(EngineConfig(model_dir=str(tiny), num_kv_blocks=32, layer_timing_every=0))
+    want = [o[0].token_ids for o in one.generate(prompts, params)]
+    config = EngineConfig(model_dir=str(tiny), num_kv_blocks=32, layer_timing_every=0, tensor_parallel_size=2)
+    decoder, _ = load_decoder(config)
+    try:
+        assert isinstance(decoder, LeaderDecoder) and decoder.config.num_kv_heads == 1
+        eng = LLMEngine(config, decoder=decoder)
+        for fusion in ("on", "off"):
+            eng.fusion.set_mode(fusion)
+            assert [o[0].token_ids for o in eng.generate(prompts, params)] == want
+    finally:
+        decoder.shutdown()
+        dist.destroy_process_group()
+    assert all(p.returncode == 0 for p in decoder.followers)
+
+
+@pytest.mark.slow
+def test_serve_with_three_ranks_answers_like_one(default_model_dir, tmp_path):
+    """`fusionserve serve --tensor-parallel-size 3` (the default model's 3 KV heads) answers the
+    openai SDK, greedy, with the text one rank gives; a follower rank killed takes its engine down
+    and the server's supervision brings the whole group back."""
+    import openai
+
+    from tests.test_api_server import start_server, stop_server
+
+    def ask(server) -> str:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120)
+        chat = client.chat.completions.create(
+            model=client.models.list().data[0].id,
+            messages=[{"role": "user", "content": "Name three colours."}],
+            max_tokens=24,
+            temperature=0,
+        )
+        return chat.choices[0].message.content
+
+    texts = {}
+    server = start_server(default_model_dir, tmp_path / "tp3.log", "--tensor-parallel-size", "3")
+    try:
+        texts[3] = ask(server)
+        followers = subprocess.run(
+            ["pgrep", "-f", "fusionserve.models.tp_group"], capture_output=True, text=True
+        )
+        pids = [int(p) for p in followers.stdout.split()]
+        assert len(pids) == 2, followers.stdout
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.time() + 240
+        restarted = False
+        while time.time() < deadline and not restarted:
+            time.sleep(1)
+            metrics = httpx.get(server.url + "/metrics", timeout=5).text
+            restarted = "fusionserve_engine_restarts_total 1.0" in metrics and (
+                httpx.get(server.url + "/health", timeout=5).status_code == 200
+            )
+        assert restarted, server.tail()
+        assert ask(server) == texts[3]
+    finally:
+        stop_server(server)
+    server = start_server(default_model_dir, tmp_path / "tp1.log")
+    try:
+        texts[1] = ask(server)
+    finally:
+        stop_server(server)
+    assert texts[3] and texts[3] == texts[1]

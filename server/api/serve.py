@@ -74,6 +74,12 @@ def _add_model_args(g: argparse._ArgumentGroup) -> None:
         choices=("auto", "fp8", "none"),
         help="fp8: e4m3 weights per channel + per-token e4m3 activations; auto: as the checkpoint says",
     )
+    g.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=int(_env("TENSOR_PARALLEL_SIZE", "1")),
+        help="shard the model over N processes (GPUs on CUDA; it must divide the KV heads)",
+    )
     g.add_argument("--backend", default=_env("BACKEND", "auto"), choices=("auto", "torch", "triton"))
     g.add_argument(
         "--fusion", default=_env("FUSION", "on"), choices=("on", "off", "ab"), help="deferred-norm path"
@@ -241,6 +247,7 @@ def engine_config(args: argparse.Namespace, model_dir: Path, name: str) -> Engin
         device=args.device,
         dtype=args.dtype,
         quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
         backend=args.backend,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,

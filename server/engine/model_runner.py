@@ -105,6 +105,11 @@ def load_decoder(config: EngineConfig) -> tuple[Decoder, Path]:
     from fusionserve.models.registry import resolve_model
 
     model_dir = resolve_model(config.model_dir)
+    if config.tensor_parallel_size > 1:  # this process leads N ranks (models/tp_group.py)
+        from fusionserve.models.tp_group import start_group
+
+        tp_args = (config.device, config.dtype, config.quantization, config.backend, config.max_model_len)
+        return start_group(str(model_dir), config.tensor_parallel_size, *tp_args), model_dir
     decoder = Decoder.from_pretrained(
         model_dir,
         device=config.device,
