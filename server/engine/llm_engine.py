@@ -103,7 +103,7 @@ class LLMEngine:
 
     def _prepare_kernels(self, config: EngineConfig, decoder: Decoder) -> str:
         """Capture CUDA graphs and warm the eager variants; what the ready line says runs the steps."""
-        graphs = config.cuda_graphs and decoder.device.type == "cuda"
+        graphs = config.cuda_graphs and decoder.device.type == "cuda" and config.tensor_parallel_size == 1
         if graphs:
             sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < config.max_num_seqs]
             self.runner.capture_decode_graphs([*sizes, config.max_num_seqs])
