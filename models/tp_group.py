@@ -2,8 +2,8 @@
 
 The scheduler runs once, in the engine; `LeaderDecoder` stands in for the Decoder there and, before
 each call that runs collectives (allocate the KV cache, forward, logits), broadcasts the call and its
-small inputs (token ids, positions, the paged batch, the logit rows) to the followers, which replay
-it on their shard (models/tensor_parallel.py). Followers are plain subprocesses
+small inputs (token ids, positions, the paged batch, the logit rows: an int64 header and one int64
+payload, on the device) to the followers, which replay it on their shard (models/tensor_parallel.py). Followers are plain subprocesses
 (`python -m fusionserve.models.tp_group`), so a daemonic engine process may start them; NCCL joins
 them on CUDA (rank r on cuda:r), gloo on CPU.
 
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from fusionserve.kernels.backend import select_backend
+from fusionserve.kernels.batch import PagedBatch
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.models.decoder import Decoder, Hidden, geometry, resolve_device, resolve_dtype
 from fusionserve.models.loader import ModelWeights, load_weights
@@ -108,8 +109,42 @@ def build_rank(spec: GroupSpec, rank: int) -> Decoder:
     return Decoder(local_cfg, _to_device(local, device), backend, spec.max_model_len, tp=tp)
 
 
-def _send(call: tuple) -> None:
-    dist.broadcast_object_list([call], src=0)
+# -- the calls on the wire: a fixed int64 header, then one int64 payload (both on the ranks' device,
+# so NCCL moves them without a host round trip: two small broadcasts per call) -----------------------
+_STOP, _ALLOC, _FORWARD, _LOGITS = range(4)
+_HEADER = 10
+
+
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    dist.broadcast(t, src=0)
+    return t
+
+
+def _send(device: torch.device, op: int, *fields: int, payload: list[torch.Tensor] = ()) -> None:
+    """Leader side: the header (op, up to 8 integers, the payload's length last) and the payload's
+    tensors, flattened."""
+    flat = torch.cat([t.reshape(-1).to(device, torch.int64) for t in payload]) if payload else None
+    head = [op, *fields] + [0] * (_HEADER - 2 - len(fields)) + [flat.numel() if flat is not None else 0]
+    _broadcast(torch.tensor(head, dtype=torch.int64, device=device))
+    if flat is not None and flat.numel():
+        _broadcast(flat)
+
+
+def _send_forward(device, ids, positions, batch, fusion: bool) -> None:
+    b, w = batch.block_tables.shape
+    _send(
+        device, _FORWARD, int(fusion), ids.numel(), b, w, batch.max_query_len, batch.max_context_len,
+        batch.block_size, batch.num_decodes,
+        payload=[ids, positions, batch.query_start, batch.context_lens, batch.block_tables, batch.slot_mapping],
+    )  # fmt: skip
+
+
+def _recv_forward(head: list[int], flat: torch.Tensor):
+    fusion, t, b, w, max_q, max_ctx, bs, n_dec = head[1:9]
+    parts = torch.split(flat, [t, t, b + 1, b, b * w, t])
+    i32 = [p.to(torch.int32) for p in parts[2:5]]
+    batch = PagedBatch(i32[0], i32[1], i32[2].view(b, w), parts[5].contiguous(), max_q, max_ctx, bs, n_dec)
+    return parts[0].contiguous(), parts[1].contiguous(), batch, bool(fusion)
 
 
 class LeaderDecoder:
@@ -137,22 +172,23 @@ class LeaderDecoder:
             time.sleep(0.2)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16):
-        _send(("alloc", num_blocks, block_size))
+        _send(self.decoder.device, _ALLOC, num_blocks, block_size)
         return self.decoder.allocate_kv_cache(num_blocks, block_size)
 
     def forward(self, ids, positions, batch, kv, fusion: bool = True, timer=None) -> _RowsHidden:
-        _send(("forward", ids.cpu(), positions.cpu(), batch.to("cpu"), fusion))
+        _send_forward(self.decoder.device, ids, positions, batch, fusion)
         hidden = self.decoder.forward(ids, positions, batch, kv, fusion, timer)
         return _RowsHidden(hidden.h, hidden.stats)
 
     def logits(self, hidden: Hidden, scaled: bool = True) -> torch.Tensor:
         index = getattr(hidden, "index", None)
-        _send(("logits", index.cpu() if index is not None else None, scaled))
+        payload = [index] if index is not None else []
+        _send(self.decoder.device, _LOGITS, int(scaled), int(index is not None), payload=payload)
         return self.decoder.logits(hidden, scaled)
 
     def shutdown(self) -> None:
         self._stopping = True
-        _send(("stop",))
+        _send(self.decoder.device, _STOP)
         for proc in self.followers:
             proc.wait(timeout=30)
 
@@ -162,22 +198,20 @@ def follow(spec: GroupSpec, rank: int) -> None:
     parent = os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     decoder = build_rank(spec, rank)
+    dev = decoder.device
     kv = hidden = None
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0)
-        op, *args = box[0]
-        if op == "stop":
+        head = _broadcast(torch.zeros(_HEADER, dtype=torch.int64, device=dev)).tolist()
+        n = head[-1]
+        flat = _broadcast(torch.empty(n, dtype=torch.int64, device=dev)) if n else None
+        if head[0] == _STOP:
             break
-        if op == "alloc":
-            kv = decoder.allocate_kv_cache(*args)
-        elif op == "forward":
-            ids, positions, batch, fusion = args
-            dev = decoder.device
-            hidden = decoder.forward(ids.to(dev), positions.to(dev), batch.to(dev), kv, fusion)
-        elif op == "logits":
-            index, scaled = args
-            decoder.logits(hidden.rows(index.to(decoder.device)) if index is not None else hidden, scaled)
+        if head[0] == _ALLOC:
+            kv = decoder.allocate_kv_cache(head[1], head[2])
+        elif head[0] == _FORWARD:
+            hidden = decoder.forward(*_recv_forward(head, flat)[:3], kv, head[1] == 1)
+        elif head[0] == _LOGITS:
+            decoder.logits(hidden.rows(flat) if head[2] else hidden, bool(head[1]))
     dist.destroy_process_group()
 
 
