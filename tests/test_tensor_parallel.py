@@ -32,8 +32,8 @@ from tests.tiny_models import make_tiny_checkpoint, rel_err
 PROMPT = list(range(3, 43))  # 40 tokens: a prefill, then decode steps
 
 
-def build(model_dir: Path, tp: TensorParallel | None) -> Decoder:
-    cfg, weights = load_weights(model_dir, dtype=torch.float32, progress=False)
+def build(model_dir: Path, tp: TensorParallel | None, quantization: str = "auto") -> Decoder:
+    cfg, weights = load_weights(model_dir, dtype=torch.float32, progress=False, quantization=quantization)
     if tp is not None:
         cfg, weights = shard(cfg, weights, tp.rank, tp.world_size)
     return Decoder(cfg, weights, TorchBackend(geometry(cfg)), max_model_len=128, tp=tp)
@@ -51,12 +51,12 @@ def step_logits(model: Decoder, fusion: bool) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _rank(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
+def _rank(rank: int, world: int, init: str, model_dir: str, out: str, quantization: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         cfg_full = load_weights(Path(model_dir), progress=False)[0]
-        model = build(Path(model_dir), TensorParallel(rank, world, cfg_full.vocab_size))
+        model = build(Path(model_dir), TensorParallel(rank, world, cfg_full.vocab_size), quantization)
         result = {f: step_logits(model, f) for f in (True, False)}
         result["greedy"] = greedy_continuations(model, [PROMPT[:12], PROMPT[5:30]], 8)
         if rank == 0:
@@ -65,9 +65,10 @@ def _rank(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def run_tp(model_dir: Path, world: int, tmp_path: Path) -> dict:
+def run_tp(model_dir: Path, world: int, tmp_path: Path, quantization: str = "auto") -> dict:
     out = tmp_path / f"tp{world}.pt"
-    mp.spawn(_rank, args=(world, str(tmp_path / "init"), str(model_dir), str(out)), nprocs=world)
+    args = (world, str(tmp_path / "init"), str(model_dir), str(out), quantization)
+    mp.spawn(_rank, args=args, nprocs=world)
     return torch.load(out)
 
 
@@ -85,6 +86,15 @@ def check_equal_to_one_rank(model_dir: Path, got: dict) -> None:
 
 def test_two_ranks_equal_one(tiny, tmp_path):
     check_equal_to_one_rank(tiny, run_tp(tiny, 2, tmp_path))
+
+
+def test_fp8_shards(tiny, tmp_path):
+    """FP8 weights shard with their per-channel scales; a row-parallel GEMM quantizes its rank's slice
+    of x per token (as vLLM does), a finer scale than one rank's, so close rather than equal."""
+    got = run_tp(tiny, 2, tmp_path, "fp8")
+    one = build(tiny, None, "fp8")
+    for fusion in (True, False):
+        assert rel_err(got[fusion], step_logits(one, fusion)) <= 0.05, fusion
 
 
 @pytest.mark.slow
