@@ -34,7 +34,8 @@ from fusionserve.kernels.batch import PagedBatch
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.models.decoder import Decoder, Hidden, geometry, resolve_device, resolve_dtype
 from fusionserve.models.loader import ModelWeights, load_weights
-from fusionserve.models.tensor_parallel import TensorParallel, shard
+from fusionserve.models.config import load_config
+from fusionserve.models.tensor_parallel import TensorParallel, check_divisible, shard
 
 log = logging.getLogger("fusionserve.tp")
 
@@ -232,6 +233,7 @@ def start_group(
     max_model_len: int | None,
 ) -> LeaderDecoder:  # fmt: skip
     """Start ranks 1..N-1 as subprocesses, join as rank 0, and return the leader's decoder."""
+    check_divisible(load_config(model_dir), world_size)  # before any process or weight
     dev = resolve_device(device)
     if dev.type == "cuda" and torch.cuda.device_count() < world_size:
         raise ValueError(
