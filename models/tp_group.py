@@ -32,9 +32,9 @@ import torch.distributed as dist
 from fusionserve.kernels.backend import select_backend
 from fusionserve.kernels.batch import PagedBatch
 from fusionserve.kernels.fp8 import Fp8Weight
+from fusionserve.models.config import load_config
 from fusionserve.models.decoder import Decoder, Hidden, geometry, resolve_device, resolve_dtype
 from fusionserve.models.loader import ModelWeights, load_weights
-from fusionserve.models.config import load_config
 from fusionserve.models.tensor_parallel import TensorParallel, check_divisible, shard
 
 log = logging.getLogger("fusionserve.tp")
