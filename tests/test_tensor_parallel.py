@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -130,6 +129,18 @@ def test_engine_leads_a_two_rank_group(tiny):
     assert all(p.returncode == 0 for p in decoder.followers)
 
 
+def follower_pids() -> list[int]:
+    """Processes running a tensor-parallel follower rank (read from /proc: no pgrep needed)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"fusionserve.models.tp_group" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 @pytest.mark.slow
 def test_serve_with_three_ranks_answers_like_one(default_model_dir, tmp_path):
     """`fusionserve serve --tensor-parallel-size 3` (the default model's 3 KV heads) answers the
@@ -153,11 +164,8 @@ def test_serve_with_three_ranks_answers_like_one(default_model_dir, tmp_path):
     server = start_server(default_model_dir, tmp_path / "tp3.log", "--tensor-parallel-size", "3")
     try:
         texts[3] = ask(server)
-        followers = subprocess.run(
-            ["pgrep", "-f", "fusionserve.models.tp_group"], capture_output=True, text=True
-        )
-        pids = [int(p) for p in followers.stdout.split()]
-        assert len(pids) == 2, followers.stdout
+        pids = follower_pids()
+        assert len(pids) == 2, pids
         os.kill(pids[0], signal.SIGKILL)
         deadline = time.time() + 240
         restarted = False
