@@ -31,11 +31,21 @@ from tests.tiny_models import make_tiny_checkpoint, rel_err
 PROMPT = list(range(3, 43))  # 40 tokens: a prefill, then decode steps
 
 
-def build(model_dir: Path, tp: TensorParallel | None, quantization: str = "auto") -> Decoder:
+def build(
+    model_dir: Path, tp: TensorParallel | None, quantization: str = "auto", backend: str = "torch"
+) -> Decoder:
+    """A rank's decoder; backend "triton" runs the Triton kernels under the CPU interpreter."""
     cfg, weights = load_weights(model_dir, dtype=torch.float32, progress=False, quantization=quantization)
     if tp is not None:
         cfg, weights = shard(cfg, weights, tp.rank, tp.world_size)
-    return Decoder(cfg, weights, TorchBackend(geometry(cfg)), max_model_len=128, tp=tp)
+    if backend == "triton":
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules load (a fresh rank process)
+        from fusionserve.kernels.triton_backend import TritonBackend
+
+        be = TritonBackend(geometry(cfg), pdl=False)
+    else:
+        be = TorchBackend(geometry(cfg))
+    return Decoder(cfg, weights, be, max_model_len=128, tp=tp)
 
 
 def step_logits(model: Decoder, fusion: bool) -> torch.Tensor:
@@ -50,12 +60,16 @@ def step_logits(model: Decoder, fusion: bool) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _rank(rank: int, world: int, init: str, model_dir: str, out: str, quantization: str) -> None:
+def _rank(
+    rank: int, world: int, init: str, model_dir: str, out: str, quantization: str, backend: str
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         cfg_full = load_weights(Path(model_dir), progress=False)[0]
-        model = build(Path(model_dir), TensorParallel(rank, world, cfg_full.vocab_size), quantization)
+        model = build(
+            Path(model_dir), TensorParallel(rank, world, cfg_full.vocab_size), quantization, backend
+        )
         result = {f: step_logits(model, f) for f in (True, False)}
         result["greedy"] = greedy_continuations(model, [PROMPT[:12], PROMPT[5:30]], 8)
         if rank == 0:
@@ -64,9 +78,11 @@ def _rank(rank: int, world: int, init: str, model_dir: str, out: str, quantizati
         dist.destroy_process_group()
 
 
-def run_tp(model_dir: Path, world: int, tmp_path: Path, quantization: str = "auto") -> dict:
+def run_tp(
+    model_dir: Path, world: int, tmp_path: Path, quantization: str = "auto", backend: str = "torch"
+) -> dict:
     out = tmp_path / f"tp{world}.pt"
-    args = (world, str(tmp_path / "init"), str(model_dir), str(out), quantization)
+    args = (world, str(tmp_path / "init"), str(model_dir), str(out), quantization, backend)
     mp.spawn(_rank, args=args, nprocs=world)
     return torch.load(out)
 
@@ -85,6 +101,12 @@ def check_equal_to_one_rank(model_dir: Path, got: dict) -> None:
 
 def test_two_ranks_equal_one(tiny, tmp_path):
     check_equal_to_one_rank(tiny, run_tp(tiny, 2, tmp_path))
+
+
+def test_two_ranks_on_the_triton_kernels_equal_one(tiny, tmp_path):
+    """The same with the Triton backend (the GPU's kernels, interpreted): the decode GEMMs read the
+    all-reduced rows of h as their deferred-norm statistic."""
+    check_equal_to_one_rank(tiny, run_tp(tiny, 2, tmp_path, backend="triton"))
 
 
 def test_fp8_shards(tiny, tmp_path):
