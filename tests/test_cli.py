@@ -81,3 +81,12 @@ def test_serve_allowed_origins_flag_and_environment(monkeypatch):
     assert parse().allowed_origins == ("*",)
     with pytest.raises(argparse.ArgumentError):
         parse("--allowed-origins", "not-an-origin")
+
+
+def test_serve_refuses_a_model_without_a_tokenizer(tmp_path):
+    """A folder of weights alone: a clear message and exit status 2, not a traceback at start-up."""
+    from tests.tiny_models import make_tiny_neox
+
+    run = cli("serve", "--model", str(make_tiny_neox(tmp_path / "m")), "--port", "1")
+    assert run.returncode == 2 and "no tokenizer.json" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr

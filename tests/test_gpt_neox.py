@@ -112,3 +112,63 @@ def test_layernorm_models_pick_the_triton_backend_on_cuda(tmp_path):
     assert geometry(cfg).layer_norm and geometry(cfg).gelu == "none"
     assert isinstance(select_backend("cuda", geometry(cfg)), TritonBackend)
     assert isinstance(select_backend("cpu", geometry(cfg)), TorchBackend)
+
+
+def test_engine_ab_layer_timings_and_prefix_caching(tmp_path):
+    """What Llama has, on GPT-NeoX: --fusion ab alternates the paths with the same tokens, per-layer
+    timings are sampled for both, and a shared prompt prefix is served from cached blocks."""
+    path = make_tiny_neox(tmp_path / "m", parallel=False, rotary_pct=1.0)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    shared = list(range(3, 51))  # three full 16-token blocks
+    prompts = [shared + [60, 61], shared + [70, 71, 72]]
+    want = [
+        o[0].token_ids
+        for o in engine(path, fusion="on", enable_prefix_caching=False).generate(prompts, greedy)
+    ]
+    eng = engine(path, fusion="ab", layer_timing_every=1)
+    got = [eng.generate([p], greedy)[0][0].token_ids for p in prompts]  # one after the other: a cache hit
+    assert got == want
+    assert eng.stats().prefix_hit_rate > 0
+    stats = eng.take_step_stats()
+    assert {path_ for _, path_, _ in stats.steps} == {"on", "off"}
+    assert {path_ for _, path_, *_ in stats.layers} == {"on", "off"}
+    assert {layer for *_, layer, _, _ in stats.layers} == {0, 1}
+
+
+@pytest.mark.slow
+def test_openai_api_serves_a_gpt_neox_model(default_model_dir, tmp_path):
+    """A tiny random GPT-NeoX with the default model's tokenizer behind `fusionserve serve --fusion
+    ab`: completions, chat and streaming through the openai SDK."""
+    import shutil
+
+    import openai
+
+    from tests.test_api_server import start_server, stop_server
+
+    path = make_tiny_neox(tmp_path / "neox", vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (default_model_dir / name).is_file():
+            shutil.copy(default_model_dir / name, path / name)
+    server = start_server(path, tmp_path / "neox.log", "--fusion", "ab")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60)
+        model = client.models.list().data[0].id
+        done = client.completions.create(model=model, prompt="Hello", max_tokens=6, temperature=0)
+        assert done.usage.completion_tokens == 6 and done.choices[0].finish_reason == "length"
+        chat = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+        )
+        assert chat.usage.completion_tokens == 5
+        chunks = list(
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=5,
+                temperature=0,
+                stream=True,
+            )
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == chat.choices[0].message.content  # the same greedy text, either path of ab
+    finally:
+        stop_server(server)

@@ -72,13 +72,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def make_tiny_neox(out_dir: Path, parallel: bool = True, rotary_pct: float = 0.25, seed: int = 0) -> Path:
+def make_tiny_neox(
+    out_dir: Path, parallel: bool = True, rotary_pct: float = 0.25, seed: int = 0, vocab_size: int = 256
+) -> Path:
     """A small random GPT-NeoX (Pythia layout: LayerNorms with bias, fused per-head qkv with bias,
     partial rotary, GELU MLP, untied embed_out) saved with transformers, non-trivial norm params."""
     import transformers
 
     config = transformers.GPTNeoXConfig(
-        vocab_size=256,
+        vocab_size=vocab_size,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,

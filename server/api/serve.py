@@ -290,6 +290,13 @@ def run_serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, OSError) as exc:
         log.error("cannot load model: %s", exc)
         return 2
+    if not (model_dir / "tokenizer.json").is_file():  # the API speaks text: ids alone cannot answer
+        log.error(
+            "cannot serve %s: it has no tokenizer.json (the OpenAI API needs the model's tokenizer; "
+            "copy it beside the weights)",
+            model_dir,
+        )
+        return 2
     name = args.served_model_name or model_dir.name
     log.info("loading %s from %s", name, model_dir)
     try:
