@@ -534,7 +534,13 @@ def test_killed_engine_is_respawned_and_the_third_death_exits(
         assert "engine_restarting" in seen
         assert engine_pid(server) != first
         sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        out = sdk.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4)
+        out = sdk.completions.create(  # greedy, EOS ignored: exactly 4 tokens (a sample may stop early)
+            model=MODEL,
+            prompt="The capital of France is",
+            max_tokens=4,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         assert out.usage.completion_tokens == 4
         vals = metric_values(httpx.get(server.url + "/metrics", timeout=30).text)
         assert vals[("fusionserve_engine_restarts_total", ())] == 1
