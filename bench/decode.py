@@ -161,7 +161,9 @@ def time_fn(fn, inner: int = 20, outer: int = 15) -> float:
     return statistics.median(samples)
 
 
-def decode_batch(batch: int, ctx: int, block_size: int) -> tuple[PagedBatch, torch.Tensor, torch.Tensor]:
+def decode_batch(
+    batch: int, ctx: int, block_size: int, device: str | torch.device = "cuda"
+) -> tuple[PagedBatch, torch.Tensor, torch.Tensor]:
     """B sequences at context `ctx`, each with its own consecutive blocks, adding token number ctx."""
     per_seq = -(-(ctx + 1) // block_size)
     tables = torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq)
@@ -176,9 +178,9 @@ def decode_batch(batch: int, ctx: int, block_size: int) -> tuple[PagedBatch, tor
         block_size=block_size,
     )
     return (
-        pb.to("cuda"),
-        torch.randint(0, 1000, (batch,), device="cuda"),
-        torch.full((batch,), ctx, device="cuda"),
+        pb.to(device),
+        torch.randint(0, 1000, (batch,), device=device),
+        torch.full((batch,), ctx, device=device),
     )
 
 
