@@ -35,7 +35,7 @@ from bench.decode import config_of, decode_batch, filled_kv_cache, random_weight
 from fusionserve.kernels.backend import select_backend  # noqa: E402
 from fusionserve.models.config import ModelConfig  # noqa: E402
 from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
-from fusionserve.models.tensor_parallel import TensorParallel, check_divisible  # noqa: E402
+from fusionserve.models.tensor_parallel import TensorParallel, check_divisible, local_config  # noqa: E402
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=1024)  # fmt: skip
@@ -69,10 +69,7 @@ def step_ms(model: Decoder, batch: int, ctx: int, steps: int) -> float:
 def rank_model(cfg: ModelConfig, tp: TensorParallel | None, device: torch.device, max_len: int) -> Decoder:
     """This rank's shard only: local heads and MLP columns, ⌈V/N⌉ vocabulary rows, random weights."""
     n = tp.world_size if tp else 1
-    local = dataclasses.replace(
-        cfg, num_heads=cfg.num_heads // n, num_kv_heads=cfg.num_kv_heads // n,
-        intermediate_size=cfg.intermediate_size // n,
-    )  # fmt: skip
+    local = local_config(cfg, n)
     weights = random_weights(
         dataclasses.replace(local, vocab_size=-(-cfg.vocab_size // n)), device=str(device)
     )

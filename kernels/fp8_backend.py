@@ -27,18 +27,13 @@ from fusionserve.kernels.silu_mul import silu_mul
 from fusionserve.kernels.tile_configs import pick_config
 
 
-def _amax(x: torch.Tensor) -> torch.Tensor:
-    """max|x| per row as one partial, [T, 1] fp32: the amax pass of inputs no producer measured."""
-    return amax_rows(x)
-
-
 def split_fp8_stats(stats: torch.Tensor | None, x: torch.Tensor):
     """(Σx² partials or None, max|x| partials) from what a producer handed on: packed [M, 2P], the
     rows of x themselves, or nothing (x is used as it is)."""
     if stats is None:
-        return None, _amax(x)
+        return None, amax_rows(x)  # the amax pass of an input no producer measured
     if reference.stats_are_rows(stats, x.shape[-1]):
-        return reference.row_sumsq(stats), _amax(stats)
+        return reference.row_sumsq(stats), amax_rows(stats)
     p = stats.shape[1] // 2
     return stats[:, :p], stats[:, p:]
 

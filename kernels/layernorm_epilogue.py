@@ -16,7 +16,7 @@ import triton.language as tl
 
 from fusionserve.kernels.norm_stats import ln_finish, ln_prefetch
 from fusionserve.kernels.triton_env import INTERPRET, next_pow2
-from fusionserve.kernels.triton_helpers import cast, erf
+from fusionserve.kernels.triton_helpers import cast, gelu
 
 
 @triton.jit
@@ -74,11 +74,7 @@ def _ln_row_kernel(
         v += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         v += tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-    if GELU == 1:
-        v = 0.5 * v * (1.0 + erf(v * 0.7071067811865476))
-    if GELU == 2:
-        inner = 0.7978845608028654 * (v + 0.044715 * v * v * v)
-        v = 0.5 * v * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+    v = gelu(v, GELU)
     o = cast(v, out_ptr.dtype.element_ty)
     if STORE:
         tl.store(out_ptr + row * stride_o + offs, o, mask=mask)

@@ -32,7 +32,7 @@ from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, 
 from fusionserve.kernels.split_k import split_k_reduce
 from fusionserve.kernels.tile_configs import TUNED, norm_cfg, pick_config
 from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2
-from fusionserve.kernels.triton_helpers import cast, erf, mma, silu, to_e4m3
+from fusionserve.kernels.triton_helpers import cast, gelu, mma, silu, to_e4m3
 
 
 @triton.jit
@@ -222,11 +222,7 @@ def _linear_kernel(
             acc += res.to(tl.float32)
         if GATE_UP:
             acc = silu(acc) * acc_u
-        if GELU == 1:
-            acc = 0.5 * acc * (1.0 + erf(acc * 0.7071067811865476))
-        if GELU == 2:
-            inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-            acc = 0.5 * acc * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+        acc = gelu(acc, GELU)
         y = cast(acc, y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
         if WANT_STATS:

@@ -71,9 +71,15 @@ def silu(g):
 
 
 @triton.jit
-def erf(x):
-    """The error function (exact GELU's): Triton's libdevice erf."""
-    return tl.math.erf(x)
+def gelu(x, MODE: tl.constexpr):
+    """GELU of an fp32 tensor in a GPT-NeoX epilogue: MODE 0 none, 1 exact (erf), 2 the tanh form
+    (kernels/layernorm_linear.GELU_CODES)."""
+    if MODE == 1:
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    if MODE == 2:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+    return x
 
 
 _E4M3_EMULATE = tl.constexpr(INTERPRET)

@@ -147,7 +147,15 @@ def shard(
         layers=layers,
         lm_head=_vocab_rows(weights.lm_head, rank, vs),
     )
-    local_cfg = dataclasses.replace(
-        cfg, num_heads=hq // world_size, num_kv_heads=hk // world_size, intermediate_size=inter // world_size
+    return local_config(cfg, world_size), local
+
+
+def local_config(cfg: ModelConfig, world_size: int) -> ModelConfig:
+    """A rank's view of the model: Hq/N query heads, Hk/N KV heads, I/N intermediate columns (the
+    vocabulary stays the full one: the collectives assemble it)."""
+    return dataclasses.replace(
+        cfg,
+        num_heads=cfg.num_heads // world_size,
+        num_kv_heads=cfg.num_kv_heads // world_size,
+        intermediate_size=cfg.intermediate_size // world_size,
     )
-    return local_cfg, local

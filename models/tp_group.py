@@ -210,7 +210,8 @@ def follow(spec: GroupSpec, rank: int) -> None:
         if head[0] == _ALLOC:
             kv = decoder.allocate_kv_cache(head[1], head[2])
         elif head[0] == _FORWARD:
-            hidden = decoder.forward(*_recv_forward(head, flat)[:3], kv, head[1] == 1)
+            ids, positions, batch, fusion = _recv_forward(head, flat)
+            hidden = decoder.forward(ids, positions, batch, kv, fusion)
         elif head[0] == _LOGITS:
             decoder.logits(hidden.rows(flat) if head[2] else hidden, bool(head[1]))
     dist.destroy_process_group()

@@ -104,3 +104,19 @@ def make_tiny_neox(
                 )
     model.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def prefill_then_decode_logits(model, ids: torch.Tensor, fusion: bool) -> torch.Tensor:
+    """Every row's logits of a 40-token prefill (past the Triton backend's small_m_max) and then 5
+    decode steps (its decode GEMMs), on the model's device, returned on the CPU."""
+    from fusionserve.kernels.batch import contiguous_batch
+
+    kv = model.allocate_kv_cache(8, 16)
+    out = []
+    for a, b in [(0, 40)] + [(p, p + 1) for p in range(40, 45)]:
+        batch = contiguous_batch([b - a], [b], 16).to(model.device)
+        pos = torch.arange(a, b, device=model.device)
+        out.append(
+            model.logits(model.forward(ids[a:b].to(model.device), pos, batch, kv, fusion=fusion)).cpu()
+        )
+    return torch.cat(out)

@@ -8,26 +8,13 @@ import pytest
 import torch
 
 from fusionserve.kernels.backend import TorchBackend  # noqa: E402
-from fusionserve.kernels.batch import contiguous_batch  # noqa: E402
 from fusionserve.kernels.fp8 import Fp8Weight  # noqa: E402
 from fusionserve.kernels.triton_backend import TritonBackend  # noqa: E402
 from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
 from fusionserve.models.loader import load_weights  # noqa: E402
 from tests.kernels.common import DEVICE, INTERPRET  # noqa: F401  (sets TRITON_INTERPRET first)
 from tests.tiny_models import make_tiny_checkpoint, rel_err  # noqa: E402
-
-
-def run(model: Decoder, ids: torch.Tensor, fusion: bool) -> torch.Tensor:
-    """A 40-token prefill (past small_m_max) then 5 decode steps: every row's logits."""
-    kv = model.allocate_kv_cache(8, 16)
-    out = []
-    for a, b in [(0, 40)] + [(p, p + 1) for p in range(40, 45)]:
-        batch = contiguous_batch([b - a], [b], 16).to(model.device)
-        pos = torch.arange(a, b, device=model.device)
-        out.append(
-            model.logits(model.forward(ids[a:b].to(model.device), pos, batch, kv, fusion=fusion)).cpu()
-        )
-    return torch.cat(out)
+from tests.tiny_models import prefill_then_decode_logits as run
 
 
 @pytest.fixture(scope="module")
