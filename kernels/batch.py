@@ -155,3 +155,17 @@ class LayerKV:
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     slot_mapping: torch.Tensor  # [T] flat slot per new token; negative: do not write
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Rows whose next token the LM head draws itself (FlashSampling, kernels/sampling.py).
+
+    temps:  [M] fp32 temperature per row; 0 = greedy (argmax, no noise).
+    keys:   [M] int64 Philox key per row (the host derives it: server/engine/sampler.py).
+    random: whether any row has T > 0, known on the host (greedy-only steps skip the noise).
+    """
+
+    temps: torch.Tensor
+    keys: torch.Tensor
+    random: bool

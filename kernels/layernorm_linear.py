@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from fusionserve.kernels.batch import Draw
 from fusionserve.kernels.norm_linear import launch
 from fusionserve.kernels.pdl import PdlPolicy
 
@@ -31,12 +32,14 @@ def linear_layernorm(
     config=None,
     out: torch.Tensor | None = None,
     pdl: PdlPolicy | None = None,
+    draw: Draw | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = rsqrt(var + eps) * (x W'^T - mean * c) + b' (+ residual) [→ GELU], and y's own packed
     LayerNorm statistics when `want_stats` (reference.ln_linear).
 
     W' = W diag(gamma), c = W' 1 (`col_sums`, fp32 [N]) and b' = W beta + b (`bias`) are precomputed at
-    load; `stats` is the producer's packed statistics of x (None: x is used as it is)."""
+    load; `stats` is the producer's packed statistics of x (None: x is used as it is). `draw`: y is the
+    [M] tokens drawn from the fp32 logits instead (FlashSampling, kernels/sampling.py)."""
     row_sums = row_m2 = None
     if stats is not None:
         assert col_sums is not None
@@ -57,5 +60,6 @@ def linear_layernorm(
         config=config,
         out=out,
         pdl=pdl,
+        draw=draw,
     )
     return y, (packed if want_stats else None)

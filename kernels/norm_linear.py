@@ -26,8 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fusionserve.kernels.batch import Draw
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.kernels.norm_stats import ln_finish, ln_prefetch, stats_finish, stats_prefetch
+from fusionserve.kernels.sampling import SAMPLE_OFF, SampleBuffers, argmax_tiles, gumbel_scores, sample_mode
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2, prefetch_lines
 from fusionserve.kernels.split_k import split_k_reduce
 from fusionserve.kernels.tile_configs import TUNED, norm_cfg, pick_config
@@ -67,6 +69,12 @@ def _linear_kernel(
     wscale_ptr,
     amax_ptr,
     amax_out_ptr,
+    temp_ptr,
+    key_ptr,
+    pmax_ptr,
+    pidx_ptr,
+    scnt_ptr,
+    ids_ptr,
     M,
     N,
     K,
@@ -94,6 +102,8 @@ def _linear_kernel(
     GELU: tl.constexpr,
     W_FP8: tl.constexpr,
     WANT_AMAX: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
@@ -223,21 +233,30 @@ def _linear_kernel(
         if GATE_UP:
             acc = silu(acc) * acc_u
         acc = gelu(acc, GELU)
-        y = cast(acc, y_ptr.dtype.element_ty)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
-        if WANT_STATS:
-            yf = tl.where(mask, y.to(tl.float32), 0.0)
-            if WANT_SUMS:  # LayerNorm: Σy and the tile's Σ(y − its mean)²
-                tile_sum = tl.sum(yf, 1)
-                width = tl.sum(n_mask.to(tl.float32), 0)
-                dev = tl.where(mask, yf - (tile_sum / width)[:, None], 0.0)
-                tl.store(stats_out_ptr + offs_m * stride_so + pid_n, tl.sum(dev * dev, 1), mask=m_mask)
-                tl.store(sums_out_ptr + offs_m * stride_so + pid_n, tile_sum, mask=m_mask)
-            else:
-                tl.store(stats_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf * yf, 1), mask=m_mask)
-        if WANT_AMAX:  # an FP8 consumer's per-token scale: this tile's max|y| per row
-            ya = tl.where(mask, tl.abs(y.to(tl.float32)), 0.0)
-            tl.store(amax_out_ptr + offs_m * stride_so + pid_n, tl.max(ya, 1), mask=m_mask)
+        if SAMPLE != 0:  # FlashSampling: the token, not the logits (kernels/sampling.py)
+            temp = tl.load(temp_ptr + offs_m, mask=m_mask, other=0.0)
+            key = tl.load(key_ptr + offs_m, mask=m_mask, other=0)
+            scores = gumbel_scores(acc, temp, key, offs_n, SAMPLE == 2)
+            argmax_tiles(
+                scores, offs_m, m_mask, offs_n, n_mask, pid_m, pid_n, tl.num_programs(0),
+                pmax_ptr, pidx_ptr, scnt_ptr, ids_ptr, BLOCK_M, BLOCK_N, BLOCK_T,
+            )  # fmt: skip
+        else:
+            y = cast(acc, y_ptr.dtype.element_ty)
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
+            if WANT_STATS:
+                yf = tl.where(mask, y.to(tl.float32), 0.0)
+                if WANT_SUMS:  # LayerNorm: Σy and the tile's Σ(y − its mean)²
+                    tile_sum = tl.sum(yf, 1)
+                    width = tl.sum(n_mask.to(tl.float32), 0)
+                    dev = tl.where(mask, yf - (tile_sum / width)[:, None], 0.0)
+                    tl.store(stats_out_ptr + offs_m * stride_so + pid_n, tl.sum(dev * dev, 1), mask=m_mask)
+                    tl.store(sums_out_ptr + offs_m * stride_so + pid_n, tile_sum, mask=m_mask)
+                else:
+                    tl.store(stats_out_ptr + offs_m * stride_so + pid_n, tl.sum(yf * yf, 1), mask=m_mask)
+            if WANT_AMAX:  # an FP8 consumer's per-token scale: this tile's max|y| per row
+                ya = tl.where(mask, tl.abs(y.to(tl.float32)), 0.0)
+                tl.store(amax_out_ptr + offs_m * stride_so + pid_n, tl.max(ya, 1), mask=m_mask)
 
 
 def launch(
@@ -260,9 +279,11 @@ def launch(
     pdl: PdlPolicy | None = None,
     x_amax: torch.Tensor | None = None,
     want_amax: bool = False,
+    draw: Draw | None = None,
 ):
     """FP8 `weight` (kernels/fp8.py): with `x_amax`, max|x| partials [M, PA]. `want_amax`: y's per-tile
-    max|y| follow its statistics ([M, 2 · n_tiles]: Σy², then max|y|) for an FP8 consumer."""
+    max|y| follow its statistics ([M, 2 · n_tiles]: Σy², then max|y|) for an FP8 consumer. `draw`
+    (an LM head): y is the [M] int64 tokens drawn in the epilogue from the fp32 logits it would store."""
     w_scale = amax_out = None
     if isinstance(weight, Fp8Weight):
         assert x_amax is not None, "an FP8 GEMM quantizes x per token: pass its max|x| partials"
@@ -281,7 +302,11 @@ def launch(
     if w_scale is not None and cfg[2] < 32:  # an e4m3 tl.dot needs BLOCK_K ≥ 32
         cfg = (*cfg[:2], 32, *cfg[3:])
     n_tiles = triton.cdiv(n, cfg[1])
-    y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
+    sample = SampleBuffers(m, n_tiles, x.device, triton.cdiv(m, cfg[0])) if draw is not None else None
+    if sample is not None:
+        y = sample.ids
+    else:
+        y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
     stats = sums = None
     if want_sums:  # LayerNorm statistics, packed [M, 2 · n_tiles]: Σy partials, then the shifted Σ²
         packed = torch.empty((m, 2 * n_tiles), device=x.device, dtype=torch.float32)
@@ -305,6 +330,7 @@ def launch(
     ops = _Operands(
         bias, residual, row_stats, row_sums, col_sums, stats, sums, w_scale,
         x_amax.float() if x_amax is not None else None, amax_out if want_amax else None,
+        draw, sample,
     )  # fmt: skip
     _run(x, weight, y, n, cfg, ops, eps, gate_up, gelu, pdl)
     return y, (packed if want_sums or want_amax else stats), sums
@@ -324,6 +350,8 @@ class _Operands:
     w_scale: torch.Tensor | None  # FP8 weight scales
     x_amax: torch.Tensor | None  # FP8: max|x| partials
     amax_out: torch.Tensor | None  # out: max|y| partials
+    draw: Draw | None  # FlashSampling: the rows' temperatures and keys
+    sample: SampleBuffers | None  # out: its partial maxima, arrival counters and token ids
 
     def ptr(self, name: str, dummy: torch.Tensor) -> torch.Tensor:
         t = getattr(self, name)
@@ -332,6 +360,14 @@ class _Operands:
     def stride(self, name: str) -> int:
         t = getattr(self, name)
         return t.stride(0) if t is not None else 0
+
+
+def _draw_ptrs(ops: _Operands, dummy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """temp, key, partial max, partial argmax, counters, ids: FlashSampling's operands (or dummies)."""
+    d, s = ops.draw, ops.sample
+    if d is None or s is None:
+        return (dummy,) * 6
+    return d.temps.float().contiguous(), d.keys.contiguous(), s.pmax, s.pidx, s.counters, s.ids
 
 
 def _run(x, weight, y, n, cfg, ops: _Operands, eps, gate_up, gelu, pdl):
@@ -358,6 +394,7 @@ def _run(x, weight, y, n, cfg, ops: _Operands, eps, gate_up, gelu, pdl):
     _linear_kernel[(n_tiles, m_tiles, split)](
         x, weight, y, *(ops.ptr(name, dummy) for name in names), ws, cnt,
         *(ops.ptr(name, dummy) for name in ("w_scale", "x_amax", "amax_out")),
+        *_draw_ptrs(ops, dummy),
         m, n, k, p, pa, ops.stride("x_amax"), k_per_split, x.stride(0), weight.stride(0), y.stride(0),
         ops.stride("residual"), ops.stride("row_stats"), ops.stride("row_sums"),
         ops.stride("stats") or ops.stride("amax_out"),
@@ -374,6 +411,8 @@ def _run(x, weight, y, n, cfg, ops: _Operands, eps, gate_up, gelu, pdl):
         GELU=gelu,
         W_FP8=ops.w_scale is not None,
         WANT_AMAX=ops.amax_out is not None,
+        SAMPLE=SAMPLE_OFF if ops.draw is None else sample_mode(ops.draw.temps, ops.draw.random),
+        BLOCK_T=ops.sample.block_t if ops.sample is not None else 1,
         EVEN_K=k % bk == 0,
         UPCAST=INTERPRET,
         IEEE=x.dtype == torch.float32 and ops.w_scale is None,
@@ -406,8 +445,10 @@ def linear(
     config=None,
     pdl: PdlPolicy | None = None,
     out: torch.Tensor | None = None,
+    draw: Draw | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """reference.linear as one Triton GEMM: returns (y [M, N], Σy² partials [M, n_tiles] or None).
+    """reference.linear as one Triton GEMM: returns (y [M, N], Σy² partials [M, n_tiles] or None);
+    with `draw` (an LM head), y is the [M] tokens drawn from the fp32 logits (kernels/sampling.py).
 
     `config`: a tile config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split-K), or a tile table to
     pick from (kernels/tile_configs.py; default TUNED). `out`: where y goes, in its own dtype (the
@@ -424,6 +465,7 @@ def linear(
         config=config,
         pdl=pdl,
         out=out,
+        draw=draw,
     )
     return y, stats
 

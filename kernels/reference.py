@@ -103,6 +103,41 @@ def lm_head(
     return linear(x, weight, row_stats=row_stats, eps=eps, out_dtype=torch.float32)[0]
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def philox_uniform(keys: torch.Tensor, n: int, rounds: int = 10) -> torch.Tensor:
+    """kernels/sampling.philox_uniform for counters 0..n-1 under each row's int64 key: [M, n] fp32 in
+    (0, 1), bit for bit. uint32 arithmetic in int64 (products wrap mod 2⁶⁴; the bits kept are exact)."""
+    keys = keys.to(torch.int64).view(-1, 1)
+    c0 = torch.arange(n, device=keys.device, dtype=torch.int64).view(1, -1).expand(keys.shape[0], n)
+    c1 = c2 = c3 = torch.zeros_like(c0)
+    k0, k1 = keys & _MASK32, (keys >> 32) & _MASK32
+    for _ in range(rounds):
+        p0, p2 = c0 * 0xD2511F53, c2 * 0xCD9E8D57
+        c0, c2, c1, c3 = (
+            ((p2 >> 32) & _MASK32) ^ c1 ^ k0,
+            ((p0 >> 32) & _MASK32) ^ c3 ^ k1,
+            p2 & _MASK32,
+            p0 & _MASK32,
+        )
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return ((c0 >> 9).to(torch.float32) + 0.5) * 1.1920928955078125e-07
+
+
+def gumbel_argmax(logits: torch.Tensor, temps: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """argmax(z / T + g) per row (g: Gumbel noise of the row's Philox key and the token id), argmax z
+    where T = 0: an exact draw from softmax(z / T) (kernels/sampling.py). Ties: the first maximum."""
+    z = logits.float()
+    t = temps.to(device=z.device, dtype=torch.float32).view(-1, 1)
+    random = t > 0
+    if not bool(random.any()):
+        return z.argmax(dim=-1)
+    u = philox_uniform(keys.to(z.device), z.shape[1])
+    g = -torch.log(-torch.log(u))
+    return torch.where(random, z / torch.where(random, t, 1.0) + g, z).argmax(dim=-1)
+
+
 def token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
     """In place: every logit of row rows[i] whose bit in bitmask[i] (int32 words, bit t%32 of word
     t//32) is clear becomes -inf; columns past the mask too (kernels/token_bitmask.py)."""
