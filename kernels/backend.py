@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from fusionserve.kernels import reference
-from fusionserve.kernels.batch import Geometry, LayerKV, PagedBatch, Rotary
+from fusionserve.kernels.batch import Draw, Geometry, LayerKV, PagedBatch, Rotary
 
 Stats = torch.Tensor | None  # a producer's per-row statistics (reference.py), None on the unfused path
 
@@ -48,8 +48,11 @@ class Backend(Protocol):
         never read again once the next h exists), which saves a copy of it per large-M GEMM."""
         ...
 
-    def lm_head(self, x: torch.Tensor, weight: torch.Tensor, row_stats: Stats = None) -> torch.Tensor:
-        """Logits [M, V] in fp32 from the GEMM's fp32 accumulator (reference.lm_head)."""
+    def lm_head(
+        self, x: torch.Tensor, weight: torch.Tensor, row_stats: Stats = None, draw: Draw | None = None
+    ) -> torch.Tensor:
+        """Logits [M, V] in fp32 from the GEMM's fp32 accumulator (reference.lm_head); with `draw`,
+        the [M] int64 tokens drawn from those logits (FlashSampling: kernels/sampling.py)."""
         ...
 
     def attn_input(
@@ -91,8 +94,9 @@ class TorchBackend:
     def linear(self, x, weight, bias=None, residual=None, row_stats=None, want_stats=False, x_stats=None):
         return reference.linear(x, weight, bias, residual, row_stats, self.geometry.eps, want_stats)
 
-    def lm_head(self, x, weight, row_stats=None):
-        return reference.lm_head(x, weight, row_stats, self.geometry.eps)
+    def lm_head(self, x, weight, row_stats=None, draw=None):
+        logits = reference.lm_head(x, weight, row_stats, self.geometry.eps)
+        return logits if draw is None else draw_tokens(logits, draw)
 
     def attn_input(self, x, row_stats, w_qkv, b_qkv, rotary, kv):
         return reference.attn_input(x, row_stats, w_qkv, b_qkv, rotary, kv, self.geometry)
@@ -120,14 +124,29 @@ class TorchBackend:
         g = self.geometry
         return reference.gelu_mlp_input(x, row_stats, w_up, c_up, b_up, g.eps, g.gelu)
 
-    def ln_lm_head(self, x, row_stats, weight, col_sums, bias):
-        """fp32 logits through the (deferred) final LayerNorm and its folded bias."""
-        return reference.ln_linear(
+    def ln_lm_head(self, x, row_stats, weight, col_sums, bias, draw=None):
+        """fp32 logits through the (deferred) final LayerNorm and its folded bias (or, with `draw`,
+        the tokens drawn from them)."""
+        logits = reference.ln_linear(
             x, weight, col_sums, bias, None, row_stats, self.geometry.eps, False, torch.float32
         )[0]
+        return logits if draw is None else draw_tokens(logits, draw)
 
     def mlp_input(self, x, row_stats, w_gate_up):
         return reference.gate_up_silu(x, w_gate_up, row_stats, self.geometry.eps), None
+
+
+def draw_tokens(logits: torch.Tensor, draw: Draw) -> torch.Tensor:
+    """The tokens [M] a Draw picks from written fp32 logits [M, V]: on CUDA the Triton pass that shares
+    the fused LM head's device helpers (kernels/sampling.py), elsewhere the torch reference; the same
+    bits either way, so a fused draw and this one agree."""
+    if logits.is_cuda:
+        from fusionserve.kernels.sampling import gumbel_argmax_triton
+
+        return gumbel_argmax_triton(logits, draw.temps, draw.keys, draw.random)
+    if not draw.random:
+        return logits.argmax(dim=-1)
+    return reference.gumbel_argmax(logits, draw.temps, draw.keys)
 
 
 def select_backend(device: torch.device | str, geometry: Geometry, kind: str = "auto") -> Backend:

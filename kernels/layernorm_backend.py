@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fusionserve.kernels.backend import draw_tokens
 from fusionserve.kernels.batch import LayerKV, Rotary
 from fusionserve.kernels.layernorm_epilogue import ln_row_epilogue, ln_row_stats
 from fusionserve.kernels.layernorm_linear import GELU_CODES, linear_layernorm
@@ -54,16 +55,22 @@ class LayerNormOps:
         qkv, _ = self.ln_linear(x, w_qkv, c_qkv, b_qkv, row_stats=row_stats)
         return rope_kv_write(qkv, rotary, kv, g, pdl=self._pdl(x))  # partial rotary: the table's width
 
-    def ln_lm_head(self, x, row_stats, weight, col_sums, bias) -> torch.Tensor:
-        """fp32 logits through the (deferred) final LayerNorm and its folded bias."""
+    def ln_lm_head(self, x, row_stats, weight, col_sums, bias, draw=None) -> torch.Tensor:
+        """fp32 logits through the (deferred) final LayerNorm and its folded bias; with `draw`, the
+        tokens drawn from them (in the small-M GEMM's epilogue: FlashSampling)."""
         if self._small(x):
-            out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=torch.float32)
-            linear_layernorm(
+            out = (
+                None
+                if draw is not None
+                else torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=torch.float32)
+            )
+            y, _ = linear_layernorm(
                 x, weight, col_sums, bias, row_stats, self.geometry.eps, config=self.tiles, out=out,
-                pdl=self._pdl_policy,
+                pdl=self._pdl_policy, draw=draw,
             )  # fmt: skip
-            return out
-        return self._ln_large(x, weight, col_sums, bias, None, row_stats, False, out_dtype=torch.float32)[0]
+            return y
+        logits = self._ln_large(x, weight, col_sums, bias, None, row_stats, False, out_dtype=torch.float32)[0]
+        return logits if draw is None else draw_tokens(logits, draw)
 
     def _ln_large(
         self, x, weight, col_sums, bias, residual, row_stats, want_stats, gelu=None, out_dtype=None

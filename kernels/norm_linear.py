@@ -29,8 +29,8 @@ import triton.language as tl
 from fusionserve.kernels.batch import Draw
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.kernels.norm_stats import ln_finish, ln_prefetch, stats_finish, stats_prefetch
-from fusionserve.kernels.sampling import SAMPLE_OFF, SampleBuffers, argmax_tiles, gumbel_scores, sample_mode
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2, prefetch_lines
+from fusionserve.kernels.sampling import SAMPLE_OFF, SampleBuffers, argmax_tiles, gumbel_scores, sample_mode
 from fusionserve.kernels.split_k import split_k_reduce
 from fusionserve.kernels.tile_configs import TUNED, norm_cfg, pick_config
 from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2

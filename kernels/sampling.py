@@ -194,15 +194,3 @@ def gumbel_argmax_triton(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=buf.block_t, num_warps=4,
     )  # fmt: skip
     return buf.ids
-
-
-def gumbel_argmax(
-    logits: torch.Tensor, temps: torch.Tensor, keys: torch.Tensor, random: bool | None = None
-) -> torch.Tensor:
-    """Sampled token ids [M] of fp32 logits [M, V] with per-row temperature (0: greedy) and Philox key:
-    Triton on CUDA, the torch reference elsewhere (the same bits either way)."""
-    if logits.is_cuda:
-        return gumbel_argmax_triton(logits, temps, keys, random)
-    from fusionserve.kernels.reference import gumbel_argmax as reference_gumbel_argmax
-
-    return reference_gumbel_argmax(logits, temps, keys)

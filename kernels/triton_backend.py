@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fusionserve.kernels.attention import paged_attention
-from fusionserve.kernels.batch import Geometry, LayerKV, PagedBatch, Rotary
+from fusionserve.kernels.backend import draw_tokens
+from fusionserve.kernels.batch import Draw, Geometry, LayerKV, PagedBatch, Rotary
 from fusionserve.kernels.decode_attention import DecodeSplitPolicy
 from fusionserve.kernels.embedding import embedding
 from fusionserve.kernels.fp8 import Fp8Weight
@@ -144,23 +145,36 @@ class TritonBackend(LayerNormOps, Fp8Ops):
         return row_epilogue(y, k, row_stats, bias, residual, eps, want_stats, out=y)
 
     def lm_head(
-        self, x: torch.Tensor, weight: torch.Tensor, row_stats: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        row_stats: torch.Tensor | None = None,
+        draw: Draw | None = None,
     ) -> torch.Tensor:
         """fp32 logits: the small-M GEMM stores its fp32 accumulator; past small_m_max cuBLAS writes
         fp32 from its own (mm with out_dtype), then one in-place row pass (columns split over programs) applies the deferred scale
-        in fp32. (Scaling the bf16 input instead, as the bf16 path does, would round r·x to bf16.)"""
+        in fp32. (Scaling the bf16 input instead, as the bf16 path does, would round r·x to bf16.)
+        `draw`: the tokens instead, drawn in the small-M GEMM's epilogue (FlashSampling) or, past
+        small_m_max, by one pass over the written logits."""
         m, k, eps = x.shape[0], x.shape[-1], self.geometry.eps
         if self.geometry.fp8:
             row_stats = self.fp8_lm_head_stats(row_stats, k)
-        out = torch.empty((m, weight.shape[0]), device=x.device, dtype=torch.float32)
         if self._small(x):
             stats = self._partials(row_stats, k)
-            small_m_linear(x, weight, None, None, stats, eps, False, self.tiles, self._pdl_policy, out=out)
-            return out
+            out = (
+                None
+                if draw is not None
+                else torch.empty((m, weight.shape[0]), device=x.device, dtype=torch.float32)
+            )
+            y, _ = small_m_linear(
+                x, weight, None, None, stats, eps, False, self.tiles, self._pdl_policy, out=out, draw=draw
+            )
+            return y
+        out = torch.empty((m, weight.shape[0]), device=x.device, dtype=torch.float32)
         mm_fp32_out(x, weight, out)
         if row_stats is not None:
             row_epilogue(out, k, row_stats, eps=eps, out=out)
-        return out
+        return out if draw is None else draw_tokens(out, draw)
 
     def attn_input(
         self,

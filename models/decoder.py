@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from fusionserve.kernels.backend import Backend, select_backend
-from fusionserve.kernels.batch import Geometry, LayerKV, PagedBatch, Rotary
+from fusionserve.kernels.backend import Backend, draw_tokens, select_backend
+from fusionserve.kernels.batch import Draw, Geometry, LayerKV, PagedBatch, Rotary
 from fusionserve.models.config import ModelConfig
 from fusionserve.models.loader import ModelWeights, load_weights
 from fusionserve.models.tensor_parallel import TensorParallel
@@ -215,20 +215,24 @@ class Decoder:
         return self.backend.linear(x, weight, residual=residual, want_stats=fusion, x_stats=x_stats)
 
     @torch.inference_mode()
-    def logits(self, hidden: Hidden, scaled: bool = True) -> torch.Tensor:
+    def logits(self, hidden: Hidden, scaled: bool = True, draw: Draw | None = None) -> torch.Tensor:
         """fp32 logits from the LM head with the final norm: deferred (row scale in the epilogue, in
         fp32) when the hidden carries stats.
 
         `scaled=False` skips the positive per-row scale entirely, which greedy
-        argmax does not need (only valid on the fused path).
+        argmax does not need (only valid on the fused path). `draw`: the [M] tokens drawn from those
+        logits instead, by the LM head's own epilogue where it can (FlashSampling,
+        kernels/sampling.py); tensor-parallel, from the gathered logits.
         """
         be = self.backend
+        if self.tp is not None and draw is not None:
+            return draw_tokens(self.logits(hidden, scaled), draw)
         if self.config.layer_norm:  # the folded bias makes the scale matter even for argmax
             w = self.weights
             x = hidden.h if hidden.stats is not None else be.layernorm(hidden.h)
-            return be.ln_lm_head(x, hidden.stats, w.lm_head, w.c_head, w.b_head)
+            return be.ln_lm_head(x, hidden.stats, w.lm_head, w.c_head, w.b_head, draw=draw)
         if hidden.stats is not None:
-            out = be.lm_head(hidden.h, self.weights.lm_head, hidden.stats if scaled else None)
+            out = be.lm_head(hidden.h, self.weights.lm_head, hidden.stats if scaled else None, draw=draw)
         else:
-            out = be.lm_head(be.rmsnorm(hidden.h), self.weights.lm_head)
+            out = be.lm_head(be.rmsnorm(hidden.h), self.weights.lm_head, draw=draw)
         return self.tp.gather_logits(out) if self.tp is not None else out

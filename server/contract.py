@@ -37,6 +37,7 @@ class EngineConfig:
     fusion: str = "on"  # on|off|ab
     layer_timing_every: int = 50  # 0 disables per-layer timing
     cuda_graphs: bool = True
+    flash_sampling: bool = True  # fused steps of plain rows draw their tokens in the LM head
     num_kv_blocks: int | None = None  # overrides the memory-based sizing (tests, benchmarks)
     seed: int | None = None  # the shared generator of unseeded requests
     overlap: bool = True  # launch step n+1 before the text/output work of step n (off: debugging)
@@ -74,6 +75,19 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS or self.top_k == 1
+
+    @property
+    def lm_head_draws(self) -> bool:
+        """The LM head's epilogue can draw this row's token itself (FlashSampling): greedy or plain
+        temperature sampling, nothing that filters, changes or reports the logits row."""
+        plain = self.greedy or (self.top_k <= 0 and self.top_p >= 1.0 and not self.min_p)
+        return (
+            plain
+            and not self.has_penalties
+            and not self.logit_bias
+            and self.logprobs is None
+            and self.grammar is None
+        )
 
     @property
     def has_penalties(self) -> bool:

@@ -84,6 +84,34 @@ def test_fusion_switch_mid_generation_keeps_greedy_text(default):
     assert {"on", "off"} <= set(timings.summary(eng.fusion.mode)["steps"])
 
 
+def test_flash_sampling_draws_what_the_sampler_draws(default):
+    """Fused steps of plain rows draw their tokens in the LM head (FlashSampling); the same seeded and
+    greedy requests give the same tokens drawn from written logits (flash off), with fusion off, and
+    with launch-ahead off; a batch mixing a top-p row keeps the logits path for the whole step."""
+    ps = encode(default, TEXTS[:3])
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.9, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=1.3, seed=11, n=1, ignore_eos=True),
+    ]
+    runs = {}
+    for kw in (dict(), dict(flash_sampling=False), dict(fusion="off"), dict(overlap=False)):
+        eng = engine(default, **kw)
+        drawn_steps = []
+        plan = eng.sampler.lm_head_draw
+        eng.sampler.lm_head_draw = lambda *a, plan=plan, seen=drawn_steps: seen.append(plan(*a)) or seen[-1]
+        runs[tuple(kw.items())] = [o[0].token_ids for o in eng.generate(ps, params)]
+        flash_steps = sum(d is not None for d in drawn_steps)
+        assert flash_steps >= 10 if kw in (dict(), dict(overlap=False)) else flash_steps == 0, kw
+    first = runs[()]
+    assert all(r == first for r in runs.values()), runs
+    assert len(set(first[0])) > 3  # sampled, not stuck
+    # A top-p row in the batch: no step is drawn in the LM head, and the seeded rows keep their text.
+    eng = engine(default)
+    mixed = eng.generate(ps + ps[:1], params + [SamplingParams(max_tokens=10, top_p=0.8, ignore_eos=True)])
+    assert [o[0].token_ids for o in mixed[:3]] == first
+
+
 def test_stop_strings_across_token_boundaries(default):
     _, _, tok = default
     prompt = encode(

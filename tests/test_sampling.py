@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusionserve.server.contract import SamplingParams
-from fusionserve.server.engine.sampler import Sampler
+from fusionserve.server.engine.sampler import Sampler, choice_noise_seed
 
 V = 32
 
@@ -19,9 +19,9 @@ class Row:
     """What the engine hands the sampler for one row."""
 
     params: SamplingParams
-    tokens: list[int]  # prompt + generated so far (penalties)
+    tokens: list[int]  # prompt + generated so far (penalties; its length is the position drawn)
     num_prompt: int
-    generator: torch.Generator | None  # None → the sampler's shared generator
+    noise_seed: int | None  # None → a fresh key from the sampler's generator
 
 
 def sample(sampler: Sampler, logits: torch.Tensor, rows: list[Row]):
@@ -29,7 +29,7 @@ def sample(sampler: Sampler, logits: torch.Tensor, rows: list[Row]):
     handle = sampler.launch(
         logits,
         [r.params for r in rows],
-        [r.generator for r in rows],
+        [sampler.key(r.params, r.noise_seed, len(r.tokens)) for r in rows],
         lambda i: (rows[i].tokens, rows[i].num_prompt),
     )
     return handle.token_ids(), handle.logprobs()
@@ -39,8 +39,8 @@ def logits_rows(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def row(params: SamplingParams, tokens=(5, 6), num_prompt=1, gen=None) -> Row:
-    return Row(params, list(tokens), num_prompt, gen)
+def row(params: SamplingParams, tokens=(5, 6), num_prompt=1, noise_seed=None) -> Row:
+    return Row(params, list(tokens), num_prompt, noise_seed)
 
 
 def test_greedy_and_top_k_one_are_argmax():
@@ -93,25 +93,61 @@ def test_seeded_row_ignores_batch_composition():
     s = Sampler(seed=0)
 
     def draw_sequence(make_batch) -> list[int]:
-        g = s.make_generator(42)
         out = []
         for step in range(20):
-            zs, rows, at = make_batch(step, g)
+            zs, rows, at = make_batch(list(range(step + 3)))  # one more token each step
             out.append(sample(s, zs, rows)[0][at])
         return out
 
-    alone = draw_sequence(lambda step, g: (z[2:3].clone(), [row(params, gen=g)], 0))
+    seed = choice_noise_seed(42, 0)
+    alone = draw_sequence(lambda toks: (z[2:3].clone(), [row(params, toks, noise_seed=seed)], 0))
     crowd = draw_sequence(
-        lambda step, g: (
+        lambda toks: (
             z.clone(),
             [row(SamplingParams(temperature=1.0))] * 2
-            + [row(params, gen=g)]
-            + [row(SamplingParams(seed=7))] * 2,
+            + [row(params, toks, noise_seed=seed)]
+            + [row(SamplingParams(seed=7), noise_seed=choice_noise_seed(7, 0))] * 2,
             2,
         )
     )
     assert alone == crowd
     assert len(set(alone)) > 1
+    # Another choice of the same request, or another seed, draws other noise.
+    other = draw_sequence(
+        lambda toks: (z[2:3].clone(), [row(params, toks, noise_seed=choice_noise_seed(42, 1))], 0)
+    )
+    assert other != alone
+
+
+def test_lm_head_draw_takes_only_plain_rows():
+    """FlashSampling draws a step in the LM head only when every sampled row is greedy or plain
+    temperature sampling; its Draw carries T (0 for greedy) and the same keys `launch` would use."""
+    from types import SimpleNamespace
+
+    def choice(params, seed=None, matcher=None, forks=0):
+        seq = SimpleNamespace(num_tokens=7, pending_forks=forks)
+        return SimpleNamespace(
+            request=SimpleNamespace(params=params), noise_seed=seed, seq=seq, matcher=matcher
+        )
+
+    s = Sampler(seed=0)
+    plain = [choice(SamplingParams(temperature=0)), choice(SamplingParams(temperature=0.8, seed=3), seed=11)]
+    drawn = s.lm_head_draw(plain + [choice(SamplingParams(top_p=0.5))], [0, None, None])
+    assert drawn is not None and drawn.rows == plain[:1] and not drawn.draw.random  # unsampled rows skipped
+    drawn = s.lm_head_draw(plain, [0, 1])
+    assert drawn.draw.temps.tolist() == [0.0, pytest.approx(0.8)] and drawn.draw.random
+    assert drawn.draw.keys.tolist() == [0, s.key(plain[1].request.params, 11, 7)]
+    for odd in (
+        choice(SamplingParams(top_k=5)),
+        choice(SamplingParams(min_p=0.1)),
+        choice(SamplingParams(temperature=0, logprobs=1)),
+        choice(SamplingParams(temperature=0, logit_bias=((1, 1.0),))),
+        choice(SamplingParams(temperature=0, presence_penalty=0.5)),
+        choice(SamplingParams(temperature=0), matcher=object()),
+        choice(SamplingParams(temperature=0.5), forks=2),
+    ):
+        assert s.lm_head_draw([plain[0], odd], [0, 1]) is None
+    assert s.lm_head_draw(plain, [None, None]) is None
 
 
 def test_logit_bias_and_penalties():

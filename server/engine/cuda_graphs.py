@@ -1,4 +1,5 @@
-"""CUDA graphs of the decode step, one per padded batch size and fusion mode.
+"""CUDA graphs of the decode step, one per padded batch size and fusion mode (and, fused, per LM-head
+output: logits, or tokens drawn in its epilogue, greedy only or with noise: FlashSampling).
 
 A decode step of a small model is a chain of ~10 tiny kernels per layer; launched
 one by one from Python it is launch-bound (the 135M model would spend most of
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from fusionserve.kernels.batch import PagedBatch
+from fusionserve.kernels.batch import Draw, PagedBatch
 from fusionserve.models.decoder import Decoder, KVCache
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# (fused, LM-head output): None = fp32 logits; False / True = drawn tokens without / with noise.
+VARIANTS = ((True, None), (True, False), (True, True), (False, None))
 
 
 class DecodeGraphs:
@@ -30,7 +33,9 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self.slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.temps = torch.zeros(n, dtype=torch.float32, device=dev)  # a Draw's, padded rows greedy
+        self.keys = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.graphs: dict[tuple[int, bool, bool | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _batch(self, bs: int) -> PagedBatch:
         return PagedBatch(
@@ -43,10 +48,11 @@ class DecodeGraphs:
             block_size=self.kv.block_size,
         )
 
-    def _step(self, bs: int, fused: bool) -> torch.Tensor:
+    def _step(self, bs: int, fused: bool, noise: bool | None) -> torch.Tensor:
         d = self.decoder
         hidden = d.forward(self.ids[:bs], self.positions[:bs], self._batch(bs), self.kv, fusion=fused)
-        return d.logits(hidden)
+        draw = Draw(self.temps[:bs], self.keys[:bs], noise) if noise is not None else None
+        return d.logits(hidden, draw=draw)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -55,25 +61,33 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for fused in (True, False):
+            for fused, noise in VARIANTS:
                 for bs in reversed(self.sizes):
-                    self._step(bs, fused)  # warm-up: Triton compiles and autotunes outside the capture
+                    self._step(bs, fused, noise)  # warm-up: Triton compiles outside the capture
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        for fused in (True, False):
+        for fused, noise in VARIANTS:
             for bs in reversed(self.sizes):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._step(bs, fused)
-                self.graphs[(bs, fused)] = (graph, out)
+                    out = self._step(bs, fused, noise)
+                self.graphs[(bs, fused, noise)] = (graph, out)
         torch.cuda.synchronize()
 
     def fits(self, num_seqs: int) -> bool:
         return bool(self.graphs) and num_seqs <= self.sizes[-1]
 
     @torch.inference_mode()
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch, fused: bool) -> torch.Tensor:
-        """Replay for a decode-only batch of n ≤ max sequences; returns logits [n, V] (a view: copy to keep)."""
+    def run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: PagedBatch,
+        fused: bool,
+        draw: Draw | None = None,
+    ) -> torch.Tensor:
+        """Replay for a decode-only batch of n ≤ max sequences; returns logits [n, V] or, with a fused
+        `draw` of n rows, the drawn ids [n] (a view: copy to keep)."""
         n = ids.shape[0]
         bs = next(b for b in self.sizes if b >= n)
         width = batch.block_tables.shape[1]
@@ -86,6 +100,12 @@ class DecodeGraphs:
             self.context_lens[n:bs].fill_(1)
             self.block_tables[n:bs, 0].fill_(0)
             self.slots[n:bs].fill_(-1)
-        graph, out = self.graphs[(bs, fused)]
+        noise = None
+        if draw is not None and fused:
+            self.temps[:n].copy_(draw.temps, non_blocking=True)
+            self.keys[:n].copy_(draw.keys, non_blocking=True)
+            self.temps[n:bs].fill_(0.0)
+            noise = draw.random
+        graph, out = self.graphs[(bs, fused, noise)]
         graph.replay()
         return out[:n]

@@ -41,7 +41,7 @@ from fusionserve.server.engine.output_processor import (
     merge_output,
     wants_prompt_rows,
 )
-from fusionserve.server.engine.sampler import SampleHandle, Sampler
+from fusionserve.server.engine.sampler import SampleHandle, Sampler, choice_noise_seed
 from fusionserve.server.engine.scheduler import Scheduler, SchedulerConfig
 from fusionserve.server.engine.sequence import UNKNOWN_TOKEN, Sequence, Status
 from fusionserve.server.engine.structured import GrammarMatchers, ParkedRequests
@@ -163,9 +163,6 @@ class LLMEngine:
 
     def _new_choice(self, req: RequestState, index: int, tokens: list[int]) -> Choice:
         p = req.params
-        generator = None
-        if p.seed is not None:
-            generator = self.sampler.make_generator((p.seed * 1_000_003 + index) % (1 << 63))
         detok = None
         if self.tokenizer is not None:
             from fusionserve.models.tokenizer import IncrementalDetokenizer
@@ -184,7 +181,7 @@ class LLMEngine:
         if p.stop:
             accept = (lambda text, g=p.grammar: self.grammars.accepts(g, text)) if p.grammar else None
             stops = StopMatcher(p.stop, accept)
-        choice = Choice(req, index, seq, generator, detok, stops, matcher)
+        choice = Choice(req, index, seq, choice_noise_seed(p.seed, index), detok, stops, matcher)
         req.choices.append(choice)
         self.choices[seq.seq_id] = choice
         return choice
@@ -297,18 +294,16 @@ class LLMEngine:
             # Only a running decode holds an UNKNOWN_TOKEN (a preempted one is not admitted).
             pending_rows = [ch.pending_row for ch in planned]
             pending_ids = ahead_of.handle.chosen
-        inputs = self.runner.prepare(
-            plan,
-            [ch.seq.tokens for ch in planned],
-            [ch.seq.num_prompt for ch in planned],
-            want_prompt,
-            pending_ids,
-            pending_rows,
-        )
-        logits = self.runner.execute(inputs, fused, timer, scaled)
+        tokens, prompts = [ch.seq.tokens for ch in planned], [ch.seq.num_prompt for ch in planned]
+        inputs = self.runner.prepare(plan, tokens, prompts, want_prompt, pending_ids, pending_rows)
+        flash = fused and self.config.flash_sampling and not any(want_prompt)  # FlashSampling
+        drawn = self.sampler.lm_head_draw(planned, inputs.sample_index) if flash else None
+        logits = self.runner.execute(inputs, fused, timer, scaled, drawn.draw if drawn else None)
         self.scheduler.advance(plan)
         deferred = None
-        if ahead_of is not None and any(ch.request.params.needs_host_ids for ch in planned):
+        if drawn is not None:  # FlashSampling: the LM head drew the tokens (`logits` holds the ids)
+            rows, handle = drawn.rows, SampleHandle(logits, len(drawn.rows))
+        elif ahead_of is not None and any(ch.request.params.needs_host_ids for ch in planned):
             rows, handle, deferred = [], None, (planned, inputs.sample_index, logits, any(want_prompt))
         else:
             rows, handle = self._sample(planned, inputs.sample_index, logits, any(want_prompt))
@@ -353,7 +348,7 @@ class LLMEngine:
         handle = self.sampler.launch(
             batch,
             [ch.request.params for ch in rows],
-            [ch.generator for ch in rows],
+            self.sampler.keys(rows),
             lambda i: (rows[i].seq.tokens, rows[i].seq.num_prompt),
         )
         return rows, handle

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fusionserve.kernels.batch import PagedBatch, leading_ones
+from fusionserve.kernels.backend import draw_tokens
+from fusionserve.kernels.batch import Draw, PagedBatch, leading_ones
 from fusionserve.models.decoder import Decoder, KVCache
 from fusionserve.models.layer_timer import LayerTimer
 from fusionserve.server.contract import EngineConfig, EngineStartError
@@ -235,20 +236,32 @@ class ModelRunner:
     # -- execution -----------------------------------------------------------------
 
     def execute(
-        self, inputs: StepInputs, fused: bool, timer: LayerTimer | None = None, scaled: bool = True
+        self,
+        inputs: StepInputs,
+        fused: bool,
+        timer: LayerTimer | None = None,
+        scaled: bool = True,
+        draw: Draw | None = None,
     ) -> torch.Tensor | None:
         """Run the step (K/V written to the cache); logits of `logit_rows`, or None when there are none.
 
-        `scaled=False` lets a fused all-greedy step skip the final-norm row scale.
+        `scaled=False` lets a fused all-greedy step skip the final-norm row scale. `draw` (one entry
+        per logit row): the rows' drawn token ids instead of their logits (FlashSampling).
         """
         if timer is None and inputs.batch.is_decode_only and self.graphs is not None:
-            if self.graphs.fits(inputs.ids.shape[0]):
-                logits = self.graphs.run(inputs.ids, inputs.positions, inputs.batch, fused)
-                return logits[inputs.logit_rows]
+            n = inputs.ids.shape[0]
+            if self.graphs.fits(n):
+                whole = draw is not None and fused and inputs.logit_rows.numel() == n  # drawn in the graph
+                out = self.graphs.run(
+                    inputs.ids, inputs.positions, inputs.batch, fused, draw if whole else None
+                )
+                if whole or draw is None:
+                    return out[inputs.logit_rows]
+                return draw_tokens(out[inputs.logit_rows], draw)  # the same tokens, from written logits
         hidden = self.decoder.forward(inputs.ids, inputs.positions, inputs.batch, self.kv, fused, timer)
         if not inputs.logit_rows.numel():
             return None
-        return self.decoder.logits(hidden.rows(inputs.logit_rows), scaled=scaled)
+        return self.decoder.logits(hidden.rows(inputs.logit_rows), scaled=scaled, draw=draw)
 
     def make_timer(self) -> LayerTimer:
         return LayerTimer(self.device.type == "cuda")
@@ -321,6 +334,10 @@ class ModelRunner:
         last = torch.tensor(qs[1:], device=dev) - 1
         for scaled in (True, False) if fused else (True,):  # `scaled` only matters fused
             self.decoder.logits(hidden.rows(last), scaled=scaled)
+        if fused:  # FlashSampling's two epilogue variants (greedy only, with noise)
+            for noise in (False, True):
+                zeros = torch.zeros(len(last), device=dev)
+                self.decoder.logits(hidden.rows(last), draw=Draw(zeros, zeros.long(), noise))
 
 
 def _decode_rows(tokens: list[list[int]], starts: np.ndarray, seq_lens: np.ndarray):

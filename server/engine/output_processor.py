@@ -83,7 +83,7 @@ class Choice:
     request: RequestState
     index: int
     seq: Sequence
-    generator: Any  # torch.Generator | None: a seeded request's own noise
+    noise_seed: int | None  # a seeded choice's: its draws' Philox keys derive from it (sampler.py)
     detok: Any  # models.tokenizer.IncrementalDetokenizer | None
     stops: StopMatcher | None
     matcher: Any = None  # llguidance.LLMatcher of a constrained output (server/engine/structured.py)

@@ -4,18 +4,52 @@ Why Gumbel-max: `argmax(z/T + G)` with G ~ Gumbel(0, 1) draws exactly from
 softmax(z/T) without computing the softmax denominator (docs/DESIGN.md, "The deferred-norm contract"),
 and top-k / min-p filters are plain comparisons on z/T. Only top-p needs
 probabilities, and only logprobs need a log-softmax; both run only for the
-rows that ask. Seeded rows draw their noise from their own torch.Generator, so
-a seed gives the same text whatever else shares the batch.
+rows that ask.
+
+The noise is a pure function of a per-row Philox key and the token id (kernels/sampling.py), so the
+LM head can draw plain rows itself (FlashSampling: `lm_head_draw`) and draw exactly what this sampler
+would from the written logits. A seeded choice's key comes from (its seed, its index, the position
+drawn) alone: a seed gives the same text whatever else shares the batch, with fusion on or off,
+with or without launch-ahead; unseeded rows take fresh keys from the engine's generator.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from fusionserve.server.contract import GREEDY_EPS, SamplingParams, TokenLogprob
+from fusionserve.kernels.backend import draw_tokens
+from fusionserve.kernels.batch import Draw
+from fusionserve.server.contract import SamplingParams, TokenLogprob
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix64(seed: int, position: int) -> int:
+    """A 63-bit Philox key from a choice's noise seed and the position of the token drawn (SplitMix64's
+    finalizer: neighbouring positions get unrelated keys)."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def choice_noise_seed(seed: int | None, index: int) -> int | None:
+    """The noise seed of choice `index` of a request with `seed` (None: unseeded)."""
+    return None if seed is None else (seed * 1_000_003 + index) % (1 << 63)
+
+
+@dataclass(frozen=True)
+class RowDraw:
+    """A step whose sampled rows the LM head draws itself: the rows (choices) and their Draw."""
+
+    rows: list[Any]
+    draw: Draw
 
 
 def _logprob_tensors(logits: torch.Tensor, chosen: torch.Tensor, kmax: int):
@@ -96,33 +130,58 @@ def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> list[T
 class Sampler:
     def __init__(self, device: torch.device | str = "cpu", seed: int | None = None):
         self.device = torch.device(device)
-        self.generator = torch.Generator(device=self.device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self._rng = random.Random(seed)  # None: seeded from the OS
 
-    def make_generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def key(self, params: SamplingParams, noise_seed: int | None, position: int) -> int:
+        """The Philox key of one draw: a seeded choice's from (noise seed, position) alone, a fresh one
+        otherwise; greedy rows draw no noise (0)."""
+        if params.greedy:
+            return 0
+        return mix64(noise_seed, position) if noise_seed is not None else self._rng.getrandbits(63)
+
+    def keys(self, rows: Sequence[Any]) -> list[int]:
+        """Keys of engine choices (`.request.params`, `.noise_seed`, `.seq.num_tokens`: the position of
+        the token drawn, the same with or without a launch-ahead placeholder)."""
+        return [self.key(ch.request.params, ch.noise_seed, ch.seq.num_tokens) for ch in rows]
+
+    def _draw(self, params: Sequence[SamplingParams], keys: list[int]) -> Draw:
+        temps = [0.0 if p.greedy else p.temperature for p in params]
+        return Draw(self._to_device(temps, torch.float32), self._to_device(keys, torch.int64), any(temps))
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+
+    def lm_head_draw(self, planned: Sequence[Any], sample_index: Sequence[int | None]) -> RowDraw | None:
+        """FlashSampling for a step whose every sampled row is plain (greedy or temperature only, no
+        grammar, no fork to seed): the Draw the LM head takes instead of writing logits; else None
+        (the step keeps the logits path for all its rows)."""
+        rows = [ch for ch, at in zip(planned, sample_index) if at is not None]
+        if not rows or any(ch.matcher is not None or ch.seq.pending_forks for ch in rows):
+            return None
+        if not all(ch.request.params.lm_head_draws for ch in rows):
+            return None
+        return RowDraw(rows, self._draw([ch.request.params for ch in rows], self.keys(rows)))
 
     def launch(
         self,
         logits: torch.Tensor,
         params: list[SamplingParams],
-        generators: list[torch.Generator | None],
+        keys: list[int],
         history: Callable[[int], tuple[list[int], int]] | None = None,
     ) -> SampleHandle:
         """Queue the sampling of a batch on the logits' device without waiting for it.
 
-        Row i has `params[i]`, `generators[i]` and, asked only for rows with penalties,
+        Row i has `params[i]`, Philox key `keys[i]` (`key`) and, asked only for rows with penalties,
         `history(i)` = (prompt + generated tokens, prompt length). Plain greedy rows cost one
-        batched argmax; only the rows that need them get penalties, bias, sorting (top-k/top-p),
-        their own generator's noise, or a log-softmax.
+        batched argmax; only the rows that need them get penalties, bias, sorting (top-k/top-p)
+        or a log-softmax; the draw itself is one pass over the batch (backend.draw_tokens).
         """
         rand_rows: list[int] = []
         special: list[int] = []  # penalties, logit bias or logprobs
         for i, p in enumerate(params):
-            if p.temperature >= GREEDY_EPS and p.top_k != 1:
+            if not p.greedy:
                 rand_rows.append(i)
             if (
                 p.logprobs is not None
@@ -147,11 +206,10 @@ class Sampler:
             if p.logit_bias:
                 self._bias(logits[i], p)
 
-        chosen = logits.argmax(dim=-1)
         if rand_rows:
-            chosen[rand_rows] = self._sample_random(
-                logits[rand_rows], [params[i] for i in rand_rows], [generators[i] for i in rand_rows]
-            )
+            chosen = self._sample_random(logits, params, keys)
+        else:
+            chosen = logits.argmax(dim=-1)
         handle = SampleHandle(chosen, len(params))
         if want_lp:
             handle.add_logprobs(raw, want_lp, [params[i].logprobs or 0 for i in want_lp])
@@ -176,27 +234,37 @@ class Sampler:
         row.index_add_(0, ids, vals)
 
     def _sample_random(
-        self, z: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+        self, logits: torch.Tensor, params: list[SamplingParams], keys: list[int]
     ) -> torch.Tensor:
-        """Temperature, top-k, min-p, top-p, then Gumbel-max, for rows that are not greedy."""
-        dev = z.device
-        temps = torch.tensor([p.temperature for p in params], device=dev).view(-1, 1)
-        z = z / temps
+        """Greedy rows argmax, the others Gumbel-max at their temperature; rows with top-k / top-p /
+        min-p first have z / T filtered and then draw at T = 1 (the same draw: (z / T) / 1)."""
+        dev = logits.device
+        filt = [
+            i for i, p in enumerate(params) if not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0)
+        ]
+        draw = self._draw(params, keys)
+        if not filt:
+            return draw_tokens(logits, draw)
+        temps = torch.tensor([params[i].temperature for i in filt], device=dev).view(-1, 1)
+        z = logits[filt] / temps
         # Only rows with top-k / top-p are sorted (a sort of the full vocabulary is the costly part).
-        filt = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
-        if filt:
+        sort = [j for j, i in enumerate(filt) if params[i].top_k > 0 or params[i].top_p < 1.0]
+        if sort:
             sub = self._filter_sorted(
-                z[filt], [params[i].top_k for i in filt], [params[i].top_p for i in filt]
+                z[sort], [params[filt[j]].top_k for j in sort], [params[filt[j]].top_p for j in sort]
             )
-            if len(filt) == len(params):
+            if len(sort) == len(filt):
                 z = sub
             else:
-                z[filt] = sub
-        min_p = [p.min_p for p in params]
+                z[sort] = sub
+        min_p = [params[i].min_p for i in filt]
         if any(min_p):  # p_i >= min_p * p_max  <=>  z_i >= z_max + log(min_p): no softmax
             logmin = torch.tensor([math.log(m) if m > 0 else -math.inf for m in min_p], device=dev)
             z = z.masked_fill(z < z.max(dim=-1, keepdim=True).values + logmin.view(-1, 1), -math.inf)
-        return (z + self._gumbel(z.shape, generators)).argmax(dim=-1)
+        logits = logits.clone() if logits.is_inference() else logits
+        logits[filt] = z
+        draw.temps[filt] = 1.0
+        return draw_tokens(logits, draw)
 
     @staticmethod
     def _filter_sorted(z: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -213,15 +281,3 @@ class Sampler:
         keep[:, 0] = True
         masked = sorted_z.masked_fill(~keep, -math.inf)
         return torch.empty_like(z).scatter_(1, order, masked)
-
-    def _gumbel(self, shape: torch.Size, generators: list[torch.Generator | None]) -> torch.Tensor:
-        u = torch.empty(shape, device=self.device)
-        shared = [i for i, g in enumerate(generators) if g is None]
-        if len(shared) == len(generators):
-            u = torch.rand(shape, generator=self.generator, device=self.device)
-        elif shared:
-            u[shared] = torch.rand((len(shared), shape[1]), generator=self.generator, device=self.device)
-        for i, g in enumerate(generators):
-            if g is not None:
-                u[i] = torch.rand(shape[1], generator=g, device=self.device)
-        return -torch.log(-torch.log(u))

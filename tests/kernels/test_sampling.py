@@ -1,0 +1,113 @@
+"""kernels/sampling.py (FlashSampling): the LM head's epilogue draws exactly what the sampler draws from
+written logits, and both exactly what the torch reference draws (Philox bits, Gumbel-max, first-max ties)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fusionserve.kernels import reference as ref
+from fusionserve.kernels import sampling
+from fusionserve.kernels.batch import Draw
+from fusionserve.kernels.layernorm_linear import linear_layernorm
+from fusionserve.kernels.norm_linear import linear
+from tests.kernels.common import DEVICE, poison_outputs, rand  # noqa: F401
+
+K, V = 64, 1000  # V: not a multiple of any BLOCK_N
+
+
+def draw_rows(m: int, seed: int, greedy_rows=(0,)) -> Draw:
+    g = torch.Generator().manual_seed(seed)
+    temps = 0.3 + 1.5 * torch.rand(m, generator=g)
+    temps[list(r for r in greedy_rows if r < m)] = 0.0
+    keys = torch.randint(0, 2**63 - 1, (m,), generator=g, dtype=torch.int64)
+    return Draw(temps.to(DEVICE), keys.to(DEVICE), True)
+
+
+@triton.jit
+def _uniform_kernel(keys_ptr, out_ptr, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    key = tl.load(keys_ptr + offs_m, mask=offs_m < M, other=0)
+    lo = (key & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    u = sampling.philox_uniform(lo[:, None], hi[:, None], offs_n.to(tl.uint32)[None, :])
+    tl.store(out_ptr + offs_m[:, None] * BLOCK_N + offs_n[None, :], u, mask=(offs_m < M)[:, None])
+
+
+@triton.jit
+def _randint_kernel(out_ptr, seed, BLOCK_N: tl.constexpr):
+    offs = tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + offs, tl.randint(seed, offs))
+
+
+def test_philox_bits_match_the_reference_and_tritons_own():
+    keys = torch.tensor([0, 1, 12345, 2**40 + 7, 2**63 - 1], dtype=torch.int64, device=DEVICE)
+    out = torch.empty(5, 256, device=DEVICE)
+    _uniform_kernel[(1,)](keys, out, 5, BLOCK_M=8, BLOCK_N=256)
+    want = ref.philox_uniform(keys.cpu(), 256)
+    assert torch.equal(out.cpu(), want)
+    assert 0.0 < float(want.min()) and float(want.max()) < 1.0  # g is always finite
+    raw = torch.empty(256, dtype=torch.int32, device=DEVICE)
+    _randint_kernel[(1,)](raw, 12345, BLOCK_N=256)  # the same Philox 4x32-10 as tl.randint
+    u = (((raw.cpu().to(torch.int64) & 0xFFFFFFFF) >> 9).float() + 0.5) * 2.0**-23
+    assert torch.equal(u, want[2])
+
+
+def test_gumbel_max_draws_from_the_softmax():
+    """Reference draws over 20k keys: frequencies within 0.02 of softmax(z / T)."""
+    z = torch.tensor([[1.0, 0.0, -1.0, 0.5, -3.0, 2.0, -30.0, 0.2]])
+    n, t = 20000, 0.8
+    keys = torch.randint(0, 2**63 - 1, (n,), generator=torch.Generator().manual_seed(0))
+    ids = ref.gumbel_argmax(z.expand(n, -1), torch.full((n,), t), keys)
+    freq = torch.bincount(ids, minlength=8).float() / n
+    assert torch.allclose(freq, torch.softmax(z[0] / t, -1), atol=0.02)
+
+
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_unfused_draw_matches_reference(m):
+    logits = (rand(m, V) * 4).float()
+    d = draw_rows(m, m, greedy_rows=(0, 3))
+    got = sampling.gumbel_argmax_triton(logits, d.temps, d.keys)
+    assert torch.equal(got.cpu(), ref.gumbel_argmax(logits.cpu(), d.temps.cpu(), d.keys.cpu()))
+    # greedy only: the plain argmax, first maximum on ties (also across tiles)
+    logits[:, 5] = 50.0
+    logits[:, 1010 % V] = 50.0
+    greedy = sampling.gumbel_argmax_triton(logits, torch.zeros(m, device=DEVICE), d.keys, random=False)
+    assert greedy.tolist() == [5] * m
+
+
+@pytest.mark.parametrize("m", [1, 5, 17])
+@pytest.mark.parametrize("config", [(16, 32, 32, 2, 1, 1), (16, 64, 32, 4, 1, 2)])  # split-K too
+def test_lm_head_epilogue_draws_what_the_sampler_draws(m, config):
+    """The fused LM head (RMSNorm scale deferred, fp32 accumulator) draws, for the same keys, exactly
+    the tokens the unfused draw takes from the logits the same GEMM writes: seeded and greedy rows."""
+    x = rand(m, K, dtype=torch.bfloat16)
+    w = rand(V, K, dtype=torch.bfloat16, scale=K**-0.5)
+    stats = (torch.rand(m, 4) * 10 + 1).to(DEVICE)
+    d = draw_rows(m, 100 + m)
+    logits = torch.empty(m, V, device=DEVICE, dtype=torch.float32)
+    linear(x, w, row_stats=stats, config=config, out=logits)
+    fused, _ = linear(x, w, row_stats=stats, config=config, draw=d)
+    assert fused.dtype == torch.int64 and fused.shape == (m,)
+    assert torch.equal(fused, sampling.gumbel_argmax_triton(logits, d.temps, d.keys))
+    assert torch.equal(fused.cpu(), ref.gumbel_argmax(logits.cpu(), d.temps.cpu(), d.keys.cpu()))
+    greedy, _ = linear(x, w, row_stats=stats, config=config, draw=Draw(d.temps * 0, d.keys, False))
+    assert torch.equal(greedy, logits.argmax(-1))
+    again, _ = linear(x, w, row_stats=stats, config=config, draw=d)  # counters were re-armed
+    assert torch.equal(again, fused)
+
+
+def test_layernorm_lm_head_epilogue_draws_what_the_sampler_draws():
+    m = 3
+    x = rand(m, K, dtype=torch.float32) + 3.0  # a large mean: the deferred mean correction matters
+    w = rand(V, K, dtype=torch.float32, scale=K**-0.5)
+    col_sums, bias = w.sum(1), rand(V, dtype=torch.float32)
+    stats = ref.ln_stats(x)
+    d = draw_rows(m, 7)
+    logits = torch.empty(m, V, device=DEVICE, dtype=torch.float32)
+    linear_layernorm(x, w, col_sums, bias, stats, out=logits, config=(16, 32, 32, 2, 1, 1))
+    fused, _ = linear_layernorm(x, w, col_sums, bias, stats, draw=d, config=(16, 32, 32, 2, 1, 1))
+    assert torch.equal(fused.cpu(), ref.gumbel_argmax(logits.cpu(), d.temps.cpu(), d.keys.cpu()))
