@@ -75,7 +75,7 @@ def test_pdl_kernels_compile_for_hopper_and_keep_the_rules(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 11
+    assert len(kernels) == 12
     for name, k in kernels.items():
         assert k["launch_pdl"] and k["wait"] == 1, name
         assert k["stores_before_wait"] == 0, f"{name} writes before griddepcontrol.wait"
@@ -86,6 +86,7 @@ def test_pdl_kernels_compile_for_hopper_and_keep_the_rules(tmp_path):
         "linear split-K multi-wave",
         "linear fp8",
         "gate_up fp8",
+        "lm head flash sampling",
     ):
         assert kernels[name]["loads_before_wait"] == 0, f"{name} reads before griddepcontrol.wait"
         assert kernels[name]["prefetch_before_wait"] > 0, name
