@@ -26,15 +26,36 @@ import torch
 import triton
 import triton.language as tl
 
-from fusionserve.kernels.batch import Draw
+from fusionserve.kernels.batch import Draw, LayerKV, Rotary
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.kernels.norm_stats import ln_finish, ln_prefetch, stats_finish, stats_prefetch
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2, prefetch_lines
+from fusionserve.kernels.rope_kv import rope_kv_tile
 from fusionserve.kernels.sampling import SAMPLE_OFF, SampleBuffers, argmax_tiles, gumbel_scores, sample_mode
 from fusionserve.kernels.split_k import split_k_reduce
 from fusionserve.kernels.tile_configs import TUNED, norm_cfg, pick_config
 from fusionserve.kernels.triton_env import INTERPRET, arrival_counters, next_pow2
 from fusionserve.kernels.triton_helpers import cast, gelu, mma, silu, to_e4m3
+
+PAIR_GATE_UP, PAIR_ROPE = 1, 2  # the PAIR constexpr: a second accumulator N rows on, or HALF rows on
+_GATE_UP, _ROPE = tl.constexpr(PAIR_GATE_UP), tl.constexpr(PAIR_ROPE)  # the same, readable in kernels
+
+
+@dataclass(frozen=True)
+class RopeWrite:
+    """The qkv GEMM's epilogue at decode sizes: RoPE (full-width, HF half-split) on q and k, q out, k and
+    v into the paged cache (kernels/rope_kv.py: rope_kv_tile). half = D / 2 must be a multiple of
+    BLOCK_N (a power of two ≥ 16 in practice; TritonBackend checks)."""
+
+    rotary: Rotary
+    kv: LayerKV
+    num_heads: int
+    num_kv_heads: int
+    half: int
+
+    @property
+    def cos_sin(self) -> torch.Tensor:
+        return self.rotary.cos_sin
 
 
 @triton.jit
@@ -75,6 +96,11 @@ def _linear_kernel(
     pidx_ptr,
     scnt_ptr,
     ids_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    pos_ptr,
+    cs_ptr,
     M,
     N,
     K,
@@ -92,13 +118,20 @@ def _linear_kernel(
     inv_k,
     eps,
     TILE_W,
+    pair_off,
+    HQ,
+    HK,
+    stride_cs,
+    stride_slot,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     LN: tl.constexpr,
     WANT_STATS: tl.constexpr,
     WANT_SUMS: tl.constexpr,
-    GATE_UP: tl.constexpr,
+    PAIR: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HALF: tl.constexpr,
     GELU: tl.constexpr,
     W_FP8: tl.constexpr,
     WANT_AMAX: tl.constexpr,
@@ -123,6 +156,10 @@ def _linear_kernel(
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    head = 0
+    if PAIR == _ROPE:  # a tile of one head's first half; its partner tile is HALF rows on
+        head = pid_n // (HALF // BLOCK_N)
+        offs_n = head * HEAD_D + (pid_n % (HALF // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
     # Weight rows past N are clamped (valid memory, never stored) so the hot loop needs no N mask;
@@ -141,8 +178,8 @@ def _linear_kernel(
         pf_k = tl.minimum(k_lo + tl.arange(0, PF_LINES) * LINE, k_hi - 1)
         pf = w_ptr + offs_nc[:, None] * stride_wn + pf_k[None, :]
         prefetch_l2(pf, PDL)
-        if GATE_UP:
-            prefetch_l2(pf + N * stride_wn, PDL)
+        if PAIR != 0:
+            prefetch_l2(pf + pair_off * stride_wn, PDL)
     pdl_wait(PDL, EARLY)
 
     # The deferred norm's statistics: tiny L2 reads issued before the K loop, consumed after it,
@@ -158,7 +195,7 @@ def _linear_kernel(
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]
     w_ptrs = w_ptr + offs_nc[:, None] * stride_wn + (k_lo + offs_k)[None, :]
-    u_ptrs = w_ptrs + N * stride_wn
+    u_ptrs = w_ptrs + pair_off * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for it in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
@@ -173,7 +210,7 @@ def _linear_kernel(
         if W_FP8:
             xt = to_e4m3(xt.to(tl.float32) * inv_s[:, None])
         acc = mma(acc, xt, tl.trans(wt), UPCAST, IEEE)
-        if GATE_UP:
+        if PAIR != 0:
             if EVEN_K:
                 ut = tl.load(u_ptrs)
             else:
@@ -192,14 +229,14 @@ def _linear_kernel(
     run = True
     if SPLIT_K > 1:
         acc, acc_u, run = split_k_reduce(
-            acc, acc_u, ws_ptr, cnt_ptr, pid_m, pid_n, BLOCK_M, BLOCK_N, SPLIT_K, GATE_UP
+            acc, acc_u, ws_ptr, cnt_ptr, pid_m, pid_n, BLOCK_M, BLOCK_N, SPLIT_K, PAIR != 0
         )
     # The epilogue: scale (+ mean correction) → bias → residual → [silu(gate) * up] → round → store → Σ², Σ.
     if run:
         if W_FP8:  # x_q W_qᵀ · s_x · s_w: the quantization scales join the norm's in the epilogue
             acc = acc * s_x[:, None] * tl.load(wscale_ptr + offs_nc)[None, :]
-            if GATE_UP:
-                acc_u = acc_u * s_x[:, None] * tl.load(wscale_ptr + N + offs_nc)[None, :]
+            if PAIR != 0:
+                acc_u = acc_u * s_x[:, None] * tl.load(wscale_ptr + pair_off + offs_nc)[None, :]
         if HAS_SCALE and LN:  # only the program that runs the epilogue combines the partials
             r, mean = ln_finish(
                 l_sums,
@@ -222,18 +259,25 @@ def _linear_kernel(
                 c = tl.load(colsum_ptr + offs_nc).to(tl.float32)
                 acc = acc - mean[:, None] * c[None, :]
             acc = acc * r[:, None]
-            if GATE_UP:
+            if PAIR != 0:
                 acc_u = acc_u * r[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_nc).to(tl.float32)[None, :]
+            if PAIR == _ROPE:
+                acc_u += tl.load(bias_ptr + pair_off + offs_nc).to(tl.float32)[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
         if HAS_RES:
             res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
             acc += res.to(tl.float32)
-        if GATE_UP:
+        if PAIR == _GATE_UP:
             acc = silu(acc) * acc_u
         acc = gelu(acc, GELU)
-        if SAMPLE != 0:  # FlashSampling: the token, not the logits (kernels/sampling.py)
+        if PAIR == _ROPE:  # q out, k and v into the paged cache (kernels/rope_kv.py)
+            rope_kv_tile(
+                acc, acc_u, offs_m, m_mask, head, offs_n - head * HEAD_D, y_ptr, stride_ym,
+                k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, cs_ptr, stride_cs, stride_slot, HQ, HK, HEAD_D, HALF,
+            )  # fmt: skip
+        elif SAMPLE != 0:  # FlashSampling: the token, not the logits (kernels/sampling.py)
             temp = tl.load(temp_ptr + offs_m, mask=m_mask, other=0.0)
             key = tl.load(key_ptr + offs_m, mask=m_mask, other=0)
             scores = gumbel_scores(acc, temp, key, offs_n, SAMPLE == 2)
@@ -280,10 +324,12 @@ def launch(
     x_amax: torch.Tensor | None = None,
     want_amax: bool = False,
     draw: Draw | None = None,
+    rope: RopeWrite | None = None,
 ):
     """FP8 `weight` (kernels/fp8.py): with `x_amax`, max|x| partials [M, PA]. `want_amax`: y's per-tile
     max|y| follow its statistics ([M, 2 · n_tiles]: Σy², then max|y|) for an FP8 consumer. `draw`
-    (an LM head): y is the [M] int64 tokens drawn in the epilogue from the fp32 logits it would store."""
+    (an LM head): y is the [M] int64 tokens drawn in the epilogue from the fp32 logits it would store.
+    `rope` (the qkv GEMM, n = (Hq + 2 Hk)·D): y is q [M, Hq·D] rotated; k, v go rotated into the cache."""
     w_scale = amax_out = None
     if isinstance(weight, Fp8Weight):
         assert x_amax is not None, "an FP8 GEMM quantizes x per token: pass its max|x| partials"
@@ -301,10 +347,14 @@ def launch(
     )
     if w_scale is not None and cfg[2] < 32:  # an e4m3 tl.dot needs BLOCK_K ≥ 32
         cfg = (*cfg[:2], 32, *cfg[3:])
+    if rope is not None:  # pair tiles: BLOCK_N columns of a head's first half and their partners
+        cfg = (cfg[0], min(cfg[1], rope.half), *cfg[2:])
     n_tiles = triton.cdiv(n, cfg[1])
     sample = SampleBuffers(m, n_tiles, x.device, triton.cdiv(m, cfg[0])) if draw is not None else None
     if sample is not None:
         y = sample.ids
+    elif rope is not None:
+        y = torch.empty((m, rope.num_heads * 2 * rope.half), device=x.device, dtype=x.dtype)
     else:
         y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
     stats = sums = None
@@ -330,9 +380,9 @@ def launch(
     ops = _Operands(
         bias, residual, row_stats, row_sums, col_sums, stats, sums, w_scale,
         x_amax.float() if x_amax is not None else None, amax_out if want_amax else None,
-        draw, sample,
+        draw, sample, rope,
     )  # fmt: skip
-    _run(x, weight, y, n, cfg, ops, eps, gate_up, gelu, pdl)
+    _run(x, weight, y, n, cfg, ops, eps, PAIR_ROPE if rope else (PAIR_GATE_UP if gate_up else 0), gelu, pdl)
     return y, (packed if want_sums or want_amax else stats), sums
 
 
@@ -352,6 +402,7 @@ class _Operands:
     amax_out: torch.Tensor | None  # out: max|y| partials
     draw: Draw | None  # FlashSampling: the rows' temperatures and keys
     sample: SampleBuffers | None  # out: its partial maxima, arrival counters and token ids
+    rope: RopeWrite | None  # the qkv GEMM's RoPE + paged KV write
 
     def ptr(self, name: str, dummy: torch.Tensor) -> torch.Tensor:
         t = getattr(self, name)
@@ -370,11 +421,20 @@ def _draw_ptrs(ops: _Operands, dummy: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return d.temps.float().contiguous(), d.keys.contiguous(), s.pmax, s.pidx, s.counters, s.ids
 
 
-def _run(x, weight, y, n, cfg, ops: _Operands, eps, gate_up, gelu, pdl):
+def _rope_args(ops: _Operands, dummy: torch.Tensor) -> tuple:
+    """k cache, v cache, slots, positions, cos|sin, Hq, Hk, table stride, slot stride (or dummies)."""
+    r = ops.rope
+    if r is None:
+        return (dummy,) * 5, (0, 0, 0, 0)
+    ptrs = (r.kv.k_cache, r.kv.v_cache, r.kv.slot_mapping, r.rotary.positions, r.cos_sin)
+    return ptrs, (r.num_heads, r.num_kv_heads, r.cos_sin.stride(0), r.kv.k_cache.stride(1))
+
+
+def _run(x, weight, y, n, cfg, ops: _Operands, eps, pair: int, gelu, pdl):
     """One launch of _linear_kernel over (N tiles, M tiles, K splits) for launch's prepared operands."""
     m, k = x.shape
     bm, bn, bk, warps, stages, split = cfg
-    n_tiles, m_tiles = triton.cdiv(n, bn), triton.cdiv(m, bm)
+    n_tiles, m_tiles = triton.cdiv(n, bn * (2 if pair == PAIR_ROPE else 1)), triton.cdiv(m, bm)
     ln = ops.row_sums is not None
     p = ops.row_stats.shape[1] if ops.row_stats is not None else 1
     pa = ops.x_amax.shape[1] if ops.x_amax is not None else 1
@@ -383,7 +443,7 @@ def _run(x, weight, y, n, cfg, ops: _Operands, eps, gate_up, gelu, pdl):
     dummy = y
     if split > 1:
         ws = torch.empty(
-            n_tiles * m_tiles * split * bm * bn * (2 if gate_up else 1), device=x.device, dtype=torch.float32
+            n_tiles * m_tiles * split * bm * bn * (2 if pair else 1), device=x.device, dtype=torch.float32
         )
         cnt = arrival_counters(x.device, n_tiles * m_tiles, "split_k", minimum=1 << 16)
     else:
@@ -391,23 +451,29 @@ def _run(x, weight, y, n, cfg, ops: _Operands, eps, gate_up, gelu, pdl):
     launch = pdl_args(pdl, n_tiles * m_tiles * split, x.device)
     early = launch["EARLY"]
     names = ("bias", "residual", "row_stats", "row_sums", "col_sums", "stats", "sums")
+    rope_ptrs, (hq, hk, stride_cs, stride_slot) = _rope_args(ops, dummy)
+    half = ops.rope.half if ops.rope is not None else 1
     _linear_kernel[(n_tiles, m_tiles, split)](
         x, weight, y, *(ops.ptr(name, dummy) for name in names), ws, cnt,
         *(ops.ptr(name, dummy) for name in ("w_scale", "x_amax", "amax_out")),
-        *_draw_ptrs(ops, dummy),
+        *_draw_ptrs(ops, dummy), *rope_ptrs,
         m, n, k, p, pa, ops.stride("x_amax"), k_per_split, x.stride(0), weight.stride(0), y.stride(0),
         ops.stride("residual"), ops.stride("row_stats"), ops.stride("row_sums"),
         ops.stride("stats") or ops.stride("amax_out"),
         1.0 / k,
         eps,
         next_pow2(triton.cdiv(k, p)),  # the producer's tile width (its BLOCK_N; K for one partial)
+        half if pair == PAIR_ROPE else n,  # rows from a tile to its partner tile
+        hq, hk, stride_cs, stride_slot,
         HAS_BIAS=ops.bias is not None,
         HAS_RES=ops.residual is not None,
         HAS_SCALE=ops.row_stats is not None,
         LN=ln,
         WANT_STATS=ops.stats is not None,
         WANT_SUMS=ops.sums is not None,
-        GATE_UP=gate_up,
+        PAIR=pair,
+        HEAD_D=2 * half,
+        HALF=half,
         GELU=gelu,
         W_FP8=ops.w_scale is not None,
         WANT_AMAX=ops.amax_out is not None,
@@ -425,7 +491,7 @@ def _run(x, weight, y, n, cfg, ops: _Operands, eps, gate_up, gelu, pdl):
         SPLIT_K=split,
         LATE_TRIGGER=pdl is not None and not early and pdl.multiwave_trigger == "late",
         PF_LINES=prefetch_lines(
-            k_per_split * bk, weight.element_size(), n * (2 if gate_up else 1) * split, pdl, early
+            k_per_split * bk, weight.element_size(), n * (2 if pair == PAIR_GATE_UP else 1) * split, pdl, early
         ),
         LINE=128 // weight.element_size(),
         num_warps=warps,

@@ -93,6 +93,55 @@ def _rotate_store(
 
 
 @triton.jit
+def rope_kv_tile(
+    a,
+    b,
+    offs_m,
+    m_mask,
+    head,
+    d,
+    q_ptr,
+    stride_q,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    pos_ptr,
+    cs_ptr,
+    stride_cs,
+    stride_slot,
+    HQ,
+    HK,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    """The qkv GEMM's epilogue at decode sizes (kernels/norm_linear.py, PAIR_ROPE): fp32 tiles `a` (dims
+    d of `head`, d < HALF) and `b` (dims d + HALF), already scaled and biased, of rows offs_m. q and k
+    heads rotate; q goes to q_ptr [M, HQ·D], k and v into their paged caches [blocks, bs, HK, D] at the
+    rows' slots (a negative slot writes nothing). One rounding, from the fp32 accumulator."""
+    if head < HQ + HK:  # q or k: rotate (a head's program is all q, all k or all v)
+        pos = tl.load(pos_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        cs = cs_ptr + pos[:, None] * stride_cs + d[None, :]
+        cos = tl.load(cs, mask=m_mask[:, None], other=0.0)
+        sin = tl.load(cs + HALF, mask=m_mask[:, None], other=0.0)
+        a, b = a * cos - b * sin, b * cos + a * sin
+    if head < HQ:
+        q = q_ptr + offs_m[:, None] * stride_q + (head * D + d)[None, :]
+        tl.store(q, cast(a, q_ptr.dtype.element_ty), mask=m_mask[:, None])
+        tl.store(q + HALF, cast(b, q_ptr.dtype.element_ty), mask=m_mask[:, None])
+    else:
+        slot = tl.load(slot_ptr + offs_m, mask=m_mask, other=-1).to(tl.int64)
+        keep = (m_mask & (slot >= 0))[:, None]
+        kv_head = tl.where(head < HQ + HK, head - HQ, head - HQ - HK)
+        off = tl.where(slot >= 0, slot, 0)[:, None] * stride_slot + (kv_head * D + d)[None, :]
+        if head < HQ + HK:
+            tl.store(k_cache_ptr + off, cast(a, k_cache_ptr.dtype.element_ty), mask=keep)
+            tl.store(k_cache_ptr + off + HALF, cast(b, k_cache_ptr.dtype.element_ty), mask=keep)
+        else:
+            tl.store(v_cache_ptr + off, cast(a, v_cache_ptr.dtype.element_ty), mask=keep)
+            tl.store(v_cache_ptr + off + HALF, cast(b, v_cache_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
 def _rope_kv_kernel(
     qkv_ptr,
     q_out_ptr,

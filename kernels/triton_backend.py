@@ -27,7 +27,7 @@ from fusionserve.kernels.embedding import embedding
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.kernels.fp8_backend import Fp8Ops
 from fusionserve.kernels.layernorm_backend import LayerNormOps
-from fusionserve.kernels.norm_linear import gate_up_silu
+from fusionserve.kernels.norm_linear import RopeWrite, gate_up_silu, launch
 from fusionserve.kernels.norm_linear import linear as small_m_linear
 from fusionserve.kernels.pdl import PdlPolicy, pdl_available
 from fusionserve.kernels.reference import stats_are_rows
@@ -39,6 +39,14 @@ from fusionserve.kernels.rope_kv import rope_kv_write
 from fusionserve.kernels.row_epilogue import row_epilogue
 from fusionserve.kernels.silu_mul import silu_mul
 from fusionserve.kernels.tile_configs import TUNED, TileTable
+
+
+def _f32(rotary: Rotary) -> Rotary:
+    """The RoPE table as the GEMM epilogue reads it: fp32, unit column stride."""
+    cs = rotary.cos_sin
+    if cs.dtype == torch.float32 and cs.stride(1) == 1:
+        return rotary
+    return Rotary(rotary.positions, cs.float().contiguous())
 
 
 def mm_fp32_out(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
@@ -56,7 +64,9 @@ class TritonBackend(LayerNormOps, Fp8Ops):
     Triton support it). Set it before capturing graphs. Large-M steps never use it: their neighbours
     are cuBLAS GEMMs, which it cannot overlap (H100: 135M batch 64 at 4k context 2% slower with it).
     `decode_split`: how decode attention splits a context (kernels/decode_attention.py); `tiles`: the
-    decode GEMMs' tile table (kernels/tile_configs.py). Benchmarks set these, never module globals."""
+    decode GEMMs' tile table (kernels/tile_configs.py); `rope_in_gemm`: at decode sizes the qkv GEMM's
+    epilogue rotates q/k and writes the KV cache itself (False: the rope_kv kernel after it, the
+    A/B). Benchmarks set these, never module globals."""
 
     name = "triton"
 
@@ -68,12 +78,14 @@ class TritonBackend(LayerNormOps, Fp8Ops):
         rows_stats_max_m: int = 512,
         decode_split: DecodeSplitPolicy = DecodeSplitPolicy(),
         tiles: TileTable = TUNED,
+        rope_in_gemm: bool = True,
     ):
         self.geometry = geometry
         self.decode_split = decode_split
         self.tiles = tiles
         self.small_m_max = small_m_max
         self.rows_stats_max_m = rows_stats_max_m
+        self.rope_in_gemm = rope_in_gemm
         self.pdl = pdl_available("cuda") if pdl is None else pdl
 
     @property
@@ -187,9 +199,17 @@ class TritonBackend(LayerNormOps, Fp8Ops):
     ) -> torch.Tensor:
         if isinstance(w_qkv, Fp8Weight):
             return self.fp8_attn_input(x, row_stats, w_qkv, b_qkv, rotary, kv)
-        eps = self.geometry.eps
+        eps, g = self.geometry.eps, self.geometry
         if self._small(x):
             stats = self._partials(row_stats, x.shape[-1])
+            half = rotary.cos_sin.shape[-1] // 2
+            if self.rope_in_gemm and 2 * half == g.head_dim and half >= 16 and half & (half - 1) == 0:
+                rope = RopeWrite(_f32(rotary), kv, g.num_heads, g.num_kv_heads, half)
+                q, _, _ = launch(
+                    x, w_qkv, w_qkv.shape[0], bias=b_qkv, row_stats=stats, eps=eps, config=self.tiles,
+                    pdl=self._pdl_policy, rope=rope,
+                )  # fmt: skip
+                return q.view(-1, g.num_heads, g.head_dim)
             qkv, _ = small_m_linear(x, w_qkv, b_qkv, None, stats, eps, False, self.tiles, self._pdl_policy)
             scale_stats, bias = None, None
         else:

@@ -75,7 +75,7 @@ def test_pdl_kernels_compile_for_hopper_and_keep_the_rules(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 12
+    assert len(kernels) == 13
     for name, k in kernels.items():
         assert k["launch_pdl"] and k["wait"] == 1, name
         assert k["stores_before_wait"] == 0, f"{name} writes before griddepcontrol.wait"
@@ -87,6 +87,7 @@ def test_pdl_kernels_compile_for_hopper_and_keep_the_rules(tmp_path):
         "linear fp8",
         "gate_up fp8",
         "lm head flash sampling",
+        "qkv rope + kv write",
     ):
         assert kernels[name]["loads_before_wait"] == 0, f"{name} reads before griddepcontrol.wait"
         assert kernels[name]["prefetch_before_wait"] > 0, name

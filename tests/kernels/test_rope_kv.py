@@ -90,3 +90,52 @@ def test_cos_sin_tables():
     assert band.any() and ((got[band] <= inv[band]) & (got[band] >= inv[band] / 8)).all()
     lin = rope_cos_sin(8, 8, 10000.0, {"type": "linear", "factor": 2.0})
     assert torch.allclose(lin[2], plain[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [None, (16, 16, 16, 2, 1, 1), (16, 32, 16, 4, 1, 3)])  # split-K too
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkv_gemm_epilogue_rope_kv(dtype, m, config):
+    """At decode sizes the qkv GEMM's epilogue rotates q and k from the fp32 accumulator and writes q, K
+    and V itself (norm_linear PAIR_ROPE): against float64 and against the separate rope_kv pass, with
+    the deferred scale, a qkv bias (Qwen2), GQA and a padding row that must write nothing."""
+    from fusionserve.kernels.tile_configs import m_bucket
+    from fusionserve.kernels.triton_backend import TritonBackend
+
+    hq, hk, d, hidden = 4, 2, 32, 48
+    geom = Geometry.of(hq, hk, d, EPS)
+    width = (hq + 2 * hk) * d
+    x = rand(m, hidden, dtype=dtype)
+    w = rand(width, hidden, dtype=dtype, scale=hidden**-0.5)
+    bias = rand(width, dtype=dtype)
+    stats = (torch.rand(m, 3, dtype=torch.float64) * hidden).float().to(DEVICE)
+    cos_sin = rope_cos_sin(64, d, 10000.0, device=DEVICE)
+    positions = torch.randint(0, 64, (m,), device=DEVICE)
+    slots = torch.randperm(NB * BS, device=DEVICE)[:m]
+    if m > 1:
+        slots[1] = -1
+    caches = {}
+    for fused in (True, False):
+        be = TritonBackend(geom, rope_in_gemm=fused)
+        if config is not None:
+            be.tiles = {(width, hidden, m_bucket(m), False): config}
+        k_cache, v_cache = (torch.zeros(NB, BS, hk, d, dtype=dtype, device=DEVICE) for _ in range(2))
+        q = be.attn_input(x, stats, w, bias, Rotary(positions, cos_sin), LayerKV(k_cache, v_cache, slots))
+        caches[fused] = (q, k_cache, v_cache)
+    raw = x.double() @ w.double().t() * torch.rsqrt(stats.double().sum(-1, keepdim=True) / hidden + EPS)
+    raw = raw + bias.double()
+    q_want, k_new = ref.rope(
+        raw[:, : hq * d].view(m, hq, d),
+        raw[:, hq * d : (hq + hk) * d].view(m, hk, d),
+        positions,
+        cos_sin.double(),
+    )
+    k_want, v_want = (torch.zeros(NB, BS, hk, d, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    ref.write_kv(k_new, raw[:, (hq + hk) * d :].view(m, hk, d), k_want, v_want, slots)
+    for q, k_cache, v_cache in caches.values():
+        check(q, q_want, dtype)
+        check(k_cache, k_want, dtype)
+        check(v_cache, v_want, dtype)
+    assert caches[True][0].shape == (m, hq, d)
+    if m > 1:  # the padding row's slot holds nothing, fused or not
+        assert int(caches[True][1].ne(0).flatten(2).any(-1).sum()) == m - 1
