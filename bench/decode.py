@@ -2,7 +2,9 @@
 
 Random bf16 weights of the real shapes are generated on the device (no
 download). Our step is the product's own CUDA-graph replay (server/engine/cuda_graphs.py)
-of forward + LM head; every sequence in the batch sits at the same context
+of forward + LM head + greedy tokens, as serving runs it (fused: the LM head draws the tokens itself,
+FlashSampling; off: logits, then the sampler's argmax; `--step logits` stops at the logits, as
+results before FlashSampling did); gpt-fast's step ends in its argmax too. Every sequence in the batch sits at the same context
 length, its KV cache filled with random values. gpt-fast's model.py (brought
 with the search tool's `fetch`, never committed) runs compiled with
 mode="reduce-overhead" on the same shapes; transformers runs eager with a
@@ -38,8 +40,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import copy_bandwidth, environment, markdown_table, write_results  # noqa: E402
-from fusionserve.kernels.backend import select_backend  # noqa: E402
-from fusionserve.kernels.batch import PagedBatch  # noqa: E402
+from fusionserve.kernels.backend import draw_tokens, select_backend  # noqa: E402
+from fusionserve.kernels.batch import Draw, PagedBatch  # noqa: E402
 from fusionserve.kernels.fp8 import quantize_weight  # noqa: E402
 from fusionserve.kernels.pdl import pdl_available  # noqa: E402
 from fusionserve.models.config import ModelConfig  # noqa: E402
@@ -192,6 +194,25 @@ def filled_kv_cache(model: Decoder, batch: int, ctx: int) -> KVCache:
     return kv
 
 
+def greedy_draw(batch: int, device: str | torch.device = "cuda") -> Draw:
+    """Greedy rows (T = 0): the draw a decode step of plain greedy requests takes."""
+    return Draw(
+        torch.zeros(batch, device=device), torch.zeros(batch, dtype=torch.int64, device=device), False
+    )
+
+
+def replay_step(graphs: DecodeGraphs, ids, pos, pb, fused: bool, tokens: bool = True) -> torch.Tensor:
+    """One decode step as serving runs it: fused, the graph whose LM head draws the greedy tokens itself
+    (FlashSampling); off, the logits graph and then the sampler's pass over them (server/engine/
+    sampler.py: an argmax for greedy rows). `tokens=False`: forward + logits only (older results)."""
+    if not tokens:
+        return graphs.run(ids, pos, pb, fused)
+    draw = greedy_draw(ids.shape[0], ids.device)
+    if fused:
+        return graphs.run(ids, pos, pb, True, draw)
+    return draw_tokens(graphs.run(ids, pos, pb, False), draw)
+
+
 def best_of_interleaved(
     model: Decoder,
     kv: KVCache,
@@ -201,9 +222,11 @@ def best_of_interleaved(
     apply,
     fused_modes=(True, False),
     rounds=2,
+    tokens: bool = True,
 ) -> dict[tuple, float]:
     """Side-by-side decode-step times (ms) of graph variants: `apply(variant)` sets each up before its
-    own graphs are captured; then every (variant, fused) is timed in turn, `rounds` times, best kept."""
+    own graphs are captured; then every (variant, fused) is timed in turn, `rounds` times, best kept.
+    A step ends in its greedy tokens (`replay_step`; `tokens=False`: in its logits)."""
     pb, ids, pos = decode_batch(batch, ctx, 16)
     graphs = {}
     for name, variant in variants.items():
@@ -214,13 +237,19 @@ def best_of_interleaved(
     for _ in range(rounds):
         for name, g in graphs.items():
             for fused in fused_modes:
-                t = time_fn(lambda f=fused, g=g: g.run(ids, pos, pb, f)) * 1e3
+                t = time_fn(lambda f=fused, g=g: replay_step(g, ids, pos, pb, f, tokens)) * 1e3
                 best[(name, fused)] = min(best.get((name, fused), 1e9), t)
     return best
 
 
 def bench_ours(
-    name: str, batches: list[int], contexts: list[int], results: list[dict], bw: float, pdl_modes=(True,)
+    name: str,
+    batches: list[int],
+    contexts: list[int],
+    results: list[dict],
+    bw: float,
+    pdl_modes=(True,),
+    tokens: bool = True,
 ) -> Decoder:
     """Fused and off, each with every PDL mode asked for (own graphs), timed interleaved in one process.
 
@@ -242,7 +271,7 @@ def bench_ours(
                 ("" if i == 0 else f"_pdl_{'on' if p else 'off'}"): p for i, p in enumerate(pdl_modes)
             }
             best = best_of_interleaved(
-                model, kv, b, ctx, suffixes, lambda p: setattr(model.backend, "pdl", p)
+                model, kv, b, ctx, suffixes, lambda p: setattr(model.backend, "pdl", p), tokens=tokens
             )
             row = dict(model=name, batch=b, ctx=ctx)
             for (suffix, fused), ms in best.items():
@@ -268,11 +297,11 @@ def graph_kernel_events(
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
-        graphs.run(ids, pos, pb, fused)
+        replay_step(graphs, ids, pos, pb, fused)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
-            graphs.run(ids, pos, pb, fused)
+            replay_step(graphs, ids, pos, pb, fused)
         torch.cuda.synchronize()
     events = sorted(
         (ev for ev in prof.events() if ev.device_type.name == "CUDA"), key=lambda e: e.time_range.start
@@ -528,6 +557,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--tag", default="", help="suffix of the result file names")
     ap.add_argument(
+        "--step",
+        choices=("tokens", "logits"),
+        default="tokens",
+        help="what a timed step ends in (tokens: as served)",
+    )
+    ap.add_argument(
         "--pdl", default="default", help="PDL modes, the first is the headline: default | on | off | on,off"
     )
     args = ap.parse_args()
@@ -547,7 +582,7 @@ def main() -> None:
     profiles: list[dict] = []
     for name in tqdm(args.models.split(","), desc="models"):
         pdl_modes = tuple(pdl_available("cuda") if m == "default" else m == "on" for m in args.pdl.split(","))
-        model = bench_ours(name, batches, contexts, results, bw, pdl_modes)
+        model = bench_ours(name, batches, contexts, results, bw, pdl_modes, args.step == "tokens")
         report(results, profiles, bw, args.out, args.tag)  # ours first: a cut-off run keeps them
         if args.profile:
             for pb_ in (int(b) for b in args.profile_batches.split(",")):
