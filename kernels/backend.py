@@ -10,6 +10,7 @@ step's small typed records (Rotary, LayerKV, PagedBatch).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -149,8 +150,11 @@ def draw_tokens(logits: torch.Tensor, draw: Draw) -> torch.Tensor:
     return reference.gumbel_argmax(logits, draw.temps, draw.keys)
 
 
-def select_backend(device: torch.device | str, geometry: Geometry, kind: str = "auto") -> Backend:
-    """Triton on CUDA (unless kind='torch'), the torch reference elsewhere."""
+def select_backend(
+    device: torch.device | str, geometry: Geometry, kind: str = "auto", tile_cache: Path | None = None
+) -> Backend:
+    """Triton on CUDA (unless kind='torch'), the torch reference elsewhere. `tile_cache`: where sweeps
+    cache decode-GEMM tiles per GPU model (kernels/tile_configs.tile_table_for)."""
     device = torch.device(device)
     if kind == "torch" or (kind == "auto" and device.type != "cuda"):
         return TorchBackend(geometry)
@@ -161,5 +165,7 @@ def select_backend(device: torch.device | str, geometry: Geometry, kind: str = "
             if kind == "triton":
                 raise RuntimeError(f"Triton backend unavailable: {exc}") from exc
             return TorchBackend(geometry)
-        return TritonBackend(geometry)
+        from fusionserve.kernels.tile_configs import tile_table_for
+
+        return TritonBackend(geometry, tiles=tile_table_for(device, tile_cache))
     raise ValueError(f"unknown backend {kind!r} (expected auto, torch or triton)")

@@ -1,9 +1,19 @@
 """Tile choices of the deferred-norm GEMM (kernels/norm_linear.py) at decode sizes: a table tuned
-per shape (`python -m bench.kernels --sweep` measures it), and a rule for shapes it does not list."""
+per shape and per GPU (`python -m bench.kernels --sweep` measures it), and a rule for shapes it does
+not list.
+
+Why per GPU: the H100's winners lose to cuBLAS in 11 of 30 decode shapes on the H200 (more bandwidth,
+same SMs: other tiles keep enough bytes in flight). `tile_table_for(device, cache_dir)` takes the
+table shipped for the device's GPU family (SHIPPED), overlaid with a sweep cached for that exact GPU
+(`python -m bench.kernels --sweep --save-tiles` writes $FUSIONSERVE_HOME/tiles/<gpu>.json); a GPU
+with neither gets the rule alone."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 
 import torch
@@ -18,7 +28,7 @@ Config = tuple[int, int, int, int, int, int]
 
 
 # Measured winners per (N, K, M bucket, gate_up) on H100 (python -m bench.kernels --sweep); heuristic otherwise.
-_TUNED: dict[tuple[int, int, int, bool], Config] = {
+_H100: dict[tuple[int, int, int, bool], Config] = {
     # H100 80GB HBM3, torch 2.11 / triton 3.6, bench/kernels.py --sweep (CUDA graphs, rotating weights)
     (4096, 14336, 16, False): (16, 16, 128, 2, 4, 2),
     (4096, 14336, 32, False): (32, 32, 128, 4, 4, 2),
@@ -45,6 +55,9 @@ _TUNED: dict[tuple[int, int, int, bool], Config] = {
     (3072, 576, 32, False): (32, 32, 64, 4, 6, 1),
     (49152, 576, 16, False): (16, 16, 128, 2, 4, 1),
     (49152, 576, 32, False): (32, 128, 64, 4, 4, 1),
+}
+# Measured on the H200. Until a full H200 sweep is shipped, its table is the H100's with these on top.
+_H200: dict[tuple[int, int, int, bool], Config] = {
     # Pythia-6.9B on the H200 (bench/decode_configs.py, whole step, both paths ~4% faster each):
     # the rule's 16 x 32 tiles lose to 16 x 16 with two warps for the MLP's up projection, and its
     # unsplit down projection to split-K 2 (as Llama's down above)
@@ -55,7 +68,49 @@ _TUNED: dict[tuple[int, int, int, bool], Config] = {
 #: A backend's tile table (TritonBackend.tiles): read-only, so a sweep builds its own table
 #: ({**TUNED, key: config}) instead of changing the one every backend reads.
 TileTable = Mapping[tuple[int, int, int, bool], Config]
-TUNED: TileTable = MappingProxyType(_TUNED)
+SHIPPED: Mapping[str, TileTable] = MappingProxyType(
+    {"H100": MappingProxyType(_H100), "H200": MappingProxyType({**_H100, **_H200})}
+)
+TUNED: TileTable = SHIPPED["H100"]  # the default where no device is known (tests, sweeps' baseline)
+
+
+def gpu_family(device_name: str) -> str | None:
+    """The SHIPPED key of a CUDA device name ("NVIDIA H200" → "H200"), None for GPUs we have not tuned."""
+    upper = device_name.upper()
+    return next((fam for fam in ("H200", "H100") if fam in upper), None)
+
+
+def gpu_slug(device_name: str) -> str:
+    """A file name for one exact GPU model ("NVIDIA H100 80GB HBM3" → "nvidia-h100-80gb-hbm3")."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+
+
+def load_tiles(path: Path) -> dict[tuple[int, int, int, bool], Config]:
+    """A cached sweep: [[N, K, M bucket, gate_up, [BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split]], ...]."""
+    return {
+        (int(n), int(k), int(bm), bool(gu)): norm_cfg(cfg)
+        for n, k, bm, gu, cfg in json.loads(path.read_text())
+    }
+
+
+def save_tiles(path: Path, table: Mapping[tuple[int, int, int, bool], Config]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [[n, k, bm, gu, list(norm_cfg(cfg))] for (n, k, bm, gu), cfg in sorted(table.items())]
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def tile_table_for(device: torch.device | str, cache_dir: Path | None = None) -> TileTable:
+    """The decode GEMMs' tile table for `device`: its GPU family's shipped table overlaid with the sweep
+    cached for its exact model under `cache_dir`; TUNED where there is no CUDA device to ask."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return TUNED
+    name = torch.cuda.get_device_name(device)
+    table = dict(SHIPPED.get(gpu_family(name) or "", {}))
+    cached = cache_dir / f"{gpu_slug(name)}.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        table.update(load_tiles(cached))
+    return MappingProxyType(table)
 
 
 def m_bucket(m: int) -> int:

@@ -38,7 +38,7 @@ from fusionserve.kernels.rmsnorm import (
 from fusionserve.kernels.rope_kv import rope_kv_write
 from fusionserve.kernels.row_epilogue import row_epilogue
 from fusionserve.kernels.silu_mul import silu_mul
-from fusionserve.kernels.tile_configs import TUNED, TileTable
+from fusionserve.kernels.tile_configs import TileTable, tile_table_for
 
 
 def _f32(rotary: Rotary) -> Rotary:
@@ -64,7 +64,8 @@ class TritonBackend(LayerNormOps, Fp8Ops):
     Triton support it). Set it before capturing graphs. Large-M steps never use it: their neighbours
     are cuBLAS GEMMs, which it cannot overlap (H100: 135M batch 64 at 4k context 2% slower with it).
     `decode_split`: how decode attention splits a context (kernels/decode_attention.py); `tiles`: the
-    decode GEMMs' tile table (kernels/tile_configs.py); `rope_in_gemm`: at decode sizes the qkv GEMM's
+    decode GEMMs' tile table (kernels/tile_configs.py; None: the one shipped for this GPU, select_backend
+    adds a sweep cached for it); `rope_in_gemm`: at decode sizes the qkv GEMM's
     epilogue rotates q/k and writes the KV cache itself (False: the rope_kv kernel after it, the
     A/B). Benchmarks set these, never module globals."""
 
@@ -77,12 +78,12 @@ class TritonBackend(LayerNormOps, Fp8Ops):
         pdl: PdlPolicy | bool | None = None,
         rows_stats_max_m: int = 512,
         decode_split: DecodeSplitPolicy = DecodeSplitPolicy(),
-        tiles: TileTable = TUNED,
+        tiles: TileTable | None = None,
         rope_in_gemm: bool = True,
     ):
         self.geometry = geometry
         self.decode_split = decode_split
-        self.tiles = tiles
+        self.tiles = tiles if tiles is not None else tile_table_for("cuda")  # the shipped one for this GPU
         self.small_m_max = small_m_max
         self.rows_stats_max_m = rows_stats_max_m
         self.rope_in_gemm = rope_in_gemm

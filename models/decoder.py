@@ -22,6 +22,7 @@ from fusionserve.kernels.backend import Backend, draw_tokens, select_backend
 from fusionserve.kernels.batch import Draw, Geometry, LayerKV, PagedBatch, Rotary
 from fusionserve.models.config import ModelConfig
 from fusionserve.models.loader import ModelWeights, load_weights
+from fusionserve.models.registry import fusionserve_home
 from fusionserve.models.tensor_parallel import TensorParallel
 
 # timer(layer, part) → context manager around that part; parts are "attn" and "mlp".
@@ -134,7 +135,8 @@ class Decoder:
         config, weights = load_weights(
             model_dir, dtype=dtype, device=device, progress=progress, quantization=quantization
         )
-        return cls(config, weights, select_backend(device, geometry(config), backend), max_model_len)
+        tiles = fusionserve_home() / "tiles"  # decode-GEMM tiles a sweep cached for this GPU
+        return cls(config, weights, select_backend(device, geometry(config), backend, tiles), max_model_len)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
         cfg = self.config

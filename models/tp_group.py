@@ -35,6 +35,7 @@ from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.models.config import load_config
 from fusionserve.models.decoder import Decoder, Hidden, geometry, resolve_device, resolve_dtype
 from fusionserve.models.loader import ModelWeights, load_weights
+from fusionserve.models.registry import fusionserve_home
 from fusionserve.models.tensor_parallel import TensorParallel, check_divisible, shard
 
 log = logging.getLogger("fusionserve.tp")
@@ -106,7 +107,7 @@ def build_rank(spec: GroupSpec, rank: int) -> Decoder:
     )
     tp = TensorParallel(rank, spec.world_size, cfg.vocab_size)
     local_cfg, local = shard(cfg, weights, rank, spec.world_size)
-    backend = select_backend(device, geometry(local_cfg), spec.backend)
+    backend = select_backend(device, geometry(local_cfg), spec.backend, fusionserve_home() / "tiles")
     return Decoder(local_cfg, _to_device(local, device), backend, spec.max_model_len, tp=tp)
 
 

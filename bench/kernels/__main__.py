@@ -37,6 +37,7 @@ from bench.kernels.norm_linear import bench_gemms, bench_sweep
 from bench.kernels.prefill_attention import bench_prefill_attention
 from fusionserve.kernels import tile_configs
 from fusionserve.kernels.triton_backend import TritonBackend
+from fusionserve.models.registry import fusionserve_home
 
 
 def _f(v, nd=1):
@@ -200,6 +201,12 @@ def main(argv=None):
         "--dry", action="store_true", help="CPU smoke test of this script (interpreter, tiny shapes)"
     )
     ap.add_argument("--sweep", action="store_true", help="sweep decode-GEMM tile configs first")
+    ap.add_argument(
+        "--save-tiles",
+        action="store_true",
+        help="with --sweep: cache the winners for this GPU model ($FUSIONSERVE_HOME/tiles/<gpu>.json), "
+        "which the server then uses over the shipped table (kernels/tile_configs.tile_table_for)",
+    )
     ap.add_argument("--only", default="gemm,chain,decode,prefill", help="sections to run")
     ap.add_argument("--m", default="1,8,32,64,256,4096", help="M values of the GEMM table")
     ap.add_argument("--sweep-m", default="1,32", help="M values of the sweep (one per M bucket)")
@@ -248,12 +255,18 @@ def main(argv=None):
         (out_dir / f"kernels_{slug}.md").write_text(markdown(res))
 
     sections = set(args.only.split(","))
-    tiles = tile_configs.TUNED
+    tile_cache = fusionserve_home() / "tiles"
+    tiles = tile_configs.tile_table_for(device, tile_cache)  # what the server would use on this GPU
     if args.sweep:
         sweep_timer = Timer(device, max(5, args.replays // 3), min_calls=8)
         sweep_m = [int(v) for v in args.sweep_m.split(",")] if device.type == "cuda" else [1]
         res["sweep"], best = bench_sweep(models, sweep_m, sweep_timer, device, dtype, log)
-        tiles = MappingProxyType({**tile_configs.TUNED, **best})  # the GEMM table below uses the winners
+        tiles = MappingProxyType({**tiles, **best})  # the GEMM table below uses the winners
+        if args.save_tiles and device.type == "cuda":
+            path = tile_cache / f"{tile_configs.gpu_slug(gpu)}.json"
+            old = tile_configs.load_tiles(path) if path.is_file() else {}
+            tile_configs.save_tiles(path, {**old, **best})
+            print(f"cached {len(best)} tile winners for {gpu} in {path}", flush=True)
         print("TUNED = {")
         for key, cfg in sorted(best.items()):
             print(f"    {key}: {cfg},")

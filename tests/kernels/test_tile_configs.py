@@ -12,6 +12,38 @@ EPS = 1e-5
 
 
 def test_config_tables_are_valid():
-    for (n, k, bm, _), cfg in tile_configs.TUNED.items():
-        assert cfg[0] == bm and cfg[1] in (16, 32, 64, 128) and cfg[2] >= 32 and len(cfg) == 6, (n, k, cfg)
+    for family, table in tile_configs.SHIPPED.items():
+        for (n, k, bm, _), cfg in table.items():
+            assert cfg[0] == bm and cfg[1] in (16, 32, 64, 128) and cfg[2] >= 32 and len(cfg) == 6, (
+                family,
+                n,
+                k,
+            )
     assert TOL[torch.float32] == 1e-4
+
+
+def test_tile_tables_per_gpu_model(tmp_path, monkeypatch):
+    """Each GPU family gets its shipped table, overlaid with a sweep cached for its exact model; an
+    unknown GPU gets the rule alone; no CUDA device (tests, CPU): TUNED."""
+    assert tile_configs.gpu_family("NVIDIA H200") == "H200"
+    assert tile_configs.gpu_family("NVIDIA H100 80GB HBM3") == "H100"
+    assert tile_configs.gpu_family("NVIDIA A100-SXM4-80GB") is None
+    assert tile_configs.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert tile_configs.tile_table_for("cpu", tmp_path) is tile_configs.TUNED
+    pythia_up = (16384, 4096, 16, False)
+    assert pythia_up in tile_configs.SHIPPED["H200"] and pythia_up not in tile_configs.SHIPPED["H100"]
+    swept = {(576, 576, 16, False): (16, 32, 128, 4, 3, 2), (7, 9, 32, True): (32, 16, 64, 2, 2)}
+    tile_configs.save_tiles(tmp_path / "nvidia-h200.json", swept)
+    assert tile_configs.load_tiles(tmp_path / "nvidia-h200.json") == {
+        key: tile_configs.norm_cfg(cfg) for key, cfg in swept.items()
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, family in (("NVIDIA H200", "H200"), ("NVIDIA H100 PCIe", "H100"), ("NVIDIA L40S", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, n=name: n)
+        table = tile_configs.tile_table_for("cuda", tmp_path)
+        shipped = dict(tile_configs.SHIPPED.get(family or "", {}))
+        if family == "H200":  # its cached sweep wins over the shipped entries
+            assert table == {**shipped, **{k: tile_configs.norm_cfg(c) for k, c in swept.items()}}
+        else:
+            assert table == shipped
+        assert tile_configs.tile_table_for("cuda", None) == shipped
