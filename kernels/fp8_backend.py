@@ -98,6 +98,16 @@ class Fp8Ops:
         return y, (y if want_stats else None)  # large M: the rows are the statistics (or unneeded)
 
     def fp8_attn_input(self, x, row_stats, w_qkv: Fp8Weight, b_qkv, rotary: Rotary, kv: LayerKV):
+        """At decode sizes RoPE and the KV write ride in the FP8 qkv GEMM's epilogue, as in bf16."""
+        rope = self._rope_write(rotary, kv) if self._small(x) else None
+        if rope is not None:
+            sumsq, amax = split_fp8_stats(row_stats, x)
+            n = w_qkv.shape[0]
+            q, _, _ = launch(
+                x, w_qkv, n, bias=b_qkv, row_stats=sumsq, eps=self.geometry.eps, pdl=self._pdl_policy,
+                config=self._fp8_config(x.shape[0], n, x.shape[1], x.device, False), x_amax=amax, rope=rope,
+            )  # fmt: skip
+            return q.view(-1, self.geometry.num_heads, self.geometry.head_dim)
         qkv, _ = self.fp8_linear(x, w_qkv, b_qkv, row_stats=row_stats)
         return rope_kv_write(qkv, rotary, kv, self.geometry, pdl=self._pdl(x))
 

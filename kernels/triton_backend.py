@@ -41,14 +41,6 @@ from fusionserve.kernels.silu_mul import silu_mul
 from fusionserve.kernels.tile_configs import TileTable, tile_table_for
 
 
-def _f32(rotary: Rotary) -> Rotary:
-    """The RoPE table as the GEMM epilogue reads it: fp32, unit column stride."""
-    cs = rotary.cos_sin
-    if cs.dtype == torch.float32 and cs.stride(1) == 1:
-        return rotary
-    return Rotary(rotary.positions, cs.float().contiguous())
-
-
 def mm_fp32_out(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
     """out = x Wᵀ in fp32 from cuBLAS's fp32 accumulator (bf16/fp16 inputs, no rounding of y). Off
     CUDA (the Triton interpreter's tests) the same product is computed in fp32 by torch."""
@@ -203,9 +195,8 @@ class TritonBackend(LayerNormOps, Fp8Ops):
         eps, g = self.geometry.eps, self.geometry
         if self._small(x):
             stats = self._partials(row_stats, x.shape[-1])
-            half = rotary.cos_sin.shape[-1] // 2
-            if self.rope_in_gemm and 2 * half == g.head_dim and half >= 16 and half & (half - 1) == 0:
-                rope = RopeWrite(_f32(rotary), kv, g.num_heads, g.num_kv_heads, half)
+            rope = self._rope_write(rotary, kv)
+            if rope is not None:
                 q, _, _ = launch(
                     x, w_qkv, w_qkv.shape[0], bias=b_qkv, row_stats=stats, eps=eps, config=self.tiles,
                     pdl=self._pdl_policy, rope=rope,
@@ -219,6 +210,17 @@ class TritonBackend(LayerNormOps, Fp8Ops):
         return rope_kv_write(
             qkv, rotary, kv, self.geometry, row_stats=scale_stats, k=x.shape[-1], bias=bias, pdl=self._pdl(x)
         )
+
+    def _rope_write(self, rotary: Rotary, kv: LayerKV) -> RopeWrite | None:
+        """The qkv GEMM's RoPE + KV-write epilogue where it applies: full-width rotary and a half head
+        that is a power of two ≥ 16 (its pair tiles); None: the separate rope_kv pass."""
+        g, half = self.geometry, rotary.cos_sin.shape[-1] // 2
+        if not self.rope_in_gemm or 2 * half != g.head_dim or half < 16 or half & (half - 1):
+            return None
+        cs = rotary.cos_sin
+        if cs.dtype != torch.float32 or cs.stride(1) != 1:
+            rotary = Rotary(rotary.positions, cs.float().contiguous())
+        return RopeWrite(rotary, kv, g.num_heads, g.num_kv_heads, half)
 
     def attention(self, q: torch.Tensor, kv: LayerKV, batch: PagedBatch) -> torch.Tensor:
         return paged_attention(

@@ -21,8 +21,10 @@ def make_tiny_checkpoint(
     tie: bool = False,
     rope_scaling: dict | None = None,
     num_layers: int = 2,
+    head_dim: int | None = None,
 ) -> Path:
-    """Save a small random model (fp32 safetensors) with transformers and return its folder."""
+    """Save a small random model (fp32 safetensors) with transformers and return its folder. `head_dim`
+    (default hidden / heads = 16): 32 or more reaches the qkv GEMM's RoPE epilogue (pair tiles ≥ 16)."""
     import transformers
 
     cls_cfg = {
@@ -49,6 +51,8 @@ def make_tiny_checkpoint(
         eos_token_id=2,
         **ARCH_KWARGS[arch],
     )
+    if head_dim is not None:
+        kwargs["head_dim"] = head_dim
     if rope_scaling is not None:
         kwargs["rope_scaling"] = rope_scaling
         kwargs["rope_theta"] = 500000.0

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fusionserve.kernels.backend import TorchBackend  # noqa: E402
+from fusionserve.kernels.batch import Rotary  # noqa: E402
 from fusionserve.kernels.fp8 import Fp8Weight  # noqa: E402
 from fusionserve.kernels.triton_backend import TritonBackend  # noqa: E402
 from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
@@ -20,6 +21,12 @@ from tests.tiny_models import prefill_then_decode_logits as run
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("fp8") / "m")
+
+
+@pytest.fixture(scope="module")
+def wide_heads(tmp_path_factory):
+    """Head size 32: RoPE and the KV write ride in the FP8 qkv GEMM's epilogue at decode sizes."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("fp8w") / "m", head_dim=32, num_layers=1)
 
 
 def test_fp8_weights_are_per_channel_e4m3(tiny):
@@ -42,6 +49,20 @@ def test_triton_fp8_model_matches_the_reference(tiny, fusion):
     # fused and off quantize the same values (h vs r·h: r cancels in x / s_x)
     other = run(triton, ids, not fusion)
     assert torch.equal(other.argmax(-1), want.argmax(-1))
+
+
+def test_fp8_rope_in_the_qkv_epilogue_matches_the_reference(wide_heads):
+    cfg, weights = load_weights(
+        wide_heads, dtype=torch.float32, device=DEVICE, progress=False, quantization="fp8"
+    )
+    ref_cfg, ref_weights = load_weights(wide_heads, dtype=torch.float32, progress=False, quantization="fp8")
+    assert cfg.head_dim == 32
+    ids = torch.randint(3, 256, (45,), generator=torch.Generator().manual_seed(4))
+    want = run(Decoder(ref_cfg, ref_weights, TorchBackend(geometry(ref_cfg))), ids, True)
+    for rope_in_gemm in (True, False):
+        be = TritonBackend(geometry(cfg), pdl=False, rope_in_gemm=rope_in_gemm)
+        assert (be._rope_write(Rotary(None, torch.zeros(1, 32)), None) is not None) == rope_in_gemm
+        assert rel_err(run(Decoder(cfg, weights, be), ids, True), want) <= 1e-2
 
 
 def test_gate_up_hands_max_act_to_the_down_projection(tiny):
