@@ -96,3 +96,18 @@ def quantize_rows(
         HAS_SCALE=stats is not None, FROM_ROWS=from_rows, BLOCK=_block(k), BLOCK_P=block_p, num_warps=4,
     )  # fmt: skip
     return xq, scale
+
+
+@triton.jit
+def amax_scale(amax_ptr, offs_m, m_mask, stride_a, PA, BLOCK_PA: tl.constexpr):
+    """Per-token activation scale s_x = max|x| / 448 (1 for an all-zero row) from the producer's
+    per-tile max|x| partials [M, PA]: needed before the K loop, which quantizes x with it."""
+    offs_p = tl.arange(0, BLOCK_PA)
+    pm = m_mask[:, None] & (offs_p[None, :] < PA)
+    amax = tl.max(tl.load(amax_ptr + offs_m[:, None] * stride_a + offs_p[None, :], mask=pm, other=0.0), 1)
+    for p0 in range(BLOCK_PA, PA, BLOCK_PA):
+        offs_q = p0 + tl.arange(0, BLOCK_PA)
+        qm = m_mask[:, None] & (offs_q[None, :] < PA)
+        a = tl.load(amax_ptr + offs_m[:, None] * stride_a + offs_q[None, :], mask=qm, other=0.0)
+        amax = tl.maximum(amax, tl.max(a, 1))
+    return tl.where(amax > 0, amax / 448.0, 1.0)

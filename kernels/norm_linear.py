@@ -28,6 +28,7 @@ import triton.language as tl
 
 from fusionserve.kernels.batch import Draw, LayerKV, Rotary
 from fusionserve.kernels.fp8 import Fp8Weight
+from fusionserve.kernels.fp8_rows import amax_scale
 from fusionserve.kernels.norm_stats import ln_finish, ln_prefetch, stats_finish, stats_prefetch
 from fusionserve.kernels.pdl import PdlPolicy, pdl_args, pdl_trigger, pdl_wait, prefetch_l2, prefetch_lines
 from fusionserve.kernels.rope_kv import rope_kv_tile
@@ -58,100 +59,31 @@ class RopeWrite:
         return self.rotary.cos_sin
 
 
-@triton.jit
-def amax_scale(amax_ptr, offs_m, m_mask, stride_a, PA, BLOCK_PA: tl.constexpr):
-    """Per-token activation scale s_x = max|x| / 448 (1 for an all-zero row) from the producer's
-    per-tile max|x| partials [M, PA]: needed before the K loop, which quantizes x with it."""
-    offs_p = tl.arange(0, BLOCK_PA)
-    pm = m_mask[:, None] & (offs_p[None, :] < PA)
-    amax = tl.max(tl.load(amax_ptr + offs_m[:, None] * stride_a + offs_p[None, :], mask=pm, other=0.0), 1)
-    for p0 in range(BLOCK_PA, PA, BLOCK_PA):
-        offs_q = p0 + tl.arange(0, BLOCK_PA)
-        qm = m_mask[:, None] & (offs_q[None, :] < PA)
-        a = tl.load(amax_ptr + offs_m[:, None] * stride_a + offs_q[None, :], mask=qm, other=0.0)
-        amax = tl.maximum(amax, tl.max(a, 1))
-    return tl.where(amax > 0, amax / 448.0, 1.0)
-
-
+# fmt: off
 @triton.jit
 def _linear_kernel(
-    x_ptr,
-    w_ptr,
-    y_ptr,
-    bias_ptr,
-    res_ptr,
-    stats_ptr,
-    sums_ptr,
-    colsum_ptr,
-    stats_out_ptr,
-    sums_out_ptr,
-    ws_ptr,
-    cnt_ptr,
-    wscale_ptr,
-    amax_ptr,
-    amax_out_ptr,
-    temp_ptr,
-    key_ptr,
-    pmax_ptr,
-    pidx_ptr,
-    scnt_ptr,
-    ids_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    slot_ptr,
-    pos_ptr,
-    cs_ptr,
-    M,
-    N,
-    K,
-    P,
-    PA,
-    stride_am,
-    k_per_split,
-    stride_xm,
-    stride_wn,
-    stride_ym,
-    stride_rm,
-    stride_s,
-    stride_u,
-    stride_so,
-    inv_k,
-    eps,
-    TILE_W,
-    pair_off,
-    HQ,
-    HK,
-    stride_cs,
-    stride_slot,
-    HAS_BIAS: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    LN: tl.constexpr,
-    WANT_STATS: tl.constexpr,
-    WANT_SUMS: tl.constexpr,
-    PAIR: tl.constexpr,
-    HEAD_D: tl.constexpr,
-    HALF: tl.constexpr,
-    GELU: tl.constexpr,
-    W_FP8: tl.constexpr,
-    WANT_AMAX: tl.constexpr,
-    SAMPLE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_PA: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    PDL: tl.constexpr,
-    EARLY: tl.constexpr,
-    LATE_TRIGGER: tl.constexpr,
-    PF_LINES: tl.constexpr,
-    LINE: tl.constexpr,
+    # operands: x, W, y; the epilogue's inputs and outputs (unused ones get a dummy)
+    x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr,
+    stats_ptr, sums_ptr, colsum_ptr, stats_out_ptr, sums_out_ptr,
+    # split-K workspace; FP8 scales and max|x| partials
+    ws_ptr, cnt_ptr, wscale_ptr, amax_ptr, amax_out_ptr,
+    # FlashSampling (kernels/sampling.py); RoPE + the paged KV write (kernels/rope_kv.py)
+    temp_ptr, key_ptr, pmax_ptr, pidx_ptr, scnt_ptr, ids_ptr,
+    k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, cs_ptr,
+    # sizes, strides and scalars
+    M, N, K, P, PA, stride_am, k_per_split, stride_xm,
+    stride_wn, stride_ym, stride_rm, stride_s, stride_u, stride_so, inv_k, eps,
+    TILE_W, pair_off, HQ, HK, stride_cs, stride_slot,
+    # what the epilogue fuses in, then tiles and launch (constexpr)
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, LN: tl.constexpr,
+    WANT_STATS: tl.constexpr, WANT_SUMS: tl.constexpr, PAIR: tl.constexpr, HEAD_D: tl.constexpr,
+    HALF: tl.constexpr, GELU: tl.constexpr, W_FP8: tl.constexpr, WANT_AMAX: tl.constexpr,
+    SAMPLE: tl.constexpr, BLOCK_T: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_PA: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    EARLY: tl.constexpr, LATE_TRIGGER: tl.constexpr, PF_LINES: tl.constexpr, LINE: tl.constexpr,
 ):
+    # fmt: on
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -351,12 +283,7 @@ def launch(
         cfg = (cfg[0], min(cfg[1], rope.half), *cfg[2:])
     n_tiles = triton.cdiv(n, cfg[1])
     sample = SampleBuffers(m, n_tiles, x.device, triton.cdiv(m, cfg[0])) if draw is not None else None
-    if sample is not None:
-        y = sample.ids
-    elif rope is not None:
-        y = torch.empty((m, rope.num_heads * 2 * rope.half), device=x.device, dtype=x.dtype)
-    else:
-        y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
+    y = _output(x, n, out, sample, rope)
     stats = sums = None
     if want_sums:  # LayerNorm statistics, packed [M, 2 · n_tiles]: Σy partials, then the shifted Σ²
         packed = torch.empty((m, 2 * n_tiles), device=x.device, dtype=torch.float32)
@@ -384,6 +311,15 @@ def launch(
     )  # fmt: skip
     _run(x, weight, y, n, cfg, ops, eps, PAIR_ROPE if rope else (PAIR_GATE_UP if gate_up else 0), gelu, pdl)
     return y, (packed if want_sums or want_amax else stats), sums
+
+
+def _output(x: torch.Tensor, n: int, out, sample: SampleBuffers | None, rope: RopeWrite | None) -> torch.Tensor:
+    """What y_ptr points at: the drawn ids, q (RoPE: K and V go to the cache), `out`, or a new [M, N]."""
+    if sample is not None:
+        return sample.ids
+    if rope is not None:
+        return torch.empty((x.shape[0], rope.num_heads * 2 * rope.half), device=x.device, dtype=x.dtype)
+    return out if out is not None else torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
 
 
 @dataclass(frozen=True)

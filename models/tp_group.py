@@ -29,8 +29,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fusionserve.kernels.backend import select_backend
-from fusionserve.kernels.batch import PagedBatch
+from fusionserve.kernels.backend import draw_tokens, select_backend
+from fusionserve.kernels.batch import Draw, PagedBatch
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.models.config import load_config
 from fusionserve.models.decoder import Decoder, Hidden, geometry, resolve_device, resolve_dtype
@@ -182,11 +182,14 @@ class LeaderDecoder:
         hidden = self.decoder.forward(ids, positions, batch, kv, fusion, timer)
         return _RowsHidden(hidden.h, hidden.stats)
 
-    def logits(self, hidden: Hidden, scaled: bool = True) -> torch.Tensor:
+    def logits(self, hidden: Hidden, scaled: bool = True, draw: Draw | None = None) -> torch.Tensor:
+        """The followers join the vocab-parallel gather; a `draw` (FlashSampling) is then taken from
+        the gathered logits on rank 0 alone (the same tokens: backend.draw_tokens)."""
         index = getattr(hidden, "index", None)
         payload = [index] if index is not None else []
         _send(self.decoder.device, _LOGITS, int(scaled), int(index is not None), payload=payload)
-        return self.decoder.logits(hidden, scaled)
+        logits = self.decoder.logits(hidden, scaled)
+        return logits if draw is None else draw_tokens(logits, draw)
 
     def shutdown(self) -> None:
         self._stopping = True
