@@ -401,6 +401,9 @@ def test_prepare_counts_the_leading_decodes(tiny):
     runner._warm_step(3, 40, 8, fused=True)  # the start-up warm-up steps (mixed and decode) run anywhere
     runner._warm_step(1, 1, 20, fused=False)
     runner._warm_step(4, 30, 0, fused=True)
+    before = [t.clone() for t in runner.kv.k + runner.kv.v]
+    runner.warm_prefill_paths(40)  # both paths' large prefills at start-up: they write nothing
+    assert all(torch.equal(a, b) for a, b in zip(before, runner.kv.k + runner.kv.v))
 
 
 def test_launch_ahead_feeds_device_ids_and_hashes_generated_blocks(tiny, monkeypatch):

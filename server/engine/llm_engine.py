@@ -109,6 +109,7 @@ class LLMEngine:
             self.runner.capture_decode_graphs([*sizes, config.max_num_seqs])
             if config.layer_timing_every:
                 self.runner.warm_eager_paths(config.max_num_seqs, self.max_model_len)
+            self.runner.warm_prefill_paths(config.max_num_batched_tokens)
         features = ["PDL"] if getattr(decoder.backend, "pdl", False) else []
         features += ["CUDA graphs"] if graphs else []
         features += ["FP8 e4m3 weights + per-token activations"] if decoder.config.quantization else []
