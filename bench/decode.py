@@ -201,16 +201,18 @@ def greedy_draw(batch: int, device: str | torch.device = "cuda") -> Draw:
     )
 
 
-def replay_step(graphs: DecodeGraphs, ids, pos, pb, fused: bool, tokens: bool = True) -> torch.Tensor:
+def replay_step(
+    graphs: DecodeGraphs, ids, pos, pb, fused: bool, tokens: bool = True, flash: bool = True
+) -> torch.Tensor:
     """One decode step as serving runs it: fused, the graph whose LM head draws the greedy tokens itself
-    (FlashSampling); off, the logits graph and then the sampler's pass over them (server/engine/
-    sampler.py: an argmax for greedy rows). `tokens=False`: forward + logits only (older results)."""
+    (FlashSampling); off (or `flash=False`), the logits graph and then the sampler's pass over them
+    (server/engine/sampler.py: an argmax for greedy rows). `tokens=False`: forward + logits only."""
     if not tokens:
         return graphs.run(ids, pos, pb, fused)
     draw = greedy_draw(ids.shape[0], ids.device)
-    if fused:
+    if fused and flash:
         return graphs.run(ids, pos, pb, True, draw)
-    return draw_tokens(graphs.run(ids, pos, pb, False), draw)
+    return draw_tokens(graphs.run(ids, pos, pb, fused), draw)
 
 
 def best_of_interleaved(
@@ -223,10 +225,12 @@ def best_of_interleaved(
     fused_modes=(True, False),
     rounds=2,
     tokens: bool = True,
+    no_flash: frozenset = frozenset(),
 ) -> dict[tuple, float]:
     """Side-by-side decode-step times (ms) of graph variants: `apply(variant)` sets each up before its
     own graphs are captured; then every (variant, fused) is timed in turn, `rounds` times, best kept.
-    A step ends in its greedy tokens (`replay_step`; `tokens=False`: in its logits)."""
+    A step ends in its greedy tokens (`replay_step`; `tokens=False`: in its logits); variants named in
+    `no_flash` sample fused steps from written logits."""
     pb, ids, pos = decode_batch(batch, ctx, 16)
     graphs = {}
     for name, variant in variants.items():
@@ -237,7 +241,8 @@ def best_of_interleaved(
     for _ in range(rounds):
         for name, g in graphs.items():
             for fused in fused_modes:
-                t = time_fn(lambda f=fused, g=g: replay_step(g, ids, pos, pb, f, tokens)) * 1e3
+                flash = name not in no_flash
+                t = time_fn(lambda f=fused, g=g, fl=flash: replay_step(g, ids, pos, pb, f, tokens, fl)) * 1e3
                 best[(name, fused)] = min(best.get((name, fused), 1e9), t)
     return best
 
@@ -250,11 +255,14 @@ def bench_ours(
     bw: float,
     pdl_modes=(True,),
     tokens: bool = True,
+    parts: tuple[str, ...] = (),
 ) -> Decoder:
     """Fused and off, each with every PDL mode asked for (own graphs), timed interleaved in one process.
 
     fused_ms / off_ms are the first PDL mode's (the product default: on where supported); the others are
-    reported as fused_pdl_<mode>_ms / off_pdl_<mode>_ms.
+    reported as fused_pdl_<mode>_ms / off_pdl_<mode>_ms. `parts` ("no-rope", "no-flash"): the fused path
+    without one of this stop's fusions (RoPE + KV write in the qkv GEMM; FlashSampling), as
+    fused_<part>_ms columns from the same interleaved rounds.
     """
     cfg = config_of(name)
     max_len = max(contexts) + 16
@@ -268,15 +276,21 @@ def bench_ours(
                 continue
             # Key suffix per PDL mode: none for the headline (first) mode.
             suffixes = {
-                ("" if i == 0 else f"_pdl_{'on' if p else 'off'}"): p for i, p in enumerate(pdl_modes)
+                ("" if i == 0 else f"_pdl_{'on' if p else 'off'}"): (p, True) for i, p in enumerate(pdl_modes)
             }
-            best = best_of_interleaved(
-                model, kv, b, ctx, suffixes, lambda p: setattr(model.backend, "pdl", p), tokens=tokens
+            suffixes.update(
+                {f"_{part.replace('-', '_')}": (pdl_modes[0], part != "no-rope") for part in parts}
             )
+
+            def apply(variant, be=model.backend):
+                be.pdl, be.rope_in_gemm = variant
+
+            no_flash = frozenset(s for s in suffixes if s == "_no_flash")
+            best = best_of_interleaved(model, kv, b, ctx, suffixes, apply, tokens=tokens, no_flash=no_flash)
             row = dict(model=name, batch=b, ctx=ctx)
             for (suffix, fused), ms in best.items():
                 row[("fused" if fused else "off") + suffix + "_ms"] = ms
-            model.backend.pdl = pdl_modes[0]
+            model.backend.pdl, model.backend.rope_in_gemm = pdl_modes[0], True
             roof = (weight_bytes(cfg) + kv_bytes(cfg, b, ctx)) / bw
             row["roofline_ms"] = roof * 1e3
             row["pdl"] = pdl_modes[0]
@@ -563,10 +577,19 @@ def main() -> None:
         help="what a timed step ends in (tokens: as served)",
     )
     ap.add_argument(
+        "--parts",
+        default="",
+        help="also time the fused path without a fusion: no-rope (RoPE/KV write as its own pass), no-flash "
+        "(sample from written logits), comma-separated",
+    )
+    ap.add_argument(
         "--pdl", default="default", help="PDL modes, the first is the headline: default | on | off | on,off"
     )
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
+    parts = tuple(p for p in args.parts.split(",") if p)
+    if any(p not in ("no-rope", "no-flash") for p in parts):
+        ap.error(f"--parts {args.parts}: expected no-rope and/or no-flash")
     contexts = [int(x) for x in args.contexts.split(",")]
     for name in args.models.split(","):
         limit = config_of(name).max_position_embeddings
@@ -582,7 +605,7 @@ def main() -> None:
     profiles: list[dict] = []
     for name in tqdm(args.models.split(","), desc="models"):
         pdl_modes = tuple(pdl_available("cuda") if m == "default" else m == "on" for m in args.pdl.split(","))
-        model = bench_ours(name, batches, contexts, results, bw, pdl_modes, args.step == "tokens")
+        model = bench_ours(name, batches, contexts, results, bw, pdl_modes, args.step == "tokens", parts)
         report(results, profiles, bw, args.out, args.tag)  # ours first: a cut-off run keeps them
         if args.profile:
             for pb_ in (int(b) for b in args.profile_batches.split(",")):

@@ -116,7 +116,10 @@ def main() -> None:
 
         for b in args.batches:
             kv = filled_kv_cache(one, b, args.ctx)
-            best = best_of_interleaved(one, kv, b, args.ctx, {"": None}, lambda _: None, (True,), 2)
+            # ends in logits, as the TP=N eager steps do (step_ms)
+            best = best_of_interleaved(
+                one, kv, b, args.ctx, {"": None}, lambda _: None, (True,), 2, tokens=False
+            )
             graphs1[b] = best[("", True)]
     del one
     with socket.socket() as s:
