@@ -68,7 +68,7 @@ def _linear_kernel(
     # split-K workspace; FP8 scales and max|x| partials
     ws_ptr, cnt_ptr, wscale_ptr, amax_ptr, amax_out_ptr,
     # FlashSampling (kernels/sampling.py); RoPE + the paged KV write (kernels/rope_kv.py)
-    temp_ptr, key_ptr, pmax_ptr, pidx_ptr, scnt_ptr, ids_ptr,
+    temp_ptr, key_ptr, argkey_ptr, scnt_ptr, ids_ptr,
     k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, cs_ptr,
     # sizes, strides and scalars
     M, N, K, P, PA, stride_am, k_per_split, stride_xm,
@@ -78,7 +78,7 @@ def _linear_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, LN: tl.constexpr,
     WANT_STATS: tl.constexpr, WANT_SUMS: tl.constexpr, PAIR: tl.constexpr, HEAD_D: tl.constexpr,
     HALF: tl.constexpr, GELU: tl.constexpr, W_FP8: tl.constexpr, WANT_AMAX: tl.constexpr,
-    SAMPLE: tl.constexpr, BLOCK_T: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    SAMPLE: tl.constexpr, SLOTS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_PA: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
     EARLY: tl.constexpr, LATE_TRIGGER: tl.constexpr, PF_LINES: tl.constexpr, LINE: tl.constexpr,
@@ -214,8 +214,8 @@ def _linear_kernel(
             key = tl.load(key_ptr + offs_m, mask=m_mask, other=0)
             scores = gumbel_scores(acc, temp, key, offs_n, SAMPLE == 2)
             argmax_tiles(
-                scores, offs_m, m_mask, offs_n, n_mask, pid_m, pid_n, tl.num_programs(0),
-                pmax_ptr, pidx_ptr, scnt_ptr, ids_ptr, BLOCK_M, BLOCK_N, BLOCK_T,
+                scores, offs_m, m_mask, n_mask, pid_m, pid_n, tl.num_programs(0),
+                argkey_ptr, scnt_ptr, ids_ptr, BLOCK_M, BLOCK_N, SLOTS,
             )  # fmt: skip
         else:
             y = cast(acc, y_ptr.dtype.element_ty)
@@ -350,11 +350,11 @@ class _Operands:
 
 
 def _draw_ptrs(ops: _Operands, dummy: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """temp, key, partial max, partial argmax, counters, ids: FlashSampling's operands (or dummies)."""
+    """temp, key, argmax-key slots, counters, ids: FlashSampling's operands (or dummies)."""
     d, s = ops.draw, ops.sample
     if d is None or s is None:
-        return (dummy,) * 6
-    return d.temps.float().contiguous(), d.keys.contiguous(), s.pmax, s.pidx, s.counters, s.ids
+        return (dummy,) * 5
+    return d.temps.float().contiguous(), d.keys.contiguous(), s.slots, s.counters, s.ids
 
 
 def _rope_args(ops: _Operands, dummy: torch.Tensor) -> tuple:
@@ -414,7 +414,7 @@ def _run(x, weight, y, n, cfg, ops: _Operands, eps, pair: int, gelu, pdl):
         W_FP8=ops.w_scale is not None,
         WANT_AMAX=ops.amax_out is not None,
         SAMPLE=SAMPLE_OFF if ops.draw is None else sample_mode(ops.draw.temps, ops.draw.random),
-        BLOCK_T=ops.sample.block_t if ops.sample is not None else 1,
+        SLOTS=ops.sample.slots_per_row if ops.sample is not None else 1,
         EVEN_K=k % bk == 0,
         UPCAST=INTERPRET,
         IEEE=x.dtype == torch.float32 and ops.w_scale is None,

@@ -4,9 +4,10 @@
 
 draws exactly from softmax(z / T) (the Gumbel-max trick) and needs no softmax denominator: the
 deferred-Softmax case of the seed paper. Argmax decomposes over column tiles, so a GEMM epilogue can
-take each tile's maximum and the last tile of a row block to finish (an arrival counter, as split-K
-does: kernels/split_k.py) reduces the partial maxima to the token — one launch, and the [M, V] fp32
-logits are neither written nor read back. T = 0 is greedy: the plain argmax, no noise.
+take each tile's maximum, fold it into a few per-row slots by a 64-bit atomic max of a packed
+(value, index) key, and the last tile of a row block to finish (an arrival counter, as split-K does:
+kernels/split_k.py) reduces the slots to the token — one launch, and the [M, V] fp32 logits are
+neither written nor read back. T = 0 is greedy: the plain argmax, no noise.
 
 Why a counter-based generator (Philox 4x32-10, the generator Triton's tl.rand uses, with a uniform of
 our own construction): the noise of (key, token) is a pure function, so the fused LM head
@@ -70,54 +71,51 @@ def gumbel_scores(logit, temp, key, offs_n, RANDOM: tl.constexpr):
 
 
 @triton.jit
+def argmax_key(value, index):
+    """A row's (value, index) as one int64 whose order is argmax's: the value's IEEE bits made
+    monotone in the high 32 bits, 2³¹ − 1 − index in the low 31 (a larger value wins, then the
+    smaller index, as torch.argmax). Never negative, so 0 is below every key (the slots' identity)."""
+    bits = (value + 0.0).to(tl.uint32, bitcast=True)  # + 0.0: −0.0 ties with +0.0, as torch compares
+    ordered = tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
+    return (ordered.to(tl.int64) << 31) | (0x7FFFFFFF - index).to(tl.int64)
+
+
+@triton.jit
 def argmax_tiles(
     scores,
     offs_m,
     m_mask,
-    offs_n,
     n_mask,
     pid_m,
     pid_n,
     n_tiles,
-    pmax_ptr,
-    pidx_ptr,
+    slot_ptr,
     cnt_ptr,
     ids_ptr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
-    """Each program parks its tile's per-row (max, first argmax) in [M, n_tiles]; the last of a row
-    block to arrive reduces them in tile order (first maximum wins, as torch.argmax), writes the int64
-    token ids and re-arms its counter (CUDA-graph replays start from zero)."""
+    """Each program folds its tile's per-row (max, first argmax) into one of SLOTS per row with an
+    atomic max of argmax_key (tiles spread over the slots, so no address takes more than
+    n_tiles / SLOTS atomics); the last program of a row block to arrive takes the max of its rows'
+    SLOTS keys, writes the int64 token ids and re-zeroes the slots and its counter (CUDA-graph
+    replays start from zero). The reduction is a fixed-size read, however many tiles there are."""
     s = tl.where(n_mask[None, :], scores, float("-inf"))
     best = tl.max(s, 1)
     at = tl.argmax(s, 1, tie_break_left=True)
-    part = offs_m * n_tiles + pid_n
-    tl.store(pmax_ptr + part, best, mask=m_mask)
-    tl.store(pidx_ptr + part, (pid_n * BLOCK_N + at).to(tl.int32), mask=m_mask)
+    tl.atomic_max(
+        slot_ptr + offs_m * SLOTS + pid_n % SLOTS, argmax_key(best, pid_n * BLOCK_N + at), mask=m_mask
+    )
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + pid_m, 1, sem="acq_rel")
     if arrived == n_tiles - 1:
         tl.debug_barrier()
-        top = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        pos = tl.zeros([BLOCK_M], dtype=tl.int32)
-        for t0 in range(0, n_tiles, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            tm = m_mask[:, None] & (offs_t[None, :] < n_tiles)
-            v = tl.load(
-                pmax_ptr + offs_m[:, None] * n_tiles + offs_t[None, :],
-                mask=tm,
-                other=float("-inf"),
-                cache_modifier=".cg",
-            )
-            chunk_best = tl.max(v, 1)
-            chunk_at = t0 + tl.argmax(v, 1, tie_break_left=True)
-            better = chunk_best > top  # strictly: an earlier tile keeps a tie
-            top = tl.where(better, chunk_best, top)
-            pos = tl.where(better, chunk_at, pos)
-        ids = tl.load(pidx_ptr + offs_m * n_tiles + pos, mask=m_mask, other=0, cache_modifier=".cg")
-        tl.store(ids_ptr + offs_m, ids.to(tl.int64), mask=m_mask)
+        slots = slot_ptr + offs_m[:, None] * SLOTS + tl.arange(0, SLOTS)[None, :]
+        keys = tl.load(slots, mask=m_mask[:, None], other=0, cache_modifier=".cg")
+        top = tl.max(keys, 1)
+        tl.store(ids_ptr + offs_m, 0x7FFFFFFF - (top & 0x7FFFFFFF), mask=m_mask)
+        tl.store(slots, tl.zeros([BLOCK_M, SLOTS], dtype=tl.int64), mask=m_mask[:, None])
         tl.store(cnt_ptr + pid_m, 0)
 
 
@@ -126,8 +124,7 @@ def _gumbel_argmax_kernel(
     logits_ptr,
     temp_ptr,
     key_ptr,
-    pmax_ptr,
-    pidx_ptr,
+    slot_ptr,
     cnt_ptr,
     ids_ptr,
     M,
@@ -136,7 +133,7 @@ def _gumbel_argmax_kernel(
     RANDOM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -150,21 +147,20 @@ def _gumbel_argmax_kernel(
     key = tl.load(key_ptr + offs_m, mask=m_mask, other=0)
     scores = gumbel_scores(z.to(tl.float32), temp, key, offs_n, RANDOM)
     argmax_tiles(
-        scores, offs_m, m_mask, offs_n, n_mask, pid_m, pid_n, tl.num_programs(0),
-        pmax_ptr, pidx_ptr, cnt_ptr, ids_ptr, BLOCK_M, BLOCK_N, BLOCK_T,
+        scores, offs_m, m_mask, n_mask, pid_m, pid_n, tl.num_programs(0), slot_ptr, cnt_ptr, ids_ptr,
+        BLOCK_M, BLOCK_N, SLOTS,
     )  # fmt: skip
 
 
 class SampleBuffers:
-    """The partial (max, argmax) buffers and ids of one sampling launch: [M, n_tiles] each."""
+    """One sampling launch's outputs (the [M] ids) and its persistent zeroed scratch: SLOTS argmax
+    keys per row and one arrival counter per row block, both left at zero by the kernel."""
 
     def __init__(self, m: int, n_tiles: int, device: torch.device, m_tiles: int):
-        self.n_tiles = n_tiles
-        self.pmax = torch.empty((m, n_tiles), device=device, dtype=torch.float32)
-        self.pidx = torch.empty((m, n_tiles), device=device, dtype=torch.int32)
+        self.slots_per_row = min(64, next_pow2(n_tiles))
         self.ids = torch.empty(m, device=device, dtype=torch.int64)
+        self.slots = arrival_counters(device, m * 64, "sample_slots", dtype=torch.int64)
         self.counters = arrival_counters(device, m_tiles, "sample")
-        self.block_t = min(256, next_pow2(n_tiles))
 
 
 def sample_mode(temps: torch.Tensor, random: bool | None = None) -> int:
@@ -188,9 +184,9 @@ def gumbel_argmax_triton(
     grid = (triton.cdiv(v, block_n), triton.cdiv(m, block_m))
     buf = SampleBuffers(m, grid[0], logits.device, grid[1])
     _gumbel_argmax_kernel[grid](
-        logits, temps.float().contiguous(), keys.contiguous(), buf.pmax, buf.pidx, buf.counters, buf.ids,
+        logits, temps.float().contiguous(), keys.contiguous(), buf.slots, buf.counters, buf.ids,
         m, v, logits.stride(0),
         RANDOM=sample_mode(temps, random) == SAMPLE_GUMBEL,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=buf.block_t, num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, SLOTS=buf.slots_per_row, num_warps=4,
     )  # fmt: skip
     return buf.ids

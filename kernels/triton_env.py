@@ -32,8 +32,11 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def arrival_counters(device: torch.device, n: int, purpose: str, minimum: int = 4096) -> torch.Tensor:
-    """Zeroed int32 arrival counters for "last program to finish does the merge" kernels.
+def arrival_counters(
+    device: torch.device, n: int, purpose: str, minimum: int = 4096, dtype: torch.dtype = torch.int32
+) -> torch.Tensor:
+    """Zeroed int32 arrival counters for "last program to finish does the merge" kernels (or, with
+    `dtype`, any zeroed scratch such a kernel leaves at zero: FlashSampling's int64 argmax slots).
 
     Every such kernel leaves the counters it used at zero, so one persistent
     buffer per (purpose, device) serves all calls and CUDA-graph replays. A
@@ -48,7 +51,7 @@ def arrival_counters(device: torch.device, n: int, purpose: str, minimum: int = 
         if buf is not None:
             _RETIRED.append(buf)
         size = max(n, minimum, 2 * buf.numel() if buf is not None else 0)
-        buf = _COUNTERS[key] = torch.zeros(size, dtype=torch.int32, device=device)
+        buf = _COUNTERS[key] = torch.zeros(size, dtype=dtype, device=device)
         if capturing:
             _UNZEROED.add(key)
         else:
