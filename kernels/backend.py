@@ -97,7 +97,7 @@ class TorchBackend:
 
     def lm_head(self, x, weight, row_stats=None, draw=None):
         logits = reference.lm_head(x, weight, row_stats, self.geometry.eps)
-        return logits if draw is None else draw_tokens(logits, draw)
+        return logits if draw is None else draw_tokens(keep_flagged(logits, draw), draw)
 
     def attn_input(self, x, row_stats, w_qkv, b_qkv, rotary, kv):
         return reference.attn_input(x, row_stats, w_qkv, b_qkv, rotary, kv, self.geometry)
@@ -131,10 +131,18 @@ class TorchBackend:
         logits = reference.ln_linear(
             x, weight, col_sums, bias, None, row_stats, self.geometry.eps, False, torch.float32
         )[0]
-        return logits if draw is None else draw_tokens(logits, draw)
+        return logits if draw is None else draw_tokens(keep_flagged(logits, draw), draw)
 
     def mlp_input(self, x, row_stats, w_gate_up):
         return reference.gate_up_silu(x, w_gate_up, row_stats, self.geometry.eps), None
+
+
+def keep_flagged(logits: torch.Tensor, draw: Draw) -> torch.Tensor:
+    """A mixed step's logits where its Draw wants them (every row written: a superset of the flagged
+    ones), for LM heads that compute all the logits anyway."""
+    if draw.logits is not None and draw.logits.data_ptr() != logits.data_ptr():
+        draw.logits.copy_(logits)
+    return logits
 
 
 def draw_tokens(logits: torch.Tensor, draw: Draw) -> torch.Tensor:

@@ -161,11 +161,14 @@ class LayerKV:
 class Draw:
     """Rows whose next token the LM head draws itself (FlashSampling, kernels/sampling.py).
 
-    temps:  [M] fp32 temperature per row; 0 = greedy (argmax, no noise).
+    temps:  [M] fp32 temperature per row; 0 = greedy (argmax, no noise); < 0: a row the sampler
+            takes from its logits (a mixed step), its drawn token meaningless.
     keys:   [M] int64 Philox key per row (the host derives it: server/engine/sampler.py).
     random: whether any row has T > 0, known on the host (greedy-only steps skip the noise).
+    logits: [M, V] fp32, where the rows with T < 0 get their logits written (None: no such rows).
     """
 
     temps: torch.Tensor
     keys: torch.Tensor
     random: bool
+    logits: torch.Tensor | None = None

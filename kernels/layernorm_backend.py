@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusionserve.kernels.backend import draw_tokens
+from fusionserve.kernels.backend import draw_tokens, keep_flagged
 from fusionserve.kernels.batch import LayerKV, Rotary
 from fusionserve.kernels.layernorm_epilogue import ln_row_epilogue, ln_row_stats
 from fusionserve.kernels.layernorm_linear import GELU_CODES, linear_layernorm
@@ -70,7 +70,7 @@ class LayerNormOps:
             )  # fmt: skip
             return y
         logits = self._ln_large(x, weight, col_sums, bias, None, row_stats, False, out_dtype=torch.float32)[0]
-        return logits if draw is None else draw_tokens(logits, draw)
+        return logits if draw is None else draw_tokens(keep_flagged(logits, draw), draw)
 
     def _ln_large(
         self, x, weight, col_sums, bias, residual, row_stats, want_stats, gelu=None, out_dtype=None

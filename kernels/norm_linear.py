@@ -78,7 +78,7 @@ def _linear_kernel(
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, LN: tl.constexpr,
     WANT_STATS: tl.constexpr, WANT_SUMS: tl.constexpr, PAIR: tl.constexpr, HEAD_D: tl.constexpr,
     HALF: tl.constexpr, GELU: tl.constexpr, W_FP8: tl.constexpr, WANT_AMAX: tl.constexpr,
-    SAMPLE: tl.constexpr, SLOTS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    SAMPLE: tl.constexpr, SLOTS: tl.constexpr, KEEP_FLAGGED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_PA: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
     EARLY: tl.constexpr, LATE_TRIGGER: tl.constexpr, PF_LINES: tl.constexpr, LINE: tl.constexpr,
@@ -212,6 +212,8 @@ def _linear_kernel(
         elif SAMPLE != 0:  # FlashSampling: the token, not the logits (kernels/sampling.py)
             temp = tl.load(temp_ptr + offs_m, mask=m_mask, other=0.0)
             key = tl.load(key_ptr + offs_m, mask=m_mask, other=0)
+            if KEEP_FLAGGED:  # rows with T < 0 (the sampler's, in a mixed step) also get their logits
+                tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask=mask & (temp < 0)[:, None])
             scores = gumbel_scores(acc, temp, key, offs_n, SAMPLE == 2)
             argmax_tiles(
                 scores, offs_m, m_mask, n_mask, pid_m, pid_n, tl.num_programs(0),
@@ -284,6 +286,7 @@ def launch(
     n_tiles = triton.cdiv(n, cfg[1])
     sample = SampleBuffers(m, n_tiles, x.device, triton.cdiv(m, cfg[0])) if draw is not None else None
     y = _output(x, n, out, sample, rope)
+    y_arg = draw.logits if draw is not None and draw.logits is not None else y  # where y_ptr writes
     stats = sums = None
     if want_sums:  # LayerNorm statistics, packed [M, 2 · n_tiles]: Σy partials, then the shifted Σ²
         packed = torch.empty((m, 2 * n_tiles), device=x.device, dtype=torch.float32)
@@ -309,7 +312,7 @@ def launch(
         x_amax.float() if x_amax is not None else None, amax_out if want_amax else None,
         draw, sample, rope,
     )  # fmt: skip
-    _run(x, weight, y, n, cfg, ops, eps, PAIR_ROPE if rope else (PAIR_GATE_UP if gate_up else 0), gelu, pdl)
+    _run(x, weight, y_arg, n, cfg, ops, eps, PAIR_ROPE if rope else (PAIR_GATE_UP if gate_up else 0), gelu, pdl)
     return y, (packed if want_sums or want_amax else stats), sums
 
 
@@ -415,6 +418,7 @@ def _run(x, weight, y, n, cfg, ops: _Operands, eps, pair: int, gelu, pdl):
         WANT_AMAX=ops.amax_out is not None,
         SAMPLE=SAMPLE_OFF if ops.draw is None else sample_mode(ops.draw.temps, ops.draw.random),
         SLOTS=ops.sample.slots_per_row if ops.sample is not None else 1,
+        KEEP_FLAGGED=ops.draw is not None and ops.draw.logits is not None,
         EVEN_K=k % bk == 0,
         UPCAST=INTERPRET,
         IEEE=x.dtype == torch.float32 and ops.w_scale is None,

@@ -175,7 +175,12 @@ class TritonBackend(LayerNormOps, Fp8Ops):
                 x, weight, None, None, stats, eps, False, self.tiles, self._pdl_policy, out=out, draw=draw
             )
             return y
-        out = torch.empty((m, weight.shape[0]), device=x.device, dtype=torch.float32)
+        out = draw.logits if draw is not None and draw.logits is not None else None
+        out = (
+            out
+            if out is not None
+            else torch.empty((m, weight.shape[0]), device=x.device, dtype=torch.float32)
+        )
         mm_fp32_out(x, weight, out)
         if row_stats is not None:
             row_epilogue(out, k, row_stats, eps=eps, out=out)

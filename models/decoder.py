@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fusionserve.kernels.backend import Backend, draw_tokens, select_backend
+from fusionserve.kernels.backend import Backend, draw_tokens, keep_flagged, select_backend
 from fusionserve.kernels.batch import Draw, Geometry, LayerKV, PagedBatch, Rotary
 from fusionserve.models.config import ModelConfig
 from fusionserve.models.loader import ModelWeights, load_weights
@@ -228,7 +228,7 @@ class Decoder:
         """
         be = self.backend
         if self.tp is not None and draw is not None:
-            return draw_tokens(self.logits(hidden, scaled), draw)
+            return draw_tokens(keep_flagged(self.logits(hidden, scaled), draw), draw)
         if self.config.layer_norm:  # the folded bias makes the scale matter even for argmax
             w = self.weights
             x = hidden.h if hidden.stats is not None else be.layernorm(hidden.h)

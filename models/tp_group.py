@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fusionserve.kernels.backend import draw_tokens, select_backend
+from fusionserve.kernels.backend import draw_tokens, keep_flagged, select_backend
 from fusionserve.kernels.batch import Draw, PagedBatch
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.models.config import load_config
@@ -189,7 +189,7 @@ class LeaderDecoder:
         payload = [index] if index is not None else []
         _send(self.decoder.device, _LOGITS, int(scaled), int(index is not None), payload=payload)
         logits = self.decoder.logits(hidden, scaled)
-        return logits if draw is None else draw_tokens(logits, draw)
+        return logits if draw is None else draw_tokens(keep_flagged(logits, draw), draw)
 
     def shutdown(self) -> None:
         self._stopping = True

@@ -85,9 +85,10 @@ def test_fusion_switch_mid_generation_keeps_greedy_text(default):
 
 
 def test_flash_sampling_draws_what_the_sampler_draws(default):
-    """Fused steps of plain rows draw their tokens in the LM head (FlashSampling); the same seeded and
+    """Fused steps' plain rows draw their tokens in the LM head (FlashSampling); the same seeded and
     greedy requests give the same tokens drawn from written logits (flash off), with fusion off, and
-    with launch-ahead off; a batch mixing a top-p row keeps the logits path for the whole step."""
+    with launch-ahead off. A step that also holds a top-p row and a logprobs row still draws the
+    plain rows in the LM head, which writes the logits of those two for the sampler in the same pass."""
     ps = encode(default, TEXTS[:3])
     params = [
         SamplingParams(max_tokens=10, temperature=0.9, seed=5, ignore_eos=True),
@@ -106,10 +107,21 @@ def test_flash_sampling_draws_what_the_sampler_draws(default):
     first = runs[()]
     assert all(r == first for r in runs.values()), runs
     assert len(set(first[0])) > 3  # sampled, not stuck
-    # A top-p row in the batch: no step is drawn in the LM head, and the seeded rows keep their text.
-    eng = engine(default)
-    mixed = eng.generate(ps + ps[:1], params + [SamplingParams(max_tokens=10, top_p=0.8, ignore_eos=True)])
-    assert [o[0].token_ids for o in mixed[:3]] == first
+    others = [
+        SamplingParams(max_tokens=10, top_p=0.8, seed=2, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0, logprobs=2, ignore_eos=True),
+    ]
+    mixed = {}
+    for flash in (True, False):
+        eng = engine(default, flash_sampling=flash)
+        plan = eng.sampler.lm_head_draw
+        drawn_steps = []
+        eng.sampler.lm_head_draw = lambda *a, plan=plan, seen=drawn_steps: seen.append(plan(*a)) or seen[-1]
+        outs = eng.generate(ps + ps[:2], params + others)
+        mixed[flash] = [(o[0].token_ids, [lp.logprob for lp in o[0].logprobs or []]) for o in outs]
+        assert [o[0].token_ids for o in outs[:3]] == first
+        assert sum(d is not None and d.rest != [] for d in drawn_steps) >= (9 if flash else 0)
+    assert mixed[True] == mixed[False]  # the sampler's rows too: same tokens, same logprobs
 
 
 def test_stop_strings_across_token_boundaries(default):

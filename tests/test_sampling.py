@@ -120,8 +120,9 @@ def test_seeded_row_ignores_batch_composition():
 
 
 def test_lm_head_draw_takes_only_plain_rows():
-    """FlashSampling draws a step in the LM head only when every sampled row is greedy or plain
-    temperature sampling; its Draw carries T (0 for greedy) and the same keys `launch` would use."""
+    """FlashSampling: the LM head draws the plain rows (greedy or temperature only) with T (0 greedy)
+    and the keys `launch` would use; every other logit row is flagged T = -1 and gets its logits
+    written for the sampler in the same pass (`rest`); no plain row, no draw."""
     from types import SimpleNamespace
 
     def choice(params, seed=None, matcher=None, forks=0):
@@ -132,9 +133,10 @@ def test_lm_head_draw_takes_only_plain_rows():
 
     s = Sampler(seed=0)
     plain = [choice(SamplingParams(temperature=0)), choice(SamplingParams(temperature=0.8, seed=3), seed=11)]
-    drawn = s.lm_head_draw(plain + [choice(SamplingParams(top_p=0.5))], [0, None, None])
-    assert drawn is not None and drawn.rows == plain[:1] and not drawn.draw.random  # unsampled rows skipped
-    drawn = s.lm_head_draw(plain, [0, 1])
+    drawn = s.lm_head_draw(plain + [choice(SamplingParams(top_p=0.5))], [0, None, None], 1, 50)
+    assert drawn.rows == plain[:1] and drawn.rest == [] and not drawn.draw.random  # unsampled rows skipped
+    assert drawn.draw.logits is None  # every logit row drawn: no logits written
+    drawn = s.lm_head_draw(plain, [0, 1], 2, 50)
     assert drawn.draw.temps.tolist() == [0.0, pytest.approx(0.8)] and drawn.draw.random
     assert drawn.draw.keys.tolist() == [0, s.key(plain[1].request.params, 11, 7)]
     for odd in (
@@ -146,8 +148,13 @@ def test_lm_head_draw_takes_only_plain_rows():
         choice(SamplingParams(temperature=0), matcher=object()),
         choice(SamplingParams(temperature=0.5), forks=2),
     ):
-        assert s.lm_head_draw([plain[0], odd], [0, 1]) is None
-    assert s.lm_head_draw(plain, [None, None]) is None
+        mixed = s.lm_head_draw([odd, plain[0]], [1, 3], 4, 50)  # rows 0 and 2: prompt-logprob positions
+        assert (
+            mixed.rows == [plain[0]] and mixed.at == [3] and mixed.rest == [odd] and mixed.rest_index == [1]
+        )
+        assert mixed.draw.temps.tolist() == [-1.0, -1.0, -1.0, 0.0] and mixed.draw.logits.shape == (4, 50)
+        assert s.lm_head_draw([odd], [0], 1, 50) is None
+    assert s.lm_head_draw(plain, [None, None], 0, 50) is None
 
 
 def test_logit_bias_and_penalties():

@@ -35,6 +35,8 @@ class DecodeGraphs:
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.temps = torch.zeros(n, dtype=torch.float32, device=dev)  # a Draw's, padded rows greedy
         self.keys = torch.zeros(n, dtype=torch.int64, device=dev)
+        # a mixed step's rows with T < 0 get their logits here (masked stores: none in a plain step)
+        self.flagged = torch.empty((n, decoder.config.vocab_size), dtype=torch.float32, device=dev)
         self.graphs: dict[tuple[int, bool, bool | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _batch(self, bs: int) -> PagedBatch:
@@ -51,7 +53,7 @@ class DecodeGraphs:
     def _step(self, bs: int, fused: bool, noise: bool | None) -> torch.Tensor:
         d = self.decoder
         hidden = d.forward(self.ids[:bs], self.positions[:bs], self._batch(bs), self.kv, fusion=fused)
-        draw = Draw(self.temps[:bs], self.keys[:bs], noise) if noise is not None else None
+        draw = Draw(self.temps[:bs], self.keys[:bs], noise, self.flagged[:bs]) if noise is not None else None
         return d.logits(hidden, draw=draw)
 
     @torch.inference_mode()
@@ -108,4 +110,6 @@ class DecodeGraphs:
             noise = draw.random
         graph, out = self.graphs[(bs, fused, noise)]
         graph.replay()
+        if noise is not None and draw.logits is not None:  # a mixed step: the sampler's rows' logits
+            draw.logits[:n].copy_(self.flagged[:n], non_blocking=True)
         return out[:n]

@@ -80,7 +80,7 @@ class LLMEngine:
         )
         self.limits = EngineLimits(decoder.config.vocab_size, self.max_model_len, self.tokenizer is not None)
         self.runner = ModelRunner(decoder, num_blocks, bs)
-        self.kernel_path = self._prepare_kernels(config, decoder)
+        self.kernel_path = self.runner.prepare_kernels(config, self.max_model_len)
         self.blocks = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy),
@@ -100,20 +100,6 @@ class LLMEngine:
         self._stats = StepStats()
         self._grammars: GrammarMatchers | None = None  # built on the first constrained request
         self._parked = ParkedRequests()  # waiting for their grammar to compile
-
-    def _prepare_kernels(self, config: EngineConfig, decoder: Decoder) -> str:
-        """Capture CUDA graphs and warm the eager variants; what the ready line says runs the steps."""
-        graphs = config.cuda_graphs and decoder.device.type == "cuda" and config.tensor_parallel_size == 1
-        if graphs:
-            sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < config.max_num_seqs]
-            self.runner.capture_decode_graphs([*sizes, config.max_num_seqs])
-            if config.layer_timing_every:
-                self.runner.warm_eager_paths(config.max_num_seqs, self.max_model_len)
-            self.runner.warm_prefill_paths(config.max_num_batched_tokens)
-        features = ["PDL"] if getattr(decoder.backend, "pdl", False) else []
-        features += ["CUDA graphs"] if graphs else []
-        features += ["FP8 e4m3 weights + per-token activations"] if decoder.config.quantization else []
-        return ", ".join([f"{decoder.backend.name} on {decoder.device.type}", *features])
 
     # -- requests --------------------------------------------------------------------
 
@@ -297,17 +283,21 @@ class LLMEngine:
             pending_ids = ahead_of.handle.chosen
         tokens, prompts = [ch.seq.tokens for ch in planned], [ch.seq.num_prompt for ch in planned]
         inputs = self.runner.prepare(plan, tokens, prompts, want_prompt, pending_ids, pending_rows)
-        flash = fused and self.config.flash_sampling and not any(want_prompt)  # FlashSampling
-        drawn = self.sampler.lm_head_draw(planned, inputs.sample_index) if flash else None
+        drawn = None
+        if fused and self.config.flash_sampling:  # FlashSampling: plain rows drawn in the LM head
+            n, vocab = inputs.logit_rows.numel(), self.decoder.config.vocab_size
+            drawn = self.sampler.lm_head_draw(planned, inputs.sample_index, n, vocab)
         logits = self.runner.execute(inputs, fused, timer, scaled, drawn.draw if drawn else None)
         self.scheduler.advance(plan)
-        deferred = None
-        if drawn is not None:  # FlashSampling: the LM head drew the tokens (`logits` holds the ids)
-            rows, handle = drawn.rows, SampleHandle(logits, len(drawn.rows))
-        elif ahead_of is not None and any(ch.request.params.needs_host_ids for ch in planned):
-            rows, handle, deferred = [], None, (planned, inputs.sample_index, logits, any(want_prompt))
-        else:
-            rows, handle = self._sample(planned, inputs.sample_index, logits, any(want_prompt))
+        rows, handle, deferred, rest, rest_index = [], None, None, planned, inputs.sample_index
+        if drawn is not None:  # `logits` holds the drawn ids; the other rows' logits are the draw's
+            rows, handle, logits = drawn.rows, drawn.handle(logits), drawn.draw.logits
+            rest, rest_index = drawn.rest, drawn.rest_index
+        if ahead_of is not None and any(ch.request.params.needs_host_ids for ch in rest):
+            deferred = (rest, rest_index, logits, any(want_prompt))
+        elif rest and any(i is not None for i in rest_index):
+            more, handle_more = self._sample(rest, rest_index, logits, any(want_prompt))
+            rows, handle = rows + more, SampleHandle.join(handle, handle_more)
         for ch, span, start in zip(planned, inputs.prompt_index, plan.num_computed):
             if span is not None:  # prompt logprobs (echo) wait for the device here: rare, prefill only
                 add_prompt_logprobs(ch, logits[span[0] : span[0] + span[1]], start)
@@ -317,8 +307,9 @@ class LLMEngine:
     def _sample_deferred(self) -> None:
         """Queue the sampling a launched-ahead step left for after the previous step's collect."""
         for inf in self._inflight:
-            if inf.deferred is not None:
-                inf.rows, inf.handle = self._sample(*inf.deferred)
+            if inf.deferred is not None:  # after any rows the LM head drew (FlashSampling)
+                more, handle = self._sample(*inf.deferred)
+                inf.rows, inf.handle = inf.rows + more, SampleHandle.join(inf.handle, handle)
                 inf.deferred = None
 
     def _sample(

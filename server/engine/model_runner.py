@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fusionserve.kernels.backend import draw_tokens
+from fusionserve.kernels.backend import draw_tokens, keep_flagged
 from fusionserve.kernels.batch import Draw, PagedBatch, leading_ones
 from fusionserve.models.decoder import Decoder, KVCache
 from fusionserve.models.layer_timer import LayerTimer
@@ -257,7 +257,8 @@ class ModelRunner:
                 )
                 if whole or draw is None:
                     return out[inputs.logit_rows]
-                return draw_tokens(out[inputs.logit_rows], draw)  # the same tokens, from written logits
+                # the same tokens, from written logits (a mixed step's other rows keep theirs)
+                return draw_tokens(keep_flagged(out[inputs.logit_rows], draw), draw)
         hidden = self.decoder.forward(inputs.ids, inputs.positions, inputs.batch, self.kv, fused, timer)
         if not inputs.logit_rows.numel():
             return None
@@ -277,6 +278,21 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     # -- CUDA graphs ---------------------------------------------------------------------
+
+    def prepare_kernels(self, config: EngineConfig, max_model_len: int) -> str:
+        """Capture CUDA graphs and warm the eager variants; what the ready line says runs the steps."""
+        decoder = self.decoder
+        graphs = config.cuda_graphs and decoder.device.type == "cuda" and config.tensor_parallel_size == 1
+        if graphs:
+            sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < config.max_num_seqs]
+            self.capture_decode_graphs([*sizes, config.max_num_seqs])
+            if config.layer_timing_every:
+                self.warm_eager_paths(config.max_num_seqs, max_model_len)
+            self.warm_prefill_paths(config.max_num_batched_tokens)
+        features = ["PDL"] if getattr(decoder.backend, "pdl", False) else []
+        features += ["CUDA graphs"] if graphs else []
+        features += ["FP8 e4m3 weights + per-token activations"] if decoder.config.quantization else []
+        return ", ".join([f"{decoder.backend.name} on {decoder.device.type}", *features])
 
     def capture_decode_graphs(self, batch_sizes: list[int]) -> None:
         """Capture decode steps (both fusion paths) for these padded batch sizes; CUDA only."""

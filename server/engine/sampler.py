@@ -46,10 +46,22 @@ def choice_noise_seed(seed: int | None, index: int) -> int | None:
 
 @dataclass(frozen=True)
 class RowDraw:
-    """A step whose sampled rows the LM head draws itself: the rows (choices) and their Draw."""
+    """A step's FlashSampling plan: the plain rows (choices) the LM head draws, at which logit rows,
+    and the Draw over all logit rows; the other sampled choices (`rest`, with their sample indices)
+    take the sampler's path from the logits `draw.logits` holds for them (None: there are none)."""
 
     rows: list[Any]
+    at: list[int]
     draw: Draw
+    rest: list[Any]
+    rest_index: list[int | None]
+
+    def handle(self, ids: torch.Tensor) -> SampleHandle:
+        """The drawn rows' ids out of the LM head's [logit rows] ids."""
+        if len(self.at) == ids.shape[0]:
+            return SampleHandle(ids, len(self.rows))
+        at = torch.tensor(self.at, dtype=torch.long).to(ids.device, non_blocking=True)
+        return SampleHandle(ids[at], len(self.rows))
 
 
 def _logprob_tensors(logits: torch.Tensor, chosen: torch.Tensor, kmax: int):
@@ -105,6 +117,18 @@ class SampleHandle:
             self._lp = tuple(t.to("cpu", non_blocking=True) if t is not None else None for t in self._lp)
             self._event.record()
 
+    @staticmethod
+    def join(first: SampleHandle | None, second: SampleHandle | None) -> SampleHandle | None:
+        """One handle for rows [first's..., second's...] (a mixed step: the LM head's drawn rows, then
+        the sampler's, which alone may carry logprobs)."""
+        if first is None or second is None:
+            return second if first is None else first
+        assert first._lp is None, "drawn rows carry no logprobs"
+        joined = SampleHandle(torch.cat([first.chosen, second.chosen]), first.n + second.n)
+        joined._lp, joined._ks = second._lp, second._ks
+        joined._lp_rows = [first.n + r for r in second._lp_rows]
+        return joined
+
     def token_ids(self) -> list[int]:
         if self._event is not None:
             self._event.synchronize()
@@ -153,16 +177,36 @@ class Sampler:
             return torch.tensor(values, dtype=dtype)
         return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
-    def lm_head_draw(self, planned: Sequence[Any], sample_index: Sequence[int | None]) -> RowDraw | None:
-        """FlashSampling for a step whose every sampled row is plain (greedy or temperature only, no
-        grammar, no fork to seed): the Draw the LM head takes instead of writing logits; else None
-        (the step keeps the logits path for all its rows)."""
-        rows = [ch for ch, at in zip(planned, sample_index) if at is not None]
-        if not rows or any(ch.matcher is not None or ch.seq.pending_forks for ch in rows):
+    def lm_head_draw(
+        self, planned: Sequence[Any], sample_index: Sequence[int | None], num_rows: int, vocab: int
+    ) -> RowDraw | None:
+        """FlashSampling for a step with `num_rows` logit rows: its plain sampled rows (greedy or
+        temperature only, no grammar, no fork to seed) are drawn by the LM head; every other logit row
+        (other sampled rows, prompt-logprob positions) is flagged T = -1 and gets its logits written in
+        the same pass for the sampler. None when no row is plain (the step keeps the logits path)."""
+        rows, at, rest, rest_index = [], [], [], []
+        for ch, i in zip(planned, sample_index):
+            if i is None:
+                continue
+            plain = ch.request.params.lm_head_draws and ch.matcher is None and not ch.seq.pending_forks
+            (rows if plain else rest).append(ch)
+            (at if plain else rest_index).append(i)
+        if not rows:
             return None
-        if not all(ch.request.params.lm_head_draws for ch in rows):
-            return None
-        return RowDraw(rows, self._draw([ch.request.params for ch in rows], self.keys(rows)))
+        temps, keys = [-1.0] * num_rows, [0] * num_rows
+        for ch, i, key in zip(rows, at, self.keys(rows)):
+            p = ch.request.params
+            temps[i], keys[i] = (0.0 if p.greedy else p.temperature), key
+        logits = None
+        if len(rows) < num_rows:
+            logits = torch.empty((num_rows, vocab), device=self.device, dtype=torch.float32)
+        draw = Draw(
+            self._to_device(temps, torch.float32),
+            self._to_device(keys, torch.int64),
+            any(t > 0 for t in temps),
+            logits,
+        )
+        return RowDraw(rows, at, draw, rest, rest_index)
 
     def launch(
         self,

@@ -88,7 +88,7 @@ def summarise(fn, consts: dict, **options) -> dict:
 
 LINEAR = dict(HAS_BIAS=False, HAS_RES=True, HAS_SCALE=True, LN=False, WANT_STATS=True, WANT_SUMS=False, GELU=0,
               EVEN_K=True, UPCAST=False, IEEE=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True,
-              PF_LINES=16, LINE=64, W_FP8=False, WANT_AMAX=False, BLOCK_PA=1, SAMPLE=0, SLOTS=1, HEAD_D=2, HALF=1)  # fmt: skip
+              PF_LINES=16, LINE=64, W_FP8=False, WANT_AMAX=False, BLOCK_PA=1, SAMPLE=0, SLOTS=1, KEEP_FLAGGED=False, HEAD_D=2, HALF=1)  # fmt: skip
 DECODE = dict(GROUP=3, D=64, BLOCK_G=16, BLOCK_D=64, BLOCK_N=128, PAGE=16, SPLIT=True, BLOCK_GG=4, MERGE_S=32,
               UPCAST=False, IEEE=False, PDL=True, PF_TOKENS=128, D_LINES=1, LINE=64)  # fmt: skip
 CASES = {
@@ -104,7 +104,7 @@ CASES = {
     # FlashSampling: the LM head draws the token (Philox Gumbel-max, cross-tile argmax by the last program)
     "lm head flash sampling": (norm_linear._linear_kernel, dict(LINEAR, PAIR=0, SPLIT_K=1, EARLY=False,
                                                                 LATE_TRIGGER=True, HAS_RES=False, WANT_STATS=False,
-                                                                SAMPLE=2, SLOTS=64, _types={"y_ptr": "*i64"})),
+                                                                SAMPLE=2, SLOTS=64, KEEP_FLAGGED=True, _types={"y_ptr": "*i64"})),
     # RoPE + the paged KV write in the qkv GEMM's epilogue (pair tiles HALF rows apart)
     "qkv rope + kv write": (norm_linear._linear_kernel, dict(LINEAR, PAIR=2, HEAD_D=64, HALF=32, SPLIT_K=1, EARLY=True,
                                                              LATE_TRIGGER=False, HAS_RES=False, WANT_STATS=False,

@@ -98,6 +98,13 @@ def test_lm_head_epilogue_draws_what_the_sampler_draws(m, config):
     assert torch.equal(greedy, logits.argmax(-1))
     again, _ = linear(x, w, row_stats=stats, config=config, draw=d)  # counters were re-armed
     assert torch.equal(again, fused)
+    # A mixed step: rows with T < 0 get their logits written (the sampler's), the others are drawn.
+    flagged = torch.arange(m, device=DEVICE) % 2 == 1
+    buf = torch.full((m, V), float("nan"), device=DEVICE)
+    mixed_draw = Draw(torch.where(flagged, -1.0, d.temps), d.keys, True, logits=buf)
+    mixed, _ = linear(x, w, row_stats=stats, config=config, draw=mixed_draw)
+    assert torch.equal(mixed[~flagged], fused[~flagged])
+    assert torch.equal(buf[flagged], logits[flagged]) and buf[~flagged].isnan().all()
 
 
 def test_layernorm_lm_head_epilogue_draws_what_the_sampler_draws():
