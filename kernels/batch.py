@@ -172,3 +172,20 @@ class Draw:
     keys: torch.Tensor
     random: bool
     logits: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RopeWrite:
+    """The qkv GEMM's epilogue at decode sizes: RoPE (full-width, HF half-split) on q and k, q out, k
+    and v into the paged cache (kernels/norm_linear.py PAIR_ROPE, kernels/rope_kv.py rope_kv_tile).
+    half = D / 2 must be a multiple of BLOCK_N (a power of two ≥ 16; TritonBackend checks)."""
+
+    rotary: Rotary
+    kv: LayerKV
+    num_heads: int
+    num_kv_heads: int
+    half: int
+
+    @property
+    def cos_sin(self) -> torch.Tensor:
+        return self.rotary.cos_sin

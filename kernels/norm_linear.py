@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusionserve.kernels.batch import Draw, LayerKV, Rotary
+from fusionserve.kernels.batch import Draw, RopeWrite
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.kernels.fp8_rows import amax_scale
 from fusionserve.kernels.norm_stats import ln_finish, ln_prefetch, stats_finish, stats_prefetch
@@ -40,23 +40,6 @@ from fusionserve.kernels.triton_helpers import cast, gelu, mma, silu, to_e4m3
 
 PAIR_GATE_UP, PAIR_ROPE = 1, 2  # the PAIR constexpr: a second accumulator N rows on, or HALF rows on
 _GATE_UP, _ROPE = tl.constexpr(PAIR_GATE_UP), tl.constexpr(PAIR_ROPE)  # the same, readable in kernels
-
-
-@dataclass(frozen=True)
-class RopeWrite:
-    """The qkv GEMM's epilogue at decode sizes: RoPE (full-width, HF half-split) on q and k, q out, k and
-    v into the paged cache (kernels/rope_kv.py: rope_kv_tile). half = D / 2 must be a multiple of
-    BLOCK_N (a power of two ≥ 16 in practice; TritonBackend checks)."""
-
-    rotary: Rotary
-    kv: LayerKV
-    num_heads: int
-    num_kv_heads: int
-    half: int
-
-    @property
-    def cos_sin(self) -> torch.Tensor:
-        return self.rotary.cos_sin
 
 
 # fmt: off

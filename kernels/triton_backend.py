@@ -21,13 +21,13 @@ import torch.nn.functional as F
 
 from fusionserve.kernels.attention import paged_attention
 from fusionserve.kernels.backend import draw_tokens
-from fusionserve.kernels.batch import Draw, Geometry, LayerKV, PagedBatch, Rotary
+from fusionserve.kernels.batch import Draw, Geometry, LayerKV, PagedBatch, RopeWrite, Rotary
 from fusionserve.kernels.decode_attention import DecodeSplitPolicy
 from fusionserve.kernels.embedding import embedding
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.kernels.fp8_backend import Fp8Ops
 from fusionserve.kernels.layernorm_backend import LayerNormOps
-from fusionserve.kernels.norm_linear import RopeWrite, gate_up_silu, launch
+from fusionserve.kernels.norm_linear import gate_up_silu, launch
 from fusionserve.kernels.norm_linear import linear as small_m_linear
 from fusionserve.kernels.pdl import PdlPolicy, pdl_available
 from fusionserve.kernels.reference import stats_are_rows

@@ -365,10 +365,13 @@ class ModelRunner:
         last = torch.tensor(qs[1:], device=dev) - 1
         for scaled in (True, False) if fused else (True,):  # `scaled` only matters fused
             self.decoder.logits(hidden.rows(last), scaled=scaled)
-        if fused:  # FlashSampling's two epilogue variants (greedy only, with noise)
+        if fused:  # FlashSampling's epilogue variants: greedy only or with noise; a mixed step's too
+            vocab = self.decoder.config.vocab_size
             for noise in (False, True):
-                zeros = torch.zeros(len(last), device=dev)
-                self.decoder.logits(hidden.rows(last), draw=Draw(zeros, zeros.long(), noise))
+                for mixed in (False, True):
+                    temps = torch.full((len(last),), -1.0 if mixed else 0.0, device=dev)
+                    logits = torch.empty((len(last), vocab), device=dev) if mixed else None
+                    self.decoder.logits(hidden.rows(last), draw=Draw(temps, temps.long(), noise, logits))
 
 
 def _decode_rows(tokens: list[list[int]], starts: np.ndarray, seq_lens: np.ndarray):
