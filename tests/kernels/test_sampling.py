@@ -118,3 +118,41 @@ def test_layernorm_lm_head_epilogue_draws_what_the_sampler_draws():
     linear_layernorm(x, w, col_sums, bias, stats, out=logits, config=(16, 32, 32, 2, 1, 1))
     fused, _ = linear_layernorm(x, w, col_sums, bias, stats, draw=d, config=(16, 32, 32, 2, 1, 1))
     assert torch.equal(fused.cpu(), ref.gumbel_argmax(logits.cpu(), d.temps.cpu(), d.keys.cpu()))
+
+
+def test_engine_on_the_triton_backend_draws_in_the_lm_head(tmp_path):
+    """The engine over the Triton backend (interpreter on CPU), head size 32 so the qkv epilogue
+    applies RoPE and writes the paged cache too: seeded, greedy and top-p rows in the same steps give
+    the same tokens with FlashSampling on (plain rows drawn in the LM head, the top-p row's logits
+    written in the same pass), off (all rows from written logits), and on the torch backend."""
+    from fusionserve.kernels.triton_backend import TritonBackend
+    from fusionserve.models.decoder import Decoder
+    from fusionserve.server.contract import EngineConfig, SamplingParams
+    from fusionserve.server.engine.llm_engine import LLMEngine
+    from tests.tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "m", head_dim=32, num_layers=1)
+    torch_model = Decoder.from_pretrained(path, progress=False)
+    triton_model = Decoder(
+        torch_model.config, torch_model.weights, TritonBackend(torch_model.backend.geometry, pdl=False)
+    )
+    prompts = [[5, 9, 23, 7], [11, 3], [40, 41, 42, 43, 44, 45]]
+    params = [
+        SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=6, top_p=0.9, seed=4, ignore_eos=True),
+    ]
+    texts = {}
+    for name, model, flash in (
+        ("triton", triton_model, True),
+        ("triton-off", triton_model, False),
+        ("torch", torch_model, True),
+    ):
+        cfg = EngineConfig(model_dir=str(path), num_kv_blocks=16, layer_timing_every=0, flash_sampling=flash)
+        eng = LLMEngine(cfg, decoder=model)
+        plan, drawn = eng.sampler.lm_head_draw, []
+        eng.sampler.lm_head_draw = lambda *a, plan=plan, seen=drawn: seen.append(plan(*a)) or seen[-1]
+        texts[name] = [o[0].token_ids for o in eng.generate(prompts, params)]
+        assert sum(d is not None and d.rest != [] for d in drawn) >= (5 if flash else 0), name
+    assert texts["triton"] == texts["triton-off"], texts  # the same kernels' logits: exactly
+    assert texts["triton"][1] == texts["torch"][1]  # greedy on the other backend
