@@ -60,7 +60,8 @@ class RowDraw:
         """The drawn rows' ids out of the LM head's [logit rows] ids."""
         if len(self.at) == ids.shape[0]:
             return SampleHandle(ids, len(self.rows))
-        at = torch.tensor(self.at, dtype=torch.long).to(ids.device, non_blocking=True)
+        # pinned: a pageable host-to-device copy could wait for the step still in flight (launch-ahead)
+        at = torch.tensor(self.at, dtype=torch.long, pin_memory=ids.is_cuda).to(ids.device, non_blocking=True)
         return SampleHandle(ids[at], len(self.rows))
 
 
