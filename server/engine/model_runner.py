@@ -50,7 +50,9 @@ def kv_cache_blocks(config: EngineConfig, decoder: Decoder) -> int:
         )
         elem = torch.empty((), dtype=decoder.dtype).element_size()
         activations = config.max_num_batched_tokens * width * elem * 4
-        activations += config.max_num_seqs * cfg.vocab_size * 4 * 4 + (256 << 20)
+        # fp32 logits rows: the step's, the sampler's copies, and the CUDA graphs' static buffer for
+        # a mixed step's flagged rows (cuda_graphs.DecodeGraphs.flagged)
+        activations += config.max_num_seqs * cfg.vocab_size * 4 * 5 + (256 << 20)
         budget = total * config.gpu_memory_utilization - (total - free) - activations
     else:
         budget = config.kv_cache_gb * (1 << 30)
