@@ -293,6 +293,11 @@ class ModelRunner:
             self.warm_prefill_paths(config.max_num_batched_tokens)
         features = ["PDL"] if getattr(decoder.backend, "pdl", False) else []
         features += ["CUDA graphs"] if graphs else []
+        if decoder.backend.name == "triton":  # the fused path's epilogue fusions (#22)
+            features += ["FlashSampling"] if config.flash_sampling else []
+            features += (
+                ["RoPE + KV write in the qkv GEMM"] if getattr(decoder.backend, "rope_in_gemm", False) else []
+            )
         features += ["FP8 e4m3 weights + per-token activations"] if decoder.config.quantization else []
         return ", ".join([f"{decoder.backend.name} on {decoder.device.type}", *features])
 
