@@ -25,8 +25,10 @@ def paged_attention(
     scale: float,
     pdl: PdlPolicy | None = None,
     split: DecodeSplitPolicy = DEFAULT_SPLIT,
+    amax_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """reference.paged_attention: the decode kernel for all-decode steps, the prefill kernel otherwise.
+    `amax_out` [T, Hq] (all-decode steps only): each head's max|o| from the kernel's own epilogue.
 
     A mixed step's leading one-token sequences (batch.num_decodes) take the decode kernel too: in
     the prefill kernel each would occupy a BLOCK_M-row tile for one row (measured on the 8B shape: a
@@ -43,7 +45,9 @@ def paged_attention(
             scale,
             policy=split,
             pdl=pdl,
+            amax_out=amax_out,
         )
+    assert amax_out is None, "max|o| comes from the decode kernel: all-decode steps only"
     nd = min(batch.num_decodes, batch.num_seqs)
     if nd == 0:
         return prefill_attention(q, k_cache, v_cache, batch, scale)

@@ -33,6 +33,7 @@ def _decode_kernel(
     po_ptr,
     pml_ptr,
     cnt_ptr,
+    amax_ptr,
     HQ,
     stride_qt,
     stride_qh,
@@ -63,6 +64,7 @@ def _decode_kernel(
     PF_TOKENS: tl.constexpr,
     D_LINES: tl.constexpr,
     LINE: tl.constexpr,
+    WANT_AMAX: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -113,8 +115,11 @@ def _decode_kernel(
         if SPLIT and FUSED:
             whole = n_active == 1
         if whole:
-            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(o_ptr + o_offs, cast(o, o_ptr.dtype.element_ty), mask=out_mask)
+            o = cast(acc / tl.where(l_i > 0, l_i, 1.0)[:, None], o_ptr.dtype.element_ty)
+            tl.store(o_ptr + o_offs, o, mask=out_mask)
+            if WANT_AMAX:  # an FP8 o_proj's per-token scale: max|o| per head, of the rounded o
+                oa = tl.where(out_mask, tl.abs(o.to(tl.float32)), 0.0)
+                tl.store(amax_ptr + b * HQ + heads, tl.max(oa, 1), mask=g_mask)
         else:
             row = (b * HQ + heads) * n_splits + sp
             tl.store(po_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
@@ -125,9 +130,9 @@ def _decode_kernel(
                 cnt = cnt_ptr + b * tl.num_programs(1) + kvh
                 ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
                 if ticket == n_active - 1:
-                    out = (o_ptr, stride_ot, stride_oh)
+                    out = (o_ptr, stride_ot, stride_oh, amax_ptr)
                     where = (b, kvh, HQ, n_splits, n_active)
-                    merge_splits(po_ptr, pml_ptr, out, where, GROUP, D, BLOCK_D, BLOCK_GG, MERGE_S)
+                    merge_splits(po_ptr, pml_ptr, out, where, GROUP, D, BLOCK_D, BLOCK_GG, MERGE_S, WANT_AMAX)
                     tl.store(cnt, 0)  # every split has arrived: ready for the next launch / replay
 
 
@@ -203,11 +208,13 @@ def decode_attention(
     block_n: int | None = None,
     out: torch.Tensor | None = None,
     pdl: PdlPolicy | None = None,
+    amax_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new query per sequence: q [B, Hq, D] over its cached context → o [B, Hq, D].
 
     The context is split over programs per (sequence, kv head) as `policy` says (`num_splits` and
-    `block_n` override its plan: tests, sweeps).
+    `block_n` override its plan: tests, sweeps). `amax_out` [B, Hq] fp32: each head's max|o| (of o
+    as stored), written where o is: the per-token scale partials of an FP8 o_proj (kernels/fp8.py).
     """
     bsz, hq, d = q.shape
     hk = k_cache.shape[2]
@@ -222,7 +229,7 @@ def decode_attention(
     num_splits = max(1, triton.cdiv(max(max_context_len, 1), split_len))
     fused = num_splits > 1 and policy.fused(bsz * hk)
     plan = (num_splits, split_len, block_n, fused)
-    _launch_decode(q, k_cache, v_cache, block_tables, context_lens, o, scale, plan, policy, pdl)
+    _launch_decode(q, k_cache, v_cache, block_tables, context_lens, o, scale, plan, policy, pdl, amax_out)
     return o
 
 
@@ -237,6 +244,7 @@ def _launch_decode(
     plan: tuple[int, int, int, bool],
     policy: DecodeSplitPolicy,
     pdl: PdlPolicy | None,
+    amax_out: torch.Tensor | None = None,
 ) -> None:
     """The split kernel (and, split but not fused, the merge kernel) for decode_attention's `plan`:
     (num_splits, split_len, block_n, fused)."""
@@ -261,6 +269,7 @@ def _launch_decode(
         po,
         pml,
         cnt,
+        amax_out if amax_out is not None else pml,
         hq,
         q.stride(0),
         q.stride(1),
@@ -292,6 +301,7 @@ def _launch_decode(
         LINE=128 // k_cache.element_size(),
         num_warps=1 if INTERPRET else 4,
         num_stages=1 if INTERPRET else 3,
+        WANT_AMAX=amax_out is not None,
     )
     if split and not fused:
-        merge_splits_launch(po, pml, o, num_splits, pdl)
+        merge_splits_launch(po, pml, o, num_splits, pdl, amax_out)

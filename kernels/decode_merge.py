@@ -26,12 +26,13 @@ def merge_splits(
     BLOCK_D: tl.constexpr,
     BLOCK_GG: tl.constexpr,
     MERGE_S: tl.constexpr,
+    WANT_AMAX: tl.constexpr,
 ):
     """Merge the partials of splits 0 .. n_active-1 of (b, kvh), in split order, and write o
-    (`out` = (o_ptr, stride_ot, stride_oh)).
+    (`out` = (o_ptr, stride_ot, stride_oh, amax_ptr): with WANT_AMAX also each head's max|o|).
 
     The partials were written by other programs of this launch: .cg loads read them from L2."""
-    o_ptr, stride_ot, stride_oh = out
+    o_ptr, stride_ot, stride_oh, amax_ptr = out
     b, kvh, HQ, n_splits, n_active = where  # this program's (sequence, kv head), and the splits
     gg = tl.arange(0, BLOCK_GG)
     g_mask = gg < GROUP
@@ -61,12 +62,12 @@ def merge_splits(
         den = den * alpha + tl.sum(w * ls, 1)
         acc = acc * alpha[:, None] + tl.sum(ps * w[:, :, None], 1)
         m = m_new
-    o = acc / tl.where(den > 0, den, 1.0)[:, None]
-    tl.store(
-        o_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
-        cast(o, o_ptr.dtype.element_ty),
-        mask=g_mask[:, None] & d_mask[None, :],
-    )
+    o = cast(acc / tl.where(den > 0, den, 1.0)[:, None], o_ptr.dtype.element_ty)
+    o_mask = g_mask[:, None] & d_mask[None, :]
+    tl.store(o_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :], o, mask=o_mask)
+    if WANT_AMAX:
+        oa = tl.where(o_mask, tl.abs(o.to(tl.float32)), 0.0)
+        tl.store(amax_ptr + b * HQ + heads, tl.max(oa, 1), mask=g_mask)
 
 
 @triton.jit
@@ -74,6 +75,7 @@ def _decode_reduce_kernel(
     po_ptr,
     pml_ptr,
     o_ptr,
+    amax_ptr,
     HQ,
     n_splits,
     stride_ot,
@@ -83,6 +85,7 @@ def _decode_reduce_kernel(
     BLOCK_S: tl.constexpr,
     PDL: tl.constexpr,
     EARLY: tl.constexpr,
+    WANT_AMAX: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -100,17 +103,28 @@ def _decode_reduce_kernel(
     acc = tl.load(
         po_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None] & (d[None, :] < D), other=0.0
     )
-    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(o_ptr + b * stride_ot + h * stride_oh + d, cast(o, o_ptr.dtype.element_ty), mask=d < D)
+    o = cast(tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0), o_ptr.dtype.element_ty)
+    tl.store(o_ptr + b * stride_ot + h * stride_oh + d, o, mask=d < D)
+    if WANT_AMAX:
+        tl.store(amax_ptr + b * HQ + h, tl.max(tl.where(d < D, tl.abs(o.to(tl.float32)), 0.0), 0))
 
 
-def merge_splits_launch(po: torch.Tensor, pml: torch.Tensor, o: torch.Tensor, num_splits: int, pdl) -> None:
-    """The second launch: o [B, Hq, D] from the partials `po` [B*Hq*splits, BLOCK_D] and `pml` (max, denominator)."""
+def merge_splits_launch(
+    po: torch.Tensor,
+    pml: torch.Tensor,
+    o: torch.Tensor,
+    num_splits: int,
+    pdl,
+    amax_out: torch.Tensor | None = None,
+) -> None:
+    """The second launch: o [B, Hq, D] from the partials `po` [B*Hq*splits, BLOCK_D] and `pml` (max,
+    denominator); with `amax_out` [B, Hq] each head's max|o| too."""
     bsz, hq, d = o.shape
     _decode_reduce_kernel[(bsz, hq)](
         po,
         pml,
         o,
+        amax_out if amax_out is not None else pml,
         hq,
         num_splits,
         o.stride(0),
@@ -120,4 +134,5 @@ def merge_splits_launch(po: torch.Tensor, pml: torch.Tensor, o: torch.Tensor, nu
         BLOCK_S=max(2, next_pow2(num_splits)),
         **pdl_args(pdl, bsz * hq, o.device),
         num_warps=1 if INTERPRET else 4,
+        WANT_AMAX=amax_out is not None,
     )

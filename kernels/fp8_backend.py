@@ -4,9 +4,10 @@ on e4m3 weights with per-token e4m3 activations.
 Decode sizes (M ≤ small_m_max), fused: producers (o_proj, down_proj with the residual) write Σh² and
 max|h| partials from one epilogue (statistics packed [M, 2P]); the qkv and gate/up GEMMs quantize h
 per token inside their K loop with the scale those partials give and apply r · s_x · s_w to the fp32
-accumulator: no normalized copy, no quantized copy. Inputs that no norm precedes (the attention
-output into o_proj, silu·mul into down_proj) and the unfused path's normalized x get their max|x|
-from one small amax pass; the GEMM still quantizes on the fly. Larger M: x is quantized once
+accumulator: no normalized copy, no quantized copy. Inputs that no norm precedes take their max|x|
+partials from their own producer's epilogue too: silu·mul's from the gate/up GEMM, the attention
+output's from the decode attention kernel (all-decode steps). Mixed steps' o and the unfused path's
+normalized x get theirs from one small amax pass; the GEMM still quantizes on the fly. Larger M: x is quantized once
 (r folded into its scale when the norm is deferred) and cuBLASLt's FP8 GEMM (torch._scaled_mm)
 runs with row-wise activation and column-wise weight scales; statistics then travel as the rows
 themselves (reference.stats_are_rows). The LM head and the embedding stay in the model's dtype.
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from fusionserve.kernels import reference
-from fusionserve.kernels.batch import LayerKV, Rotary
+from fusionserve.kernels.attention import paged_attention
+from fusionserve.kernels.batch import LayerKV, PagedBatch, Rotary
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.kernels.fp8_rows import amax_rows, quantize_rows
 from fusionserve.kernels.norm_linear import launch
@@ -110,6 +112,19 @@ class Fp8Ops:
             return q.view(-1, self.geometry.num_heads, self.geometry.head_dim)
         qkv, _ = self.fp8_linear(x, w_qkv, b_qkv, row_stats=row_stats)
         return rope_kv_write(qkv, rotary, kv, self.geometry, pdl=self._pdl(x))
+
+    def attention_with_amax(self, q: torch.Tensor, kv: LayerKV, batch: PagedBatch):
+        """(o, its per-head max|o| [T, Hq] or None): for an FP8 o_proj at decode sizes the decode
+        kernel writes the partials its per-token scale needs, so no amax pass runs before it; other
+        steps measure o in the GEMM's own path (None)."""
+        if not (self._small(q) and batch.is_decode_only and q.shape[0] == batch.num_seqs):
+            return self.attention(q, kv, batch), None
+        amax = torch.empty((q.shape[0], q.shape[1]), device=q.device, dtype=torch.float32)
+        o = paged_attention(
+            q, kv.k_cache, kv.v_cache, batch, self.geometry.scale, pdl=self._pdl(q), split=self.decode_split,
+            amax_out=amax,
+        )  # fmt: skip
+        return o, amax
 
     def fp8_lm_head_stats(self, row_stats: torch.Tensor | None, k: int) -> torch.Tensor | None:
         """The bf16 LM head reads only the Σh² half of an FP8 producer's packed statistics."""

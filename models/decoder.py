@@ -20,6 +20,7 @@ import torch
 
 from fusionserve.kernels.backend import Backend, draw_tokens, keep_flagged, select_backend
 from fusionserve.kernels.batch import Draw, Geometry, LayerKV, PagedBatch, Rotary
+from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.models.config import ModelConfig
 from fusionserve.models.loader import ModelWeights, load_weights
 from fusionserve.models.registry import fusionserve_home
@@ -169,8 +170,8 @@ class Decoder:
                 x, st = (h, stats) if fusion else (be.rmsnorm(h), None)
                 layer_kv = LayerKV(kv.k[i], kv.v[i], batch.slot_mapping)
                 q = be.attn_input(x, st, layer.w_qkv, layer.b_qkv, rotary, layer_kv)
-                o = be.attention(q, layer_kv, batch)
-                h, stats = self._project(o.reshape(o.shape[0], -1), layer.w_o, h, fusion)
+                o, o_amax = self._attend(q, layer_kv, batch, layer.w_o)
+                h, stats = self._project(o.reshape(o.shape[0], -1), layer.w_o, h, fusion, o_amax)
             with timer(i, "mlp") if timer else nullcontext():
                 x, st = (h, stats) if fusion else (be.rmsnorm(h), None)
                 act, act_st = be.mlp_input(x, st, layer.w_gate_up)
@@ -209,6 +210,15 @@ class Decoder:
                     act, layer.w_down, bias=layer.b_down, residual=residual, want_stats=fusion
                 )
         return Hidden(h, stats)
+
+    def _attend(
+        self, q: torch.Tensor, kv: LayerKV, batch: PagedBatch, w_o
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention, and for an FP8 o_proj the max|o| partials a decode kernel writes itself (its
+        per-token scale: no amax pass); None where the GEMM measures o on its own."""
+        if isinstance(w_o, Fp8Weight) and hasattr(self.backend, "attention_with_amax"):
+            return self.backend.attention_with_amax(q, kv, batch)
+        return self.backend.attention(q, kv, batch), None
 
     def _project(self, x, weight, residual, fusion: bool, x_stats=None):
         """o_proj / down_proj with the residual add (and, tensor-parallel, the sum over ranks)."""

@@ -90,7 +90,7 @@ LINEAR = dict(HAS_BIAS=False, HAS_RES=True, HAS_SCALE=True, LN=False, WANT_STATS
               EVEN_K=True, UPCAST=False, IEEE=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, BLOCK_P=64, PDL=True,
               PF_LINES=16, LINE=64, W_FP8=False, WANT_AMAX=False, BLOCK_PA=1, SAMPLE=0, SLOTS=1, KEEP_FLAGGED=False, HEAD_D=2, HALF=1)  # fmt: skip
 DECODE = dict(GROUP=3, D=64, BLOCK_G=16, BLOCK_D=64, BLOCK_N=128, PAGE=16, SPLIT=True, BLOCK_GG=4, MERGE_S=32,
-              UPCAST=False, IEEE=False, PDL=True, PF_TOKENS=128, D_LINES=1, LINE=64)  # fmt: skip
+              UPCAST=False, IEEE=False, PDL=True, PF_TOKENS=128, D_LINES=1, LINE=64, WANT_AMAX=False)  # fmt: skip
 CASES = {
     "linear one-wave": (norm_linear._linear_kernel, dict(LINEAR, PAIR=0, SPLIT_K=1, EARLY=True, LATE_TRIGGER=False)),
     "gate_up one-wave": (norm_linear._linear_kernel, dict(LINEAR, PAIR=1, SPLIT_K=1, EARLY=True, LATE_TRIGGER=False)),
@@ -111,7 +111,10 @@ CASES = {
                                                              HAS_BIAS=True)),
     "decode attention fused merge": (decode_attention._decode_kernel, dict(DECODE, FUSED=True, EARLY=True)),
     "decode attention two-pass": (decode_attention._decode_kernel, dict(DECODE, FUSED=False, EARLY=True)),
-    "decode reduce": (decode_merge._decode_reduce_kernel, dict(D=64, BLOCK_D=64, BLOCK_S=8, PDL=True, EARLY=True)),
+    # FP8 o_proj's per-token scale partials written by the attention epilogue (max|o| per head)
+    "decode attention fused merge + max|o|": (decode_attention._decode_kernel, dict(DECODE, FUSED=True, EARLY=True,
+                                                                                   WANT_AMAX=True)),
+    "decode reduce": (decode_merge._decode_reduce_kernel, dict(D=64, BLOCK_D=64, BLOCK_S=8, PDL=True, EARLY=True, WANT_AMAX=False)),
     "rope + kv write": (rope_kv._rope_kv_kernel, dict(D=64, HALF=32, HAS_SCALE=True, HAS_BIAS=False, BLOCK_HQ=16,
                                                      BLOCK_HK=4, BLOCK_HALF=32, BLOCK_PASS=1, BLOCK_D=64, BLOCK_P=1, PDL=True, EARLY=True)),
     "embedding": (embedding._embedding_kernel, dict(WANT_STATS=True, BLOCK=1024, PDL=True, EARLY=True)),

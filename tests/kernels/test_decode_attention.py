@@ -80,3 +80,26 @@ def test_decode_attention_split_merge(dtype, variant):
         if SPLIT_VARIANTS[variant].fused_merge:
             assert int(arrival_counters(out.device, 1, "decode_attention").abs().sum()) == 0
     assert torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("variant", ["unsplit", "fused", "two_kernel", "fused_single_short"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_writes_max_abs_o_per_head(dtype, variant):
+    """For an FP8 o_proj the decode kernel writes each head's max|o| (of o as stored) where it writes
+    o: unsplit, in the fused merge and in the second-launch merge; exactly o's own per-head max."""
+    hq, hk, d = 6, 2, 32
+    ctx = [1, 17, 49, 130]
+    batch = random_batch([1] * len(ctx), ctx, 64)
+    k_cache, v_cache = caches(64, hk, d, dtype)
+    b = batch.to(DEVICE)
+    q = rand(len(ctx), hq, d, dtype=dtype)
+    amax = torch.full((len(ctx), hq), float("nan"), device=DEVICE)
+    policy = SPLIT_VARIANTS.get(variant, DecodeSplitPolicy())
+    o = decode_attention(
+        q, k_cache, v_cache, b.block_tables, b.context_lens, 192, d**-0.5,
+        num_splits=1 if variant == "unsplit" else 4, block_n=16, policy=policy, amax_out=amax,
+    )  # fmt: skip
+    assert torch.equal(amax, o.float().abs().amax(-1))
+    amax2 = torch.full_like(amax, float("nan"))
+    o2 = paged_attention(q, k_cache, v_cache, b, d**-0.5, amax_out=amax2)
+    assert torch.equal(amax2, o2.float().abs().amax(-1))

@@ -76,3 +76,28 @@ def test_gate_up_hands_max_act_to_the_down_projection(tiny):
     y, _ = be.linear(act, weights.layers[0].w_down, x_stats=amax)
     want, _ = TorchBackend(geometry(cfg)).linear(act, weights.layers[0].w_down)
     assert rel_err(y, want) <= 1e-2
+
+
+def test_fused_fp8_decode_step_runs_no_amax_pass(tiny, monkeypatch):
+    """A fused FP8 decode step takes every per-token scale from an epilogue: the producers' (qkv,
+    gate/up inputs), gate/up's (down_proj) and the decode attention kernel's (o_proj); only layer 0's
+    input, the embedding rows, is measured by one pass. The unfused path measures its two normalized
+    inputs per layer with the amax pass."""
+    from fusionserve.kernels import fp8_backend
+    from fusionserve.kernels.batch import contiguous_batch
+
+    cfg, weights = load_weights(tiny, dtype=torch.float32, device=DEVICE, progress=False, quantization="fp8")
+    model = Decoder(cfg, weights, TritonBackend(geometry(cfg), pdl=False))
+    calls = []
+    real = fp8_backend.amax_rows
+    monkeypatch.setattr(fp8_backend, "amax_rows", lambda x: calls.append(x.shape) or real(x))
+    kv = model.allocate_kv_cache(4, 16)
+    ids = torch.tensor([5, 7, 9], device=DEVICE)
+    model.forward(
+        ids, torch.arange(3, device=DEVICE), contiguous_batch([3], [3], 16).to(DEVICE), kv, fusion=True
+    )
+    for fusion, passes in ((True, 1), (False, 2 * cfg.num_layers)):
+        calls.clear()
+        batch = contiguous_batch([1], [4], 16).to(DEVICE)
+        model.forward(ids[:1], torch.tensor([3], device=DEVICE), batch, kv, fusion=fusion)
+        assert len(calls) == passes, (fusion, calls)

@@ -75,7 +75,7 @@ def test_pdl_kernels_compile_for_hopper_and_keep_the_rules(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 13
+    assert len(kernels) == 14
     for name, k in kernels.items():
         assert k["launch_pdl"] and k["wait"] == 1, name
         assert k["stores_before_wait"] == 0, f"{name} writes before griddepcontrol.wait"
