@@ -95,18 +95,20 @@ def config_of(name: str) -> ModelConfig:
     )
 
 
-def random_weights(cfg: ModelConfig, device: str = "cuda") -> ModelWeights:
+def random_weights(
+    cfg: ModelConfig, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+) -> ModelWeights:
     """Weights with the real shapes and a realistic scale (so activations stay O(1))."""
     h, d, i_ = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
 
     def w(n: int, k: int) -> torch.Tensor:
-        return torch.randn(n, k, device=device, dtype=torch.bfloat16) * k**-0.5
+        return torch.randn(n, k, device=device, dtype=dtype) * k**-0.5
 
     if cfg.layer_norm:  # biases, and the column sums the deferred mean needs
 
         def b(n: int) -> torch.Tensor:
-            return torch.randn(n, device=device, dtype=torch.bfloat16) * 0.1
+            return torch.randn(n, device=device, dtype=dtype) * 0.1
 
         def c(weight: torch.Tensor) -> torch.Tensor:
             return weight.float().sum(1)

@@ -32,12 +32,11 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fusionserve.kernels.triton_env as triton_env  # noqa: E402
 from bench.common import markdown_table, write_results  # noqa: E402
-from bench.decode import ARCHS, decode_batch, greedy_draw  # noqa: E402
+from bench.decode import ARCHS, decode_batch, greedy_draw, random_weights  # noqa: E402
 from fusionserve.kernels.backend import draw_tokens  # noqa: E402
 from fusionserve.kernels.triton_backend import TritonBackend  # noqa: E402
 from fusionserve.models.config import ModelConfig  # noqa: E402
 from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
-from fusionserve.models.loader import LayerWeights, ModelWeights  # noqa: E402
 
 # torch ops that launch nothing on a GPU (metadata, views, allocation without a fill)
 NO_KERNEL = {
@@ -89,25 +88,8 @@ def narrow_config(name: str) -> ModelConfig:
 
 
 def random_model(cfg: ModelConfig, rope_in_gemm: bool) -> Decoder:
-    h, d = cfg.hidden_size, cfg.head_dim
-    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
-
-    def w(n: int, k: int) -> torch.Tensor:
-        return torch.randn(n, k) * k**-0.5
-
-    layers = [
-        LayerWeights(
-            w_qkv=w(qkv, h),
-            b_qkv=None,
-            w_o=w(h, cfg.num_heads * d),
-            w_gate_up=w(2 * cfg.intermediate_size, h),
-            w_down=w(h, cfg.intermediate_size),
-        )  # fmt: skip
-        for _ in range(cfg.num_layers)
-    ]
-    weights = ModelWeights(embed=w(cfg.vocab_size, h), layers=layers, lm_head=w(cfg.vocab_size, h))
     backend = TritonBackend(geometry(cfg), rope_in_gemm=rope_in_gemm)
-    return Decoder(cfg, weights, backend, max_model_len=1024)
+    return Decoder(cfg, random_weights(cfg, "cpu", cfg.dtype), backend, max_model_len=1024)
 
 
 def count_step(model: Decoder, batch: int, ctx: int, fused: bool, flash: bool) -> Counter[str]:

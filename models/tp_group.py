@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fusionserve.kernels.backend import draw_tokens, keep_flagged, select_backend
+from fusionserve.kernels.backend import select_backend
 from fusionserve.kernels.batch import Draw, PagedBatch
 from fusionserve.kernels.fp8 import Fp8Weight
 from fusionserve.models.config import load_config
@@ -184,12 +184,11 @@ class LeaderDecoder:
 
     def logits(self, hidden: Hidden, scaled: bool = True, draw: Draw | None = None) -> torch.Tensor:
         """The followers join the vocab-parallel gather; a `draw` (FlashSampling) is then taken from
-        the gathered logits on rank 0 alone (the same tokens: backend.draw_tokens)."""
+        the gathered logits on rank 0 alone (Decoder.logits does that for a tensor-parallel rank)."""
         index = getattr(hidden, "index", None)
         payload = [index] if index is not None else []
         _send(self.decoder.device, _LOGITS, int(scaled), int(index is not None), payload=payload)
-        logits = self.decoder.logits(hidden, scaled)
-        return logits if draw is None else draw_tokens(keep_flagged(logits, draw), draw)
+        return self.decoder.logits(hidden, scaled, draw)
 
     def shutdown(self) -> None:
         self._stopping = True

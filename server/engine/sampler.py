@@ -39,6 +39,11 @@ def mix64(seed: int, position: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+def _draw_temperature(p: SamplingParams) -> float:
+    """A row's T in a Draw: 0 for greedy (argmax, no noise)."""
+    return 0.0 if p.greedy else p.temperature
+
+
 def choice_noise_seed(seed: int | None, index: int) -> int | None:
     """The noise seed of choice `index` of a request with `seed` (None: unseeded)."""
     return None if seed is None else (seed * 1_000_003 + index) % (1 << 63)
@@ -170,7 +175,7 @@ class Sampler:
         return [self.key(ch.request.params, ch.noise_seed, ch.seq.num_tokens) for ch in rows]
 
     def _draw(self, params: Sequence[SamplingParams], keys: list[int]) -> Draw:
-        temps = [0.0 if p.greedy else p.temperature for p in params]
+        temps = [_draw_temperature(p) for p in params]
         return Draw(self._to_device(temps, torch.float32), self._to_device(keys, torch.int64), any(temps))
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -196,8 +201,7 @@ class Sampler:
             return None
         temps, keys = [-1.0] * num_rows, [0] * num_rows
         for ch, i, key in zip(rows, at, self.keys(rows)):
-            p = ch.request.params
-            temps[i], keys[i] = (0.0 if p.greedy else p.temperature), key
+            temps[i], keys[i] = _draw_temperature(ch.request.params), key
         logits = None
         if len(rows) < num_rows:
             logits = torch.empty((num_rows, vocab), device=self.device, dtype=torch.float32)
