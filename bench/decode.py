@@ -47,7 +47,10 @@ from fusionserve.kernels.pdl import pdl_available  # noqa: E402
 from fusionserve.models.config import ModelConfig  # noqa: E402
 from fusionserve.models.decoder import Decoder, KVCache, geometry  # noqa: E402
 from fusionserve.models.loader import LayerWeights, ModelWeights  # noqa: E402
+from fusionserve.models.registry import fusionserve_home  # noqa: E402
 from fusionserve.server.engine.cuda_graphs import DecodeGraphs  # noqa: E402
+
+TILE_CACHE = fusionserve_home() / "tiles"  # where `python -m bench.kernels --sweep --save-tiles` caches
 
 LLAMA31_ROPE = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -268,7 +271,8 @@ def bench_ours(
     """
     cfg = config_of(name)
     max_len = max(contexts) + 16
-    model = Decoder(cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=max_len)
+    backend = select_backend("cuda", geometry(cfg), tile_cache=TILE_CACHE)  # the server's tiles
+    model = Decoder(cfg, random_weights(cfg), backend, max_model_len=max_len)
     for ctx in contexts:
         for b in batches:
             try:
@@ -524,13 +528,15 @@ def report(results: list[dict], profiles: list[dict], bw: float, out: str | None
             ]
         )
     env = environment()
+    cached = sorted(p.name for p in TILE_CACHE.glob("*.json")) if TILE_CACHE.is_dir() else []
+    env["tiles"] = "shipped" + (f" + swept {', '.join(cached)}" if cached else "")
     pdl = next((r["pdl"] for r in results if "pdl" in r), None)
     headers = ["model", "batch", "ctx", "fused", "off", "fused gain", *[k.replace("_", " ") for k in alt]]
     headers += ["gpt-fast", "vs gpt-fast", "HF eager", "roofline", "% roofline"]
     table = (
         f"Decode latency per step (ms), {env.get('gpu')}, torch {env['torch']}, triton {env.get('triton')}, "
         f"{env['date']}; copy bandwidth {bw / 1e12:.2f} TB/s; CUDA graphs; PDL {'on' if pdl else 'off'} "
-        f"in fused/off; medians\n\n" + markdown_table(headers, rows)
+        f"in fused/off; decode-GEMM tiles {env['tiles']}; medians\n\n" + markdown_table(headers, rows)
     )
     if profiles:
         prow = [

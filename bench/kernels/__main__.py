@@ -208,6 +208,7 @@ def main(argv=None):
         "which the server then uses over the shipped table (kernels/tile_configs.tile_table_for)",
     )
     ap.add_argument("--only", default="gemm,chain,decode,prefill", help="sections to run")
+    ap.add_argument("--models", default="8b,135m", help="model shapes on the GPU: 8b and/or 135m")
     ap.add_argument("--m", default="1,8,32,64,256,4096", help="M values of the GEMM table")
     ap.add_argument("--sweep-m", default="1,32", help="M values of the sweep (one per M bucket)")
     ap.add_argument("--replays", type=int, default=25)
@@ -219,7 +220,8 @@ def main(argv=None):
 
     device = torch.device("cpu" if args.dry or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16
-    models = [TINY] if device.type != "cuda" else [LLAMA_8B, SMOL_135M]
+    shapes = {"8b": LLAMA_8B, "135m": SMOL_135M}
+    models = [TINY] if device.type != "cuda" else [shapes[m] for m in args.models.split(",")]
     m_values = [int(v) for v in args.m.split(",")] if device.type == "cuda" else [1, 3, 17]
     chain_m = [m for m in m_values if m != 64] if device.type == "cuda" else [1, 17]
     timer = Timer(device, args.replays, min_calls=8)

@@ -3,6 +3,8 @@ a sweep of their tile configs (kernels/tile_configs.py)."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import sys
 
 import torch
@@ -68,6 +70,33 @@ def sweep_configs(m, n_out, k, sms, gate_up, elt):
                 yield cfg
 
 
+def _compile_configs(items: list, dtype: torch.dtype) -> int:
+    """A worker of precompile: compile (and run once) each (n, k, m, gate_up, cfg) on the GPU."""
+    torch.cuda.set_device(0)
+    done = 0
+    for n, k, m, gate_up, cfg in items:
+        fn = nl.gate_up_silu if gate_up else nl.linear
+        try:
+            fn(_rand(m, k, dtype=dtype, device="cuda"), _rand(n, k, dtype=dtype, device="cuda"), config=cfg)
+            done += 1
+        except Exception:  # the sweep itself logs what does not compile
+            pass
+        torch.cuda.empty_cache()
+    return done
+
+
+def precompile(items: list, dtype: torch.dtype, procs: int) -> None:
+    """Fill Triton's on-disk cache for every sweep config in `procs` processes first: one process
+    compiles about one config a second, hundreds of configs are the sweep's whole cost, and ptxas and
+    LLVM run in parallel across processes (timing stays in the one sweep process)."""
+    if procs <= 1 or not items:
+        return
+    chunks = [items[i::procs] for i in range(procs)]
+    with mp.get_context("spawn").Pool(procs) as pool:
+        done = sum(pool.starmap(_compile_configs, [(c, dtype) for c in chunks]))
+    print(f"precompiled {done}/{len(items)} sweep configs in {procs} processes", flush=True)
+
+
 def bench_sweep(models, m_values, timer, device, dtype, log):
     rows, best = [], {}
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -78,6 +107,13 @@ def bench_sweep(models, m_values, timer, device, dtype, log):
         for m in m_values
         for gu in ((True, False) if name == "gate_up" else (False,))
     ]
+    if device.type == "cuda":
+        items = [
+            (nk[0], nk[1], m, gu, cfg)
+            for mdl, name, nk, m, gu in jobs
+            for cfg in sweep_configs(m, nk[0] // 2 if gu else nk[0], nk[1], sms, gu, dtype.itemsize)
+        ]
+        precompile(items, dtype, min(12, max(1, (os.cpu_count() or 2) - 2)))
 
     def _case(mdl, name, nk, m, gate_up):
         n, k = nk

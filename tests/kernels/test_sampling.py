@@ -132,7 +132,7 @@ def test_engine_on_the_triton_backend_draws_in_the_lm_head(tmp_path):
     from tests.tiny_models import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(tmp_path / "m", head_dim=32, num_layers=1)
-    torch_model = Decoder.from_pretrained(path, progress=False)
+    torch_model = Decoder.from_pretrained(path, DEVICE, torch.float32, backend="torch", progress=False)
     triton_model = Decoder(
         torch_model.config, torch_model.weights, TritonBackend(torch_model.backend.geometry, pdl=False)
     )
@@ -148,7 +148,14 @@ def test_engine_on_the_triton_backend_draws_in_the_lm_head(tmp_path):
         ("triton-off", triton_model, False),
         ("torch", torch_model, True),
     ):
-        cfg = EngineConfig(model_dir=str(path), num_kv_blocks=16, layer_timing_every=0, flash_sampling=flash)
+        cfg = EngineConfig(
+            model_dir=str(path),
+            device=DEVICE.type,
+            dtype="float32",
+            num_kv_blocks=16,
+            layer_timing_every=0,
+            flash_sampling=flash,
+        )
         eng = LLMEngine(cfg, decoder=model)
         plan, drawn = eng.sampler.lm_head_draw, []
         eng.sampler.lm_head_draw = lambda *a, plan=plan, seen=drawn: seen.append(plan(*a)) or seen[-1]
