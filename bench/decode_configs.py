@@ -3,9 +3,17 @@
 bench/kernels.py --sweep picks tiles per GEMM in isolation; with programmatic dependent launch a
 grid's size also decides whether it overlaps its neighbours (one wave: early launch + prefetch), so
 this replaces one entry of the backend's tile table at a time and times the full step against the baseline, interleaved in
-one process (best of `--rounds` medians each).
+one process (best of `--rounds` medians each). The baseline is the table shipped for this GPU
+(kernels/tile_configs.SHIPPED).
 
     python bench/decode_configs.py --model 8b --batch 1 --ctx 512
+    python bench/decode_configs.py --model 8b --batch 1 --from-sweep <tiles.json> --save-tiles
+
+`--from-sweep` takes its alternatives from an isolated sweep (`python -m bench.kernels --sweep
+--save-tiles` writes one): every entry of the batch's M bucket that differs from the shipped table.
+`--save-tiles` then times the winners (≥ 0.3% each) together against the baseline and caches what
+made the whole step faster for this GPU model ($FUSIONSERVE_HOME/tiles/<gpu>.json, which the server
+reads over the shipped table): an isolated winner that slows the step down is never cached.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from bench.decode import best_of_interleaved, config_of, filled_kv_cache, random
 from fusionserve.kernels import tile_configs  # noqa: E402
 from fusionserve.kernels.backend import select_backend  # noqa: E402
 from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
+from fusionserve.models.registry import fusionserve_home  # noqa: E402
+
+MIN_GAIN = 0.003  # a swap must speed the step up by this much to count as a winner
 
 # (N, K, M bucket, gate_up) -> alternatives (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)
 CANDIDATES = {
@@ -57,6 +68,45 @@ CANDIDATES = {
 }
 
 
+def sweep_candidates(path: Path, shipped, m_bucket: int) -> dict:
+    """The entries of a cached sweep for one M bucket that differ from the shipped table."""
+    swept = tile_configs.load_tiles(path)
+    return {key: [cfg] for key, cfg in swept.items() if key[2] == m_bucket and shipped.get(key) != cfg}
+
+
+def save_winners(model, kv, args, variants: dict, timed: dict, apply, fused: bool) -> dict:
+    """Time the per-entry winners together against the baseline; cache them for this GPU if the whole
+    step is faster with them (else the single best swap, if any). Returns what was cached."""
+    base = timed[("baseline", fused)]
+    swaps = sorted((ms, name) for (name, f), ms in timed.items() if f == fused and name != "baseline")
+    winners = [(variants[name], ms) for ms, name in swaps if ms < base * (1 - MIN_GAIN)]
+    chosen: dict = {}
+    if len(winners) > 1:
+        together = {key: cfg for (key, cfg), _ in winners}
+        check = best_of_interleaved(
+            model,
+            kv,
+            args.batch,
+            args.ctx,
+            {"baseline": None, "together": together},
+            apply,
+            (fused,),
+            args.rounds,
+        )
+        print(f"winners together: {check}", flush=True)
+        if check[("together", fused)] < min(check[("baseline", fused)], winners[0][1]):
+            chosen = together
+    if not chosen and winners:
+        chosen = dict([winners[0][0]])
+    if chosen:
+        path = fusionserve_home() / "tiles" / f"{tile_configs.gpu_slug(torch.cuda.get_device_name())}.json"
+        old = tile_configs.load_tiles(path) if path.is_file() else {}
+        old = {k: v for k, v in old.items() if k[2] != tile_configs.m_bucket(args.batch)}  # re-judged here
+        tile_configs.save_tiles(path, {**old, **chosen})
+        print(f"cached {len(chosen)} whole-step winners in {path}", flush=True)
+    return chosen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="8b")
@@ -64,26 +114,39 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--paths", default="fused", help="fused, off or fused,off: the table serves both")
+    ap.add_argument("--from-sweep", default=None, help="a tile cache of bench.kernels --sweep --save-tiles")
+    ap.add_argument("--save-tiles", action="store_true", help="cache the whole-step winners for this GPU")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     cfg = config_of(args.model)
+    shipped = tile_configs.tile_table_for("cuda")  # the GPU family's table, no cached sweep
     model = Decoder(
         cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=args.ctx + 16
     )
     kv = filled_kv_cache(model, args.batch, args.ctx)
-    variants: dict[str, tuple | None] = {"baseline": None}
-    for key, alts in CANDIDATES[args.model].items():
+    bucket = tile_configs.m_bucket(args.batch)
+    if args.from_sweep:
+        candidates = sweep_candidates(Path(args.from_sweep), shipped, bucket)
+    else:
+        candidates = CANDIDATES[args.model]
+    variants: dict[str, tuple | None] = {"baseline": None}  # name → (key, config) swapped in
+    for key, alts in candidates.items():
         variants.update({f"{key[:2]}{' gate_up' if key[3] else ''} -> {alt}": (key, alt) for alt in alts})
+    print(f"{len(variants) - 1} alternatives to the shipped table", flush=True)
 
-    def apply(replacement: tuple | None, backend=model.backend) -> None:
-        """The backend's tile table for one variant (captured into that variant's graphs)."""
-        tiles = dict(tile_configs.TUNED)
-        if replacement is not None:
+    def apply(replacement, backend=model.backend) -> None:
+        """The backend's tile table for one variant (captured into that variant's graphs): one swapped
+        entry (key, config), several ({key: config}), or none."""
+        tiles = dict(shipped)
+        if isinstance(replacement, dict):
+            tiles.update(replacement)
+        elif replacement is not None:
             tiles[replacement[0]] = replacement[1]
         backend.tiles = MappingProxyType(tiles)
 
     paths = tuple(p == "fused" for p in args.paths.split(","))
     timed = best_of_interleaved(model, kv, args.batch, args.ctx, variants, apply, paths, args.rounds)
+    chosen = save_winners(model, kv, args, variants, timed, apply, paths[0]) if args.save_tiles else {}
     apply(None)
     best = {f"{name}{'' if fused else ' [off]'}": ms for (name, fused), ms in timed.items()}
     rows = []
@@ -94,15 +157,17 @@ def main() -> None:
     table = (
         f"Decode step (ms) with one GEMM's tiles replaced, {args.model} batch {args.batch} ctx {args.ctx}, "
         f"{env.get('gpu')}, torch {env['torch']}, triton {env.get('triton')}, {env['date']}; CUDA graphs, "
-        f"PDL as in the product; best of {args.rounds} interleaved medians\n\n"
+        f"PDL as in the product; baseline: the table shipped for this GPU; best of {args.rounds} "
+        f"interleaved medians\n\n"
         + markdown_table(
             ["variant (N, K) -> (BM, BN, BK, warps, stages, split)", "path", "ms", "vs baseline"], rows
         )
     )
+    if args.save_tiles:
+        table += f"\n\nCached for this GPU: {chosen or 'nothing (no swap sped the step up)'}\n"
     gpu = "_".join((env.get("gpu") or "gpu").lower().split())
-    write_results(
-        f"decode_configs_{args.model}_b{args.batch}_{gpu}", {"env": env, "ms": best}, table, out=args.out
-    )
+    saved = {"env": env, "ms": best, "cached": [[list(k), list(v)] for k, v in chosen.items()]}
+    write_results(f"decode_configs_{args.model}_b{args.batch}_{gpu}", saved, table, out=args.out)
     print(table)
     del kv, model
     gc.collect()

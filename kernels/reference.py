@@ -264,7 +264,8 @@ def paged_attention(
                 qi, keys, vals, is_causal=n > 1, scale=scale, enable_gqa=hq != hk
             )
         else:
-            mask = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]  # [n, L]
+            at = torch.arange(length, device=q.device)
+            mask = at[None, :] <= at[length - n :, None]  # [n, L]
             oi = F.scaled_dot_product_attention(
                 qi, keys, vals, attn_mask=mask, scale=scale, enable_gqa=hq != hk
             )
@@ -282,7 +283,7 @@ def _decode_attention_batched(
     table = batch.block_tables[:, :n_blocks].long().clamp_min(0)
     keys = k_cache[table].reshape(bsz, n_blocks * bs, hk, -1).float().transpose(1, 2)  # [B, Hk, L, D]
     vals = v_cache[table].reshape(bsz, n_blocks * bs, hk, -1).float().transpose(1, 2)
-    mask = torch.arange(n_blocks * bs)[None, :] < batch.context_lens.long()[:, None]
+    mask = torch.arange(n_blocks * bs, device=q.device)[None, :] < batch.context_lens.long()[:, None]
     o = F.scaled_dot_product_attention(
         q.float()[:, :, None, :],
         keys,
