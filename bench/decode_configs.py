@@ -101,7 +101,8 @@ def save_winners(model, kv, args, variants: dict, timed: dict, apply, fused: boo
     if chosen:
         path = fusionserve_home() / "tiles" / f"{tile_configs.gpu_slug(torch.cuda.get_device_name())}.json"
         old = tile_configs.load_tiles(path) if path.is_file() else {}
-        old = {k: v for k, v in old.items() if k[2] != tile_configs.m_bucket(args.batch)}  # re-judged here
+        judged = {v[0] for v in variants.values() if isinstance(v, tuple)}  # this model's losers drop out
+        old = {k: v for k, v in old.items() if k not in judged}
         tile_configs.save_tiles(path, {**old, **chosen})
         print(f"cached {len(chosen)} whole-step winners in {path}", flush=True)
     return chosen

@@ -56,13 +56,20 @@ _H100: dict[tuple[int, int, int, bool], Config] = {
     (49152, 576, 16, False): (16, 16, 128, 2, 4, 1),
     (49152, 576, 32, False): (32, 128, 64, 4, 4, 1),
 }
-# Measured on the H200. Until a full H200 sweep is shipped, its table is the H100's with these on top.
+# Measured on the H200: the H100 table with these on top (each judged by the whole decode step).
 _H200: dict[tuple[int, int, int, bool], Config] = {
     # Pythia-6.9B on the H200 (bench/decode_configs.py, whole step, both paths ~4% faster each):
     # the rule's 16 x 32 tiles lose to 16 x 16 with two warps for the MLP's up projection, and its
     # unsplit down projection to split-K 2 (as Llama's down above)
     (16384, 4096, 16, False): (16, 16, 256, 2, 4, 1),
     (4096, 16384, 16, False): (16, 16, 256, 2, 4, 2),
+    # Isolated sweep (bench/results/tiles_sweep_nvidia_h200.json) judged by the whole decode step
+    # (bench/decode_configs.py --from-sweep, CUDA graphs + PDL; the other isolated winners slowed the
+    # step down, the 8B o_proj's by 4.4%): 8B LM head 4.21 -> 4.12 ms a step (a quarter of the tiles,
+    # which FlashSampling's per-tile epilogue also pays for), 8B down +0.6%, 135M LM head +0.8%.
+    (128256, 4096, 16, False): (16, 64, 128, 4, 4, 1),
+    (4096, 14336, 16, False): (16, 32, 128, 2, 4, 4),
+    (49152, 576, 16, False): (16, 128, 64, 4, 4, 1),
 }
 
 #: A backend's tile table (TritonBackend.tiles): read-only, so a sweep builds its own table
