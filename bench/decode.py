@@ -390,6 +390,7 @@ def _gptfast_int8(model, model_py: str, gf):
     sys.modules["model"] = gf
     spec = importlib.util.spec_from_file_location("gptfast_quantize", Path(model_py).with_name("quantize.py"))
     q = importlib.util.module_from_spec(spec)
+    sys.modules["gptfast_quantize"] = q  # dynamo re-imports its WeightOnlyInt8Linear's module by name
     spec.loader.exec_module(q)
     handler = q.WeightOnlyInt8QuantHandler(model)
     state = handler.create_quantized_state_dict()

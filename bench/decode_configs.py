@@ -68,10 +68,22 @@ CANDIDATES = {
 }
 
 
-def sweep_candidates(path: Path, shipped, m_bucket: int) -> dict:
-    """The entries of a cached sweep for one M bucket that differ from the shipped table."""
+def gemm_shapes(cfg) -> set[tuple[int, int]]:
+    """(N, K) of every decode GEMM of a Llama-style block and its LM head (the tile table's keys)."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+    return {(qkv, h), (h, cfg.num_heads * d), (i, h), (2 * i, h), (h, i), (cfg.vocab_size, h)}
+
+
+def sweep_candidates(path: Path, shipped, m_bucket: int, shapes: set[tuple[int, int]]) -> dict:
+    """The entries of a cached sweep for this model's GEMMs and one M bucket that differ from the
+    shipped table."""
     swept = tile_configs.load_tiles(path)
-    return {key: [cfg] for key, cfg in swept.items() if key[2] == m_bucket and shipped.get(key) != cfg}
+    return {
+        key: [cfg]
+        for key, cfg in swept.items()
+        if key[2] == m_bucket and key[:2] in shapes and shipped.get(key) != cfg
+    }
 
 
 def save_winners(model, kv, args, variants: dict, timed: dict, apply, fused: bool) -> dict:
@@ -127,7 +139,7 @@ def main() -> None:
     kv = filled_kv_cache(model, args.batch, args.ctx)
     bucket = tile_configs.m_bucket(args.batch)
     if args.from_sweep:
-        candidates = sweep_candidates(Path(args.from_sweep), shipped, bucket)
+        candidates = sweep_candidates(Path(args.from_sweep), shipped, bucket, gemm_shapes(cfg))
     else:
         candidates = CANDIDATES[args.model]
     variants: dict[str, tuple | None] = {"baseline": None}  # name → (key, config) swapped in

@@ -24,6 +24,8 @@ Stats = torch.Tensor | None  # a producer's per-row statistics (reference.py), N
 class Backend(Protocol):
     name: str
     geometry: Geometry
+    #: whether a decode step can be captured into a CUDA graph: no host reads of device data
+    graph_capturable: bool
 
     def embedding(
         self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool
@@ -82,6 +84,7 @@ class TorchBackend:
     """Reference kernels in plain torch: correct everywhere, fast enough on CPU for the 135M model."""
 
     name = "torch"
+    graph_capturable = False  # the reference kernels branch on device data (e.g. skipped KV slots)
 
     def __init__(self, geometry: Geometry) -> None:
         self.geometry = geometry

@@ -62,6 +62,7 @@ class TritonBackend(LayerNormOps, Fp8Ops):
     A/B). Benchmarks set these, never module globals."""
 
     name = "triton"
+    graph_capturable = True
 
     def __init__(
         self,

@@ -284,7 +284,12 @@ class ModelRunner:
     def prepare_kernels(self, config: EngineConfig, max_model_len: int) -> str:
         """Capture CUDA graphs and warm the eager variants; what the ready line says runs the steps."""
         decoder = self.decoder
-        graphs = config.cuda_graphs and decoder.device.type == "cuda" and config.tensor_parallel_size == 1
+        graphs = (
+            config.cuda_graphs
+            and decoder.device.type == "cuda"
+            and config.tensor_parallel_size == 1
+            and getattr(decoder.backend, "graph_capturable", False)  # `--backend torch` on a GPU: eager
+        )
         if graphs:
             sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < config.max_num_seqs]
             self.capture_decode_graphs([*sizes, config.max_num_seqs])
