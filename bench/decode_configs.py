@@ -13,7 +13,9 @@ one process (best of `--rounds` medians each). The baseline is the table shipped
 --save-tiles` writes one): every entry of the batch's M bucket that differs from the shipped table.
 `--save-tiles` then times the winners (≥ 0.3% each) together against the baseline and caches what
 made the whole step faster for this GPU model ($FUSIONSERVE_HOME/tiles/<gpu>.json, which the server
-reads over the shipped table): an isolated winner that slows the step down is never cached.
+reads over the shipped table): an isolated winner that slows the step down is never cached. A "-fp8"
+model (`--model 8b-fp8`, with a sweep of `python -m bench.kernels --sweep --fp8 --save-tiles`) tunes
+the FP8 block GEMMs' own table the same way (<gpu>-fp8.json; the bf16 LM head keeps its tiles).
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ CANDIDATES = {
 }
 
 
+def weights_of(args) -> str:
+    """The tile table a model's block GEMMs read: "fp8" for a "-fp8" shape (e.g. 8b-fp8), else "bf16"."""
+    return "fp8" if args.model.endswith("-fp8") else "bf16"
+
+
 def gemm_shapes(cfg) -> set[tuple[int, int]]:
     """(N, K) of every decode GEMM of a Llama-style block and its LM head (the tile table's keys)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -111,7 +118,9 @@ def save_winners(model, kv, args, variants: dict, timed: dict, apply, fused: boo
     if not chosen and winners:
         chosen = dict([winners[0][0]])
     if chosen:
-        path = fusionserve_home() / "tiles" / f"{tile_configs.gpu_slug(torch.cuda.get_device_name())}.json"
+        path = tile_configs.cache_file(
+            fusionserve_home() / "tiles", torch.cuda.get_device_name(), weights_of(args)
+        )
         old = tile_configs.load_tiles(path) if path.is_file() else {}
         judged = {v[0] for v in variants.values() if isinstance(v, tuple)}  # this model's losers drop out
         old = {k: v for k, v in old.items() if k not in judged}
@@ -132,7 +141,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     cfg = config_of(args.model)
-    shipped = tile_configs.tile_table_for("cuda")  # the GPU family's table, no cached sweep
+    shipped = tile_configs.tile_table_for("cuda", weights=weights_of(args))  # no cached table
     model = Decoder(
         cfg, random_weights(cfg), select_backend("cuda", geometry(cfg)), max_model_len=args.ctx + 16
     )
@@ -149,13 +158,14 @@ def main() -> None:
 
     def apply(replacement, backend=model.backend) -> None:
         """The backend's tile table for one variant (captured into that variant's graphs): one swapped
-        entry (key, config), several ({key: config}), or none."""
+        entry (key, config), several ({key: config}), or none. An FP8 model's block GEMMs read
+        fp8_tiles (its LM head, bf16, keeps `tiles`)."""
         tiles = dict(shipped)
         if isinstance(replacement, dict):
             tiles.update(replacement)
         elif replacement is not None:
             tiles[replacement[0]] = replacement[1]
-        backend.tiles = MappingProxyType(tiles)
+        setattr(backend, "fp8_tiles" if weights_of(args) == "fp8" else "tiles", MappingProxyType(tiles))
 
     paths = tuple(p == "fused" for p in args.paths.split(","))
     timed = best_of_interleaved(model, kv, args.batch, args.ctx, variants, apply, paths, args.rounds)

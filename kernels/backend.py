@@ -165,7 +165,7 @@ def select_backend(
     device: torch.device | str, geometry: Geometry, kind: str = "auto", tile_cache: Path | None = None
 ) -> Backend:
     """Triton on CUDA (unless kind='torch'), the torch reference elsewhere. `tile_cache`: where sweeps
-    cache decode-GEMM tiles per GPU model (kernels/tile_configs.tile_table_for)."""
+    cache decode-GEMM tiles per GPU model and weight format (kernels/tile_configs.tile_table_for)."""
     device = torch.device(device)
     if kind == "torch" or (kind == "auto" and device.type != "cuda"):
         return TorchBackend(geometry)
@@ -178,5 +178,9 @@ def select_backend(
             return TorchBackend(geometry)
         from fusionserve.kernels.tile_configs import tile_table_for
 
-        return TritonBackend(geometry, tiles=tile_table_for(device, tile_cache))
+        return TritonBackend(
+            geometry,
+            tiles=tile_table_for(device, tile_cache),
+            fp8_tiles=tile_table_for(device, tile_cache, "fp8"),
+        )
     raise ValueError(f"unknown backend {kind!r} (expected auto, torch or triton)")

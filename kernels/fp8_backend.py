@@ -26,7 +26,7 @@ from fusionserve.kernels.fp8_rows import amax_rows, quantize_rows
 from fusionserve.kernels.norm_linear import launch
 from fusionserve.kernels.rope_kv import rope_kv_write
 from fusionserve.kernels.silu_mul import silu_mul
-from fusionserve.kernels.tile_configs import pick_config
+from fusionserve.kernels.tile_configs import m_bucket, pick_config
 
 
 def split_fp8_stats(stats: torch.Tensor | None, x: torch.Tensor):
@@ -51,13 +51,16 @@ def scaled_mm(xq: torch.Tensor, scale_a: torch.Tensor, w: Fp8Weight, out_dtype: 
 
 
 class Fp8Ops:
-    """FP8 GEMMs of TritonBackend (which provides geometry, tiles, _small, _pdl_policy)."""
+    """FP8 GEMMs of TritonBackend (which provides geometry, tiles, fp8_tiles, _small, _pdl_policy)."""
 
     #: BLOCK_K multiplier of the FP8 decode GEMM over the bf16 tile table's choice: one-byte weights
     #: put half the bytes in flight per stage at the same BLOCK_K (bench/decode_pdl.py A/Bs it).
     fp8_k_factor: int = 1
 
     def _fp8_config(self, m: int, n: int, k: int, device, gate_up: bool):
+        """FP8 tiles where the FP8 table has the shape, else the bf16 table's (or rule's) choice."""
+        if (n, k, m_bucket(m), gate_up) in self.fp8_tiles:
+            return pick_config(m, n, k, device, gate_up, 2, self.fp8_tiles)
         bm, bn, bk, warps, stages, split = pick_config(m, n, k, device, gate_up, 2, self.tiles)
         if self.fp8_k_factor > 1 and k >= bk * self.fp8_k_factor * split:
             bk *= self.fp8_k_factor

@@ -80,6 +80,15 @@ SHIPPED: Mapping[str, TileTable] = MappingProxyType(
 )
 TUNED: TileTable = SHIPPED["H100"]  # the default where no device is known (tests, sweeps' baseline)
 
+#: FP8-weight decode GEMMs (TritonBackend.fp8_tiles): a table of their own, since one-byte weights
+#: want other tiles than the bf16 ones at the same shape; a shape missing here runs the bf16 table's
+#: tiles. None shipped yet: `python -m bench.kernels --sweep --fp8 --save-tiles` proposes and
+#: `bench/decode_configs.py --model 8b-fp8 --from-sweep ... --save-tiles` caches per GPU.
+SHIPPED_FP8: Mapping[str, TileTable] = MappingProxyType(
+    {"H100": MappingProxyType({}), "H200": MappingProxyType({})}
+)
+WEIGHTS = ("bf16", "fp8")  # the tables' weight formats (bf16 also serves fp16 and fp32 weights)
+
 
 def gpu_family(device_name: str) -> str | None:
     """The SHIPPED key of a CUDA device name ("NVIDIA H200" → "H200"), None for GPUs we have not tuned."""
@@ -106,15 +115,26 @@ def save_tiles(path: Path, table: Mapping[tuple[int, int, int, bool], Config]) -
     path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
-def tile_table_for(device: torch.device | str, cache_dir: Path | None = None) -> TileTable:
-    """The decode GEMMs' tile table for `device`: its GPU family's shipped table overlaid with the sweep
-    cached for its exact model under `cache_dir`; TUNED where there is no CUDA device to ask."""
+def cache_file(cache_dir: Path, device_name: str, weights: str = "bf16") -> Path:
+    """Where tiles judged on one GPU model are cached: <gpu>.json (bf16), <gpu>-fp8.json."""
+    return cache_dir / f"{gpu_slug(device_name)}{'' if weights == 'bf16' else '-' + weights}.json"
+
+
+def tile_table_for(
+    device: torch.device | str, cache_dir: Path | None = None, weights: str = "bf16"
+) -> TileTable:
+    """The decode GEMMs' tile table for `device` and weight format: its GPU family's shipped table
+    overlaid with the one cached for its exact model under `cache_dir`; TUNED (bf16) or nothing
+    (fp8) where there is no CUDA device to ask."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r}: expected one of {WEIGHTS}")
+    shipped = SHIPPED if weights == "bf16" else SHIPPED_FP8
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        return TUNED
+        return shipped["H100"] if weights == "bf16" else MappingProxyType({})
     name = torch.cuda.get_device_name(device)
-    table = dict(SHIPPED.get(gpu_family(name) or "", {}))
-    cached = cache_dir / f"{gpu_slug(name)}.json" if cache_dir is not None else None
+    table = dict(shipped.get(gpu_family(name) or "", {}))
+    cached = cache_file(cache_dir, name, weights) if cache_dir is not None else None
     if cached is not None and cached.is_file():
         table.update(load_tiles(cached))
     return MappingProxyType(table)

@@ -57,7 +57,8 @@ class TritonBackend(LayerNormOps, Fp8Ops):
     are cuBLAS GEMMs, which it cannot overlap (H100: 135M batch 64 at 4k context 2% slower with it).
     `decode_split`: how decode attention splits a context (kernels/decode_attention.py); `tiles`: the
     decode GEMMs' tile table (kernels/tile_configs.py; None: the one shipped for this GPU, select_backend
-    adds a sweep cached for it); `rope_in_gemm`: at decode sizes the qkv GEMM's
+    adds a table cached for it); `fp8_tiles`: the same for FP8 weights (a shape it lacks runs `tiles`'s
+    choice); `rope_in_gemm`: at decode sizes the qkv GEMM's
     epilogue rotates q/k and writes the KV cache itself (False: the rope_kv kernel after it, the
     A/B). Benchmarks set these, never module globals."""
 
@@ -73,10 +74,12 @@ class TritonBackend(LayerNormOps, Fp8Ops):
         decode_split: DecodeSplitPolicy = DecodeSplitPolicy(),
         tiles: TileTable | None = None,
         rope_in_gemm: bool = True,
+        fp8_tiles: TileTable | None = None,
     ):
         self.geometry = geometry
         self.decode_split = decode_split
         self.tiles = tiles if tiles is not None else tile_table_for("cuda")  # the shipped one for this GPU
+        self.fp8_tiles = fp8_tiles if fp8_tiles is not None else tile_table_for("cuda", weights="fp8")
         self.small_m_max = small_m_max
         self.rows_stats_max_m = rows_stats_max_m
         self.rope_in_gemm = rope_in_gemm

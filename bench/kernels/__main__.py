@@ -207,6 +207,11 @@ def main(argv=None):
         help="with --sweep: cache the winners for this GPU model ($FUSIONSERVE_HOME/tiles/<gpu>.json), "
         "which the server then uses over the shipped table (kernels/tile_configs.tile_table_for)",
     )
+    ap.add_argument(
+        "--fp8",
+        action="store_true",
+        help="with --sweep: sweep the FP8-weight decode GEMMs instead (their own table, <gpu>-fp8.json)",
+    )
     ap.add_argument("--only", default="gemm,chain,decode,prefill", help="sections to run")
     ap.add_argument("--models", default="8b,135m", help="model shapes on the GPU: 8b and/or 135m")
     ap.add_argument("--m", default="1,8,32,64,256,4096", help="M values of the GEMM table")
@@ -244,7 +249,7 @@ def main(argv=None):
     print(f"{gpu}: copy bandwidth {peak:.0f} GB/s", flush=True)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "_" for c in gpu.lower()).strip("_")
+    slug = "".join(c if c.isalnum() else "_" for c in gpu.lower()).strip("_") + ("_fp8" if args.fp8 else "")
     log_path = out_dir / f"kernels_{slug}.log.jsonl"
     log_f = open(log_path, "w")
 
@@ -262,10 +267,11 @@ def main(argv=None):
     if args.sweep:
         sweep_timer = Timer(device, max(5, args.replays // 3), min_calls=8)
         sweep_m = [int(v) for v in args.sweep_m.split(",")] if device.type == "cuda" else [1]
-        res["sweep"], best = bench_sweep(models, sweep_m, sweep_timer, device, dtype, log)
-        tiles = MappingProxyType({**tiles, **best})  # the GEMM table below uses the winners
+        res["sweep"], best = bench_sweep(models, sweep_m, sweep_timer, device, dtype, log, args.fp8)
+        if not args.fp8:
+            tiles = MappingProxyType({**tiles, **best})  # the (bf16) GEMM table below uses the winners
         if args.save_tiles and device.type == "cuda":
-            path = tile_cache / f"{tile_configs.gpu_slug(gpu)}.json"
+            path = tile_configs.cache_file(tile_cache, gpu, "fp8" if args.fp8 else "bf16")
             old = tile_configs.load_tiles(path) if path.is_file() else {}
             tile_configs.save_tiles(path, {**old, **best})
             print(f"cached {len(best)} tile winners for {gpu} in {path}", flush=True)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from bench.kernels.common import SWEEP, _rand, n_sets, rel_err
 from fusionserve.kernels import norm_linear as nl
 from fusionserve.kernels import tile_configs
+from fusionserve.kernels.fp8 import quantize_weight
 from fusionserve.kernels.triton_backend import TritonBackend
 
 
@@ -70,14 +71,29 @@ def sweep_configs(m, n_out, k, sms, gate_up, elt):
                 yield cfg
 
 
-def _compile_configs(items: list, dtype: torch.dtype) -> int:
-    """A worker of precompile: compile (and run once) each (n, k, m, gate_up, cfg) on the GPU."""
+def sweep_call(geometry, n_out: int, k: int, m: int, gate_up: bool, cfg, fp8: bool):
+    """The call one sweep config times: the bf16 GEMM with that config, or the FP8 one through a
+    backend whose FP8 table holds only that config (x's amax pass included: the same in every variant)."""
+    if not fp8:
+        fn = nl.gate_up_silu if gate_up else nl.linear
+        return lambda x, w: fn(x, w, config=cfg)
+    be = TritonBackend(geometry, pdl=False, fp8_tiles={(n_out, k, tile_configs.m_bucket(m), gate_up): cfg})
+    return lambda x, w: be.fp8_linear(x, w, gate_up=gate_up)
+
+
+def sweep_weight(n: int, k: int, dtype, device, fp8: bool):
+    w = _rand(n, k, dtype=dtype, device=device, scale=k**-0.5)
+    return quantize_weight(w) if fp8 else w
+
+
+def _compile_configs(items: list, dtype: torch.dtype, fp8: bool) -> int:
+    """A worker of precompile: compile (and run once) each (geometry, n, k, m, gate_up, cfg) on the GPU."""
     torch.cuda.set_device(0)
     done = 0
-    for n, k, m, gate_up, cfg in items:
-        fn = nl.gate_up_silu if gate_up else nl.linear
+    for geometry, n, k, m, gate_up, cfg in items:
+        call = sweep_call(geometry, n // 2 if gate_up else n, k, m, gate_up, cfg, fp8)
         try:
-            fn(_rand(m, k, dtype=dtype, device="cuda"), _rand(n, k, dtype=dtype, device="cuda"), config=cfg)
+            call(_rand(m, k, dtype=dtype, device="cuda"), sweep_weight(n, k, dtype, "cuda", fp8))
             done += 1
         except Exception:  # the sweep itself logs what does not compile
             pass
@@ -85,7 +101,7 @@ def _compile_configs(items: list, dtype: torch.dtype) -> int:
     return done
 
 
-def precompile(items: list, dtype: torch.dtype, procs: int) -> None:
+def precompile(items: list, dtype: torch.dtype, procs: int, fp8: bool) -> None:
     """Fill Triton's on-disk cache for every sweep config in `procs` processes first: one process
     compiles about one config a second, hundreds of configs are the sweep's whole cost, and ptxas and
     LLVM run in parallel across processes (timing stays in the one sweep process)."""
@@ -93,11 +109,13 @@ def precompile(items: list, dtype: torch.dtype, procs: int) -> None:
         return
     chunks = [items[i::procs] for i in range(procs)]
     with mp.get_context("spawn").Pool(procs) as pool:
-        done = sum(pool.starmap(_compile_configs, [(c, dtype) for c in chunks]))
+        done = sum(pool.starmap(_compile_configs, [(c, dtype, fp8) for c in chunks]))
     print(f"precompiled {done}/{len(items)} sweep configs in {procs} processes", flush=True)
 
 
-def bench_sweep(models, m_values, timer, device, dtype, log):
+def bench_sweep(models, m_values, timer, device, dtype, log, fp8: bool = False):
+    """Each decode GEMM's tile configs timed in isolation (bf16 weights, or `fp8`: e4m3 weights and
+    no LM head, which stays bf16); returns the rows and the winners {(N, K, M bucket, gate_up): cfg}."""
     rows, best = [], {}
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     jobs = [
@@ -106,31 +124,32 @@ def bench_sweep(models, m_values, timer, device, dtype, log):
         for name, nk in mdl.shapes().items()
         for m in m_values
         for gu in ((True, False) if name == "gate_up" else (False,))
+        if not (fp8 and name == "lm_head")
     ]
     if device.type == "cuda":
         items = [
-            (nk[0], nk[1], m, gu, cfg)
+            (mdl.geometry, nk[0], nk[1], m, gu, cfg)
             for mdl, name, nk, m, gu in jobs
             for cfg in sweep_configs(m, nk[0] // 2 if gu else nk[0], nk[1], sms, gu, dtype.itemsize)
         ]
-        precompile(items, dtype, min(12, max(1, (os.cpu_count() or 2) - 2)))
+        precompile(items, dtype, min(12, max(1, (os.cpu_count() or 2) - 2)), fp8)
 
     def _case(mdl, name, nk, m, gate_up):
         n, k = nk
         n_out = n // 2 if gate_up else n
         sets = n_sets(n * k * dtype.itemsize)
-        ws = [_rand(n, k, dtype=dtype, device=device, scale=k**-0.5) for _ in range(sets)]
+        ws = [sweep_weight(n, k, dtype, device, fp8) for _ in range(sets)]
         x = _rand(m, k, dtype=dtype, device=device)
         bm = tile_configs.m_bucket(m)
         variants = {}
         for cfg in sweep_configs(m, n_out, k, sms, gate_up, dtype.itemsize):
-            fn = nl.gate_up_silu if gate_up else nl.linear
+            call = sweep_call(mdl.geometry, n_out, k, m, gate_up, cfg, fp8)
             try:
-                fn(x, ws[0], config=cfg)  # compile; a config that does not compile or launch is skipped
+                call(x, ws[0])  # compile; a config that does not compile or launch is skipped
             except Exception as exc:
                 log(dict(sweep_error=str(exc)[:300], cfg=cfg))
                 continue
-            variants[cfg] = [lambda i=i, c=cfg, fn=fn: fn(x, ws[i], config=c) for i in range(sets)]
+            variants[cfg] = [lambda i=i, call=call: call(x, ws[i]) for i in range(sets)]
         if not variants:
             return
         times = timer.compare(variants)

@@ -47,3 +47,34 @@ def test_tile_tables_per_gpu_model(tmp_path, monkeypatch):
         else:
             assert table == shipped
         assert tile_configs.tile_table_for("cuda", None) == shipped
+
+
+def test_fp8_tiles_have_their_own_table(tmp_path, monkeypatch):
+    """FP8 weights read their own table (<gpu>-fp8.json over SHIPPED_FP8); a shape it lacks runs the
+    bf16 table's tiles, so an empty FP8 table changes nothing."""
+    import pytest
+
+    from fusionserve.kernels.batch import Geometry
+    from fusionserve.kernels.triton_backend import TritonBackend
+
+    assert dict(tile_configs.tile_table_for("cpu", tmp_path, "fp8")) == {}
+    with pytest.raises(ValueError, match="weights"):
+        tile_configs.tile_table_for("cpu", tmp_path, "int4")
+    assert tile_configs.cache_file(tmp_path, "NVIDIA H200", "fp8").name == "nvidia-h200-fp8.json"
+    assert tile_configs.cache_file(tmp_path, "NVIDIA H200").name == "nvidia-h200.json"
+    key, fp8_cfg = (6144, 4096, 16, False), (16, 32, 256, 4, 4, 1)
+    tile_configs.save_tiles(tile_configs.cache_file(tmp_path, "NVIDIA H200", "fp8"), {key: fp8_cfg})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    fp8_table = tile_configs.tile_table_for("cuda", tmp_path, "fp8")
+    assert dict(fp8_table) == {key: fp8_cfg}
+    assert tile_configs.tile_table_for("cuda", tmp_path)[key] != fp8_cfg  # bf16 keeps its own
+
+    monkeypatch.setattr(tile_configs, "INTERPRET", False)  # pick_config's table lookups, as on a GPU
+    cuda = torch.device("cuda")
+    be = TritonBackend(
+        Geometry.of(2, 1, 16, EPS), pdl=False, tiles=tile_configs.SHIPPED["H200"], fp8_tiles=fp8_table
+    )
+    assert be._fp8_config(1, 6144, 4096, cuda, False) == fp8_cfg
+    bf16_down = tile_configs.SHIPPED["H200"][(4096, 14336, 16, False)]
+    assert be._fp8_config(1, 4096, 14336, cuda, False) == tile_configs.norm_cfg(bf16_down)
