@@ -157,13 +157,30 @@ class LayerKV:
     slot_mapping: torch.Tensor  # [T] flat slot per new token; negative: do not write
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def mix64(seed: int, position: int) -> int:
+    """A 63-bit Philox key from a choice's noise seed and the position of the token drawn (SplitMix64's
+    finalizer: neighbouring positions get unrelated keys)."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def choice_noise_seed(seed: int | None, index: int) -> int | None:
+    """The noise seed of choice `index` of a request with `seed` (None: unseeded)."""
+    return None if seed is None else (seed * 1_000_003 + index) % (1 << 63)
+
+
 @dataclass(frozen=True)
 class Draw:
     """Rows whose next token the LM head draws itself (FlashSampling, kernels/sampling.py).
 
     temps:  [M] fp32 temperature per row; 0 = greedy (argmax, no noise); < 0: a row the sampler
             takes from its logits (a mixed step), its drawn token meaningless.
-    keys:   [M] int64 Philox key per row (the host derives it: server/engine/sampler.py).
+    keys:   [M] int64 Philox key per row (the host derives it: mix64 above, server/engine/sampler.py).
     random: whether any row has T > 0, known on the host (greedy-only steps skip the noise).
     logits: [M, V] fp32, where the rows with T < 0 get their logits written (None: no such rows).
     """

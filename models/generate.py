@@ -7,12 +7,14 @@ running.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from fusionserve.kernels.batch import contiguous_batch
+from fusionserve.kernels.backend import draw_tokens
+from fusionserve.kernels.batch import Draw, choice_noise_seed, contiguous_batch, mix64
 from fusionserve.models.decoder import Decoder
 
 
@@ -27,18 +29,20 @@ class GenerateOptions:
 
 
 def generate_ids(model: Decoder, prompt_ids: list[int], opts: GenerateOptions) -> Iterator[int]:
-    """Yield new token ids one at a time (prefill once, then decode), stopping at a stop id (not yielded)."""
+    """Yield new token ids one at a time (prefill once, then decode), stopping at a stop id (not yielded).
+
+    Temperature draws are the server's: Gumbel-max over Philox noise keyed by (seed, position) as the
+    engine keys choice 0 of a seeded request (kernels/batch.mix64), so `generate --seed S` writes
+    what the server answers for the same prompt, seed and temperature."""
     if not prompt_ids:
         raise ValueError("prompt must hold at least one token")
     total = len(prompt_ids) + opts.max_new_tokens
     if total > model.max_model_len:
         raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_model_len {model.max_model_len}")
     kv = model.allocate_kv_cache(-(-total // opts.block_size), opts.block_size)
-    gen = torch.Generator(device=model.device)
-    if opts.seed is not None:
-        gen.manual_seed(opts.seed)
-    else:
-        gen.seed()
+    noise_seed = choice_noise_seed(opts.seed, 0)
+    fresh = random.Random()  # unseeded: a new key per token
+    temps = torch.tensor([opts.temperature], dtype=torch.float32, device=model.device)
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=model.device)
     start = 0
     for _ in range(opts.max_new_tokens):
@@ -51,10 +55,9 @@ def generate_ids(model: Decoder, prompt_ids: list[int], opts: GenerateOptions) -
         if opts.temperature <= 0:
             token = int(model.logits(hidden, scaled=False).argmax(-1))
         else:
-            logits = model.logits(hidden).float() / opts.temperature
-            # Gumbel-max: a sample from softmax(logits) without computing its denominator.
-            gumbel = -torch.empty_like(logits).exponential_(generator=gen).log()
-            token = int((logits + gumbel).argmax(-1))
+            key = mix64(noise_seed, end) if noise_seed is not None else fresh.getrandbits(63)
+            keys = torch.tensor([key], dtype=torch.int64, device=model.device)
+            token = int(draw_tokens(model.logits(hidden).float(), Draw(temps, keys, True))[0])
         if token in opts.stop_ids:
             return
         yield token

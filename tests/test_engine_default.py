@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fusionserve.models.decoder import Decoder
+from fusionserve.models.generate import GenerateOptions, generate_ids
 from fusionserve.models.tokenizer import Tokenizer
 from fusionserve.server.api.fusion import FusionTimings
 from fusionserve.server.contract import EngineConfig, SamplingParams
@@ -107,6 +108,10 @@ def test_flash_sampling_draws_what_the_sampler_draws(default):
     first = runs[()]
     assert all(r == first for r in runs.values()), runs
     assert len(set(first[0])) > 3  # sampled, not stuck
+    # the one-sequence loop (`fusionserve generate`) keys its draws as the engine keys choice 0
+    for prompt, p, tokens in zip(ps, params, first):
+        opts = GenerateOptions(max_new_tokens=p.max_tokens, temperature=p.temperature, seed=p.seed)
+        assert list(generate_ids(default[1], prompt, opts)) == tokens
     others = [
         SamplingParams(max_tokens=10, top_p=0.8, seed=2, ignore_eos=True),
         SamplingParams(max_tokens=10, temperature=0, logprobs=2, ignore_eos=True),

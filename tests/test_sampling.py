@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from fusionserve.kernels.batch import choice_noise_seed
 from fusionserve.server.contract import SamplingParams
-from fusionserve.server.engine.sampler import Sampler, choice_noise_seed
+from fusionserve.server.engine.sampler import Sampler
 
 V = 32
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fusionserve.kernels.batch import choice_noise_seed
 from fusionserve.models.decoder import Decoder
 from fusionserve.models.layer_timer import LayerTimer
 from fusionserve.models.tokenizer import load_tokenizer
@@ -41,7 +42,7 @@ from fusionserve.server.engine.output_processor import (
     merge_output,
     wants_prompt_rows,
 )
-from fusionserve.server.engine.sampler import SampleHandle, Sampler, choice_noise_seed
+from fusionserve.server.engine.sampler import SampleHandle, Sampler
 from fusionserve.server.engine.scheduler import Scheduler, SchedulerConfig
 from fusionserve.server.engine.sequence import UNKNOWN_TOKEN, Sequence, Status
 from fusionserve.server.engine.structured import GrammarMatchers, ParkedRequests

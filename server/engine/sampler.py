@@ -24,29 +24,13 @@ from typing import Any
 import torch
 
 from fusionserve.kernels.backend import draw_tokens
-from fusionserve.kernels.batch import Draw
+from fusionserve.kernels.batch import Draw, mix64
 from fusionserve.server.contract import SamplingParams, TokenLogprob
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix64(seed: int, position: int) -> int:
-    """A 63-bit Philox key from a choice's noise seed and the position of the token drawn (SplitMix64's
-    finalizer: neighbouring positions get unrelated keys)."""
-    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
 
 
 def _draw_temperature(p: SamplingParams) -> float:
     """A row's T in a Draw: 0 for greedy (argmax, no noise)."""
     return 0.0 if p.greedy else p.temperature
-
-
-def choice_noise_seed(seed: int | None, index: int) -> int | None:
-    """The noise seed of choice `index` of a request with `seed` (None: unseeded)."""
-    return None if seed is None else (seed * 1_000_003 + index) % (1 << 63)
 
 
 @dataclass(frozen=True)
