@@ -23,7 +23,8 @@ from fusionserve.kernels.rope_kv import rope_kv_write
 
 
 class LayerNormOps:
-    """LayerNorm-model operations of TritonBackend (which provides geometry, tiles, _small, _pdl*)."""
+    """LayerNorm-model operations of TritonBackend (which provides geometry, tiles, _small, _pdl*,
+    _too_wide_to_draw_in)."""
 
     def ln_embedding(self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool):
         x = F.embedding(ids, table)
@@ -59,16 +60,17 @@ class LayerNormOps:
         """fp32 logits through the (deferred) final LayerNorm and its folded bias; with `draw`, the
         tokens drawn from them (in the small-M GEMM's epilogue: FlashSampling)."""
         if self._small(x):
+            m, n = x.shape[0], weight.shape[0]
+            wide = draw is not None and self._too_wide_to_draw_in(m, n, x.shape[1], x.device)
+            in_epilogue = draw if draw is not None and not wide else None
             out = (
-                None
-                if draw is not None
-                else torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=torch.float32)
+                None if in_epilogue is not None else torch.empty((m, n), device=x.device, dtype=torch.float32)
             )
             y, _ = linear_layernorm(
                 x, weight, col_sums, bias, row_stats, self.geometry.eps, config=self.tiles, out=out,
-                pdl=self._pdl_policy, draw=draw,
+                pdl=self._pdl_policy, draw=in_epilogue,
             )  # fmt: skip
-            return y
+            return draw_tokens(keep_flagged(y, draw), draw) if wide else y
         logits = self._ln_large(x, weight, col_sums, bias, None, row_stats, False, out_dtype=torch.float32)[0]
         return logits if draw is None else draw_tokens(keep_flagged(logits, draw), draw)
 

@@ -38,7 +38,14 @@ from fusionserve.kernels.rmsnorm import (
 from fusionserve.kernels.rope_kv import rope_kv_write
 from fusionserve.kernels.row_epilogue import row_epilogue
 from fusionserve.kernels.silu_mul import silu_mul
-from fusionserve.kernels.tile_configs import TileTable, tile_table_for
+from fusionserve.kernels.tile_configs import TileTable, pick_config, tile_table_for
+
+#: FlashSampling's epilogue (an atomic max and an arrival per column tile) pays per tile: on the H200,
+#: 8B batch 1, the LM head at 2,004 tiles drew as fast as the unfused pass over written logits
+#: (4.10 vs 4.10 ms a step) but at 8,016 tiles it was 0.03-0.04 ms slower (4.22 vs 4.19); the 135M
+#: one at 3,072 tiles 0.009 ms slower, at 384 even (bench/README.md, #22). An LM head whose tile
+#: table gives more tiles than this draws from its written logits instead (same tokens).
+FLASH_MAX_TILES = 2048
 
 
 def mm_fp32_out(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
@@ -83,6 +90,7 @@ class TritonBackend(LayerNormOps, Fp8Ops):
         self.small_m_max = small_m_max
         self.rows_stats_max_m = rows_stats_max_m
         self.rope_in_gemm = rope_in_gemm
+        self.flash_max_tiles = FLASH_MAX_TILES
         self.pdl = pdl_available("cuda") if pdl is None else pdl
 
     @property
@@ -153,6 +161,10 @@ class TritonBackend(LayerNormOps, Fp8Ops):
         y = F.linear(x, weight)
         return row_epilogue(y, k, row_stats, bias, residual, eps, want_stats, out=y)
 
+    def _too_wide_to_draw_in(self, m: int, n: int, k: int, device: torch.device) -> bool:
+        """Whether an LM head's tile table gives it more column tiles than FlashSampling pays off at."""
+        return -(-n // pick_config(m, n, k, device, table=self.tiles)[1]) > self.flash_max_tiles
+
     def lm_head(
         self,
         x: torch.Tensor,
@@ -170,11 +182,15 @@ class TritonBackend(LayerNormOps, Fp8Ops):
             row_stats = self.fp8_lm_head_stats(row_stats, k)
         if self._small(x):
             stats = self._partials(row_stats, k)
-            out = (
-                None
-                if draw is not None
-                else torch.empty((m, weight.shape[0]), device=x.device, dtype=torch.float32)
-            )
+            n = weight.shape[0]
+            if draw is not None and self._too_wide_to_draw_in(m, n, k, x.device):
+                out = draw.logits if draw.logits is not None else None  # every row: a superset
+                out = torch.empty((m, n), device=x.device, dtype=torch.float32) if out is None else out
+                logits, _ = small_m_linear(
+                    x, weight, None, None, stats, eps, False, self.tiles, self._pdl_policy, out=out
+                )
+                return draw_tokens(logits, draw)
+            out = None if draw is not None else torch.empty((m, n), device=x.device, dtype=torch.float32)
             y, _ = small_m_linear(
                 x, weight, None, None, stats, eps, False, self.tiles, self._pdl_policy, out=out, draw=draw
             )

@@ -163,3 +163,37 @@ def test_engine_on_the_triton_backend_draws_in_the_lm_head(tmp_path):
         assert sum(d is not None and d.rest != [] for d in drawn) >= (5 if flash else 0), name
     assert texts["triton"] == texts["triton-off"], texts  # the same kernels' logits: exactly
     assert texts["triton"][1] == texts["torch"][1]  # greedy on the other backend
+
+
+def test_an_lm_head_with_too_many_tiles_draws_from_its_written_logits():
+    """Past TritonBackend.flash_max_tiles column tiles the LM head writes its logits and one pass
+    draws from them (FlashSampling's per-tile epilogue costs more than it saves there): the same
+    tokens, and a mixed step's flagged rows still find their logits (here: every row's)."""
+    from fusionserve.kernels.batch import Geometry
+    from fusionserve.kernels.triton_backend import TritonBackend
+
+    m = 3
+    be = TritonBackend(Geometry.of(2, 1, 16, 1e-5), pdl=False)
+    x = rand(m, K, dtype=torch.float32)
+    w = rand(V, K, dtype=torch.float32, scale=K**-0.5)
+    stats = (torch.rand(m, 1) * 10 + 1).to(DEVICE)
+    d = draw_rows(m, 21)
+    flagged = torch.tensor([False, True, False], device=DEVICE)
+    col_sums, bias, ln_stats = w.sum(1), rand(V, dtype=torch.float32), ref.ln_stats(x + 2.0)
+    results = {}
+    for max_tiles in (be.flash_max_tiles, 0):
+        be.flash_max_tiles = max_tiles
+        buf = torch.full((m, V), float("nan"), device=DEVICE)
+        mixed = Draw(torch.where(flagged, -1.0, d.temps), d.keys, True, logits=buf)
+        results[max_tiles] = (
+            be.lm_head(x, w, stats, draw=d),
+            be.lm_head(x, w, stats, draw=mixed)[~flagged],
+            buf[flagged].clone(),
+            be.ln_lm_head(x + 2.0, ln_stats, w, col_sums, bias, draw=d),
+        )
+    fused, unfused = results.values()
+    for a, b in zip(fused, unfused):
+        assert torch.equal(a, b)
+    logits = be.lm_head(x, w, stats)
+    assert torch.equal(fused[0].cpu(), ref.gumbel_argmax(logits.cpu(), d.temps.cpu(), d.keys.cpu()))
+    assert torch.equal(fused[2], logits[flagged])
