@@ -50,7 +50,9 @@ from fusionserve.models.loader import LayerWeights, ModelWeights  # noqa: E402
 from fusionserve.models.registry import fusionserve_home  # noqa: E402
 from fusionserve.server.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 
-TILE_CACHE = fusionserve_home() / "tiles"  # where `python -m bench.kernels --sweep --save-tiles` caches
+TILE_CACHE = (
+    fusionserve_home() / "tiles"
+)  # the per-GPU tiles the server reads (bench/decode_configs.py caches)
 
 LLAMA31_ROPE = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -530,7 +532,7 @@ def report(results: list[dict], profiles: list[dict], bw: float, out: str | None
         )
     env = environment()
     cached = sorted(p.name for p in TILE_CACHE.glob("*.json")) if TILE_CACHE.is_dir() else []
-    env["tiles"] = "shipped" + (f" + swept {', '.join(cached)}" if cached else "")
+    env["tiles"] = "shipped" + (f" + cached {', '.join(cached)}" if cached else "")
     pdl = next((r["pdl"] for r in results if "pdl" in r), None)
     headers = ["model", "batch", "ctx", "fused", "off", "fused gain", *[k.replace("_", " ") for k in alt]]
     headers += ["gpt-fast", "vs gpt-fast", "HF eager", "roofline", "% roofline"]

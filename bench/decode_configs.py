@@ -32,11 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, markdown_table, write_results  # noqa: E402
-from bench.decode import best_of_interleaved, config_of, filled_kv_cache, random_weights  # noqa: E402
+from bench.decode import TILE_CACHE, best_of_interleaved, config_of, filled_kv_cache, random_weights  # noqa: E402
 from fusionserve.kernels import tile_configs  # noqa: E402
 from fusionserve.kernels.backend import select_backend  # noqa: E402
 from fusionserve.models.decoder import Decoder, geometry  # noqa: E402
-from fusionserve.models.registry import fusionserve_home  # noqa: E402
 
 MIN_GAIN = 0.003  # a swap must speed the step up by this much to count as a winner
 
@@ -118,9 +117,7 @@ def save_winners(model, kv, args, variants: dict, timed: dict, apply, fused: boo
     if not chosen and winners:
         chosen = dict([winners[0][0]])
     if chosen:
-        path = tile_configs.cache_file(
-            fusionserve_home() / "tiles", torch.cuda.get_device_name(), weights_of(args)
-        )
+        path = tile_configs.cache_file(TILE_CACHE, torch.cuda.get_device_name(), weights_of(args))
         old = tile_configs.load_tiles(path) if path.is_file() else {}
         judged = {v[0] for v in variants.values() if isinstance(v, tuple)}  # this model's losers drop out
         old = {k: v for k, v in old.items() if k not in judged}

@@ -24,7 +24,7 @@ from fusionserve.kernels.rope_kv import rope_kv_write
 
 class LayerNormOps:
     """LayerNorm-model operations of TritonBackend (which provides geometry, tiles, _small, _pdl*,
-    _too_wide_to_draw_in)."""
+    _small_head_plan)."""
 
     def ln_embedding(self, ids: torch.Tensor, table: torch.Tensor, want_stats: bool):
         x = F.embedding(ids, table)
@@ -60,17 +60,12 @@ class LayerNormOps:
         """fp32 logits through the (deferred) final LayerNorm and its folded bias; with `draw`, the
         tokens drawn from them (in the small-M GEMM's epilogue: FlashSampling)."""
         if self._small(x):
-            m, n = x.shape[0], weight.shape[0]
-            wide = draw is not None and self._too_wide_to_draw_in(m, n, x.shape[1], x.device)
-            in_epilogue = draw if draw is not None and not wide else None
-            out = (
-                None if in_epilogue is not None else torch.empty((m, n), device=x.device, dtype=torch.float32)
-            )
+            in_epilogue, out = self._small_head_plan(x, weight, draw)
             y, _ = linear_layernorm(
                 x, weight, col_sums, bias, row_stats, self.geometry.eps, config=self.tiles, out=out,
                 pdl=self._pdl_policy, draw=in_epilogue,
             )  # fmt: skip
-            return draw_tokens(keep_flagged(y, draw), draw) if wide else y
+            return y if draw is None or in_epilogue is not None else draw_tokens(y, draw)
         logits = self._ln_large(x, weight, col_sums, bias, None, row_stats, False, out_dtype=torch.float32)[0]
         return logits if draw is None else draw_tokens(keep_flagged(logits, draw), draw)
 

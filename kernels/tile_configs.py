@@ -131,7 +131,7 @@ def tile_table_for(
     shipped = SHIPPED if weights == "bf16" else SHIPPED_FP8
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        return shipped["H100"] if weights == "bf16" else MappingProxyType({})
+        return shipped["H100"]  # TUNED for bf16; nothing for FP8
     name = torch.cuda.get_device_name(device)
     table = dict(shipped.get(gpu_family(name) or "", {}))
     cached = cache_file(cache_dir, name, weights) if cache_dir is not None else None

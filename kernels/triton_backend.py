@@ -161,9 +161,20 @@ class TritonBackend(LayerNormOps, Fp8Ops):
         y = F.linear(x, weight)
         return row_epilogue(y, k, row_stats, bias, residual, eps, want_stats, out=y)
 
-    def _too_wide_to_draw_in(self, m: int, n: int, k: int, device: torch.device) -> bool:
-        """Whether an LM head's tile table gives it more column tiles than FlashSampling pays off at."""
-        return -(-n // pick_config(m, n, k, device, table=self.tiles)[1]) > self.flash_max_tiles
+    def _small_head_plan(
+        self, x: torch.Tensor, weight: torch.Tensor, draw: Draw | None
+    ) -> tuple[Draw | None, torch.Tensor | None]:
+        """(the Draw a small-M LM head's epilogue takes, the fp32 logits buffer it writes instead).
+        FlashSampling, unless the tile table gives the head more column tiles than it pays off at
+        (flash_max_tiles): then the head writes every row's logits (into the Draw's buffer, a superset
+        of its flagged rows) and the caller draws from them."""
+        m, n, k = x.shape[0], weight.shape[0], x.shape[-1]
+        tiles = -(-n // pick_config(m, n, k, x.device, table=self.tiles)[1])
+        if draw is not None and tiles <= self.flash_max_tiles:
+            return draw, None
+        if draw is not None and draw.logits is not None:
+            return None, draw.logits
+        return None, torch.empty((m, n), device=x.device, dtype=torch.float32)
 
     def lm_head(
         self,
@@ -182,19 +193,21 @@ class TritonBackend(LayerNormOps, Fp8Ops):
             row_stats = self.fp8_lm_head_stats(row_stats, k)
         if self._small(x):
             stats = self._partials(row_stats, k)
-            n = weight.shape[0]
-            if draw is not None and self._too_wide_to_draw_in(m, n, k, x.device):
-                out = draw.logits if draw.logits is not None else None  # every row: a superset
-                out = torch.empty((m, n), device=x.device, dtype=torch.float32) if out is None else out
-                logits, _ = small_m_linear(
-                    x, weight, None, None, stats, eps, False, self.tiles, self._pdl_policy, out=out
-                )
-                return draw_tokens(logits, draw)
-            out = None if draw is not None else torch.empty((m, n), device=x.device, dtype=torch.float32)
+            in_epilogue, out = self._small_head_plan(x, weight, draw)
             y, _ = small_m_linear(
-                x, weight, None, None, stats, eps, False, self.tiles, self._pdl_policy, out=out, draw=draw
+                x,
+                weight,
+                None,
+                None,
+                stats,
+                eps,
+                False,
+                self.tiles,
+                self._pdl_policy,
+                out=out,
+                draw=in_epilogue,
             )
-            return y
+            return y if draw is None or in_epilogue is not None else draw_tokens(y, draw)
         out = draw.logits if draw is not None and draw.logits is not None else None
         out = (
             out
